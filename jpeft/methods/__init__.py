@@ -1,0 +1,63 @@
+"""PEFT methods, one per file, all behind :class:`jpeft.core.transform.Transform`.
+
+``REGISTRY`` maps a method name to its config dataclass and factory; :func:`build` turns a
+spec such as ``"lora+bitfit"`` and per-method configs into one (composed) transform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from jpeft.core.transform import Transform, compose
+from jpeft.methods.full import FullConfig, full
+from jpeft.methods.lora import LoraConfig, lora
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_cls: type
+    factory: Callable[..., Transform]
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, config_cls: type, factory: Callable[..., Transform]) -> None:
+    """Make a method selectable by name (``--method=name``)."""
+    REGISTRY[name] = MethodSpec(name, config_cls, factory)
+
+
+register("full", FullConfig, full)
+register("lora", LoraConfig, lora)
+
+
+def parse_spec(spec: str) -> list[str]:
+    """``"lora+bitfit"`` -> ``["lora", "bitfit"]``, refusing unknown names with the known ones."""
+    names = [n.strip() for n in spec.split("+") if n.strip()]
+    if not names:
+        raise ValueError(f"empty method spec {spec!r}; known methods: {', '.join(REGISTRY)}")
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {unknown} in {spec!r}; known methods: {', '.join(REGISTRY)} "
+            "(combine them with '+', e.g. 'lora+bitfit')"
+        )
+    return names
+
+
+def build(spec: str, configs: Mapping[str, Any] | None = None) -> Transform:
+    """One transform for ``spec``; ``configs[name]`` overrides a part's default config."""
+    configs = configs or {}
+    parts = []
+    for name in parse_spec(spec):
+        method = REGISTRY[name]
+        config = configs.get(name) or method.config_cls()
+        parts.append(method.factory(config))
+    return compose(*parts)
+
+
+__all__ = ["REGISTRY", "MethodSpec", "register", "build", "parse_spec", "full", "FullConfig",
+           "lora", "LoraConfig"]

@@ -1,0 +1,226 @@
+"""Fine-tune a BERT-family model on a GLUE task with any PEFT method (or combination).
+
+    python -m experiments.glue --method=lora                      # SST-2, all-MiniLM-L6-v2
+    python -m experiments.glue --method=lora+bitfit --task=mrpc --lora.r=16 --lr=3e-4
+    python -m experiments.glue --help                             # every flag with its default
+
+Settings are layered: the dataclass defaults below < ``configs/tasks/<task>.toml`` <
+``configs/<method>.toml`` for each part of the method (and its ``[tasks.<task>]`` table) <
+``--config=FILE`` < command-line flags. The run directory receives ``metrics.jsonl`` (one JSON
+object per logged step and per evaluation), ``curves.png``, ``config.json`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _base_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    from jpeft.models.hub import DEFAULT_MODEL
+
+    f = dataclasses.field
+    return [
+        ("method", str, f(default="lora", metadata={"help": "method or '+'-joined combination"})),
+        ("task", str, f(default="sst2", metadata={"help": "GLUE task: cola sst2 mrpc stsb rte wnli qnli mnli qqp"})),
+        ("model", str, f(default=DEFAULT_MODEL, metadata={"help": "model folder or Hub id"})),
+        ("data_dir", str | None, f(default=None, metadata={"help": "folder with <TASK>/{train,dev}.tsv (default: ../shared/data/glue, else the Hub)"})),
+        ("output_dir", str | None, f(default=None, metadata={"help": "run directory (default runs/<task>-<method>-s<seed>)"})),
+        ("epochs", float, f(default=1.0, metadata={"help": "passes over the training set (ignored with --max-steps)"})),
+        ("max_steps", int | None, f(default=None, metadata={"help": "train exactly this many steps"})),
+        ("batch_size", int, f(default=32, metadata={"help": "training batch size"})),
+        ("eval_batch_size", int, f(default=128, metadata={"help": "evaluation batch size"})),
+        ("max_length", int, f(default=128, metadata={"help": "tokens per example (truncation)"})),
+        ("buckets", tuple[int, ...], f(default=(), metadata={"help": "padded lengths (default: powers of two from 32 to max_length)"})),
+        ("max_train_samples", int | None, f(default=None, metadata={"help": "use only the first N training examples"})),
+        ("seed", int, f(default=0, metadata={"help": "seed for init, data order and dropout"})),
+        ("lr", float, f(default=5e-4, metadata={"help": "peak learning rate"})),
+        ("weight_decay", float, f(default=0.01, metadata={"help": "AdamW decoupled weight decay"})),
+        ("warmup_ratio", float, f(default=0.06, metadata={"help": "linear warmup fraction of the steps"})),
+        ("schedule", str, f(default="linear", metadata={"help": "linear, cosine or constant"})),
+        ("clip_norm", float, f(default=1.0, metadata={"help": "gradient clipping by global norm (0: off)"})),
+        ("group_lr", dict[str, float], f(default_factory=dict, metadata={"help": "lr multiplier per parameter group"})),
+        ("eval_every", int, f(default=0, metadata={"help": "evaluate every N steps (0: 4 times per run)"})),
+        ("log_every", int, f(default=1, metadata={"help": "log training metrics every N steps"})),
+        ("progress", bool, f(default=True, metadata={"help": "show a progress bar"})),
+    ]
+
+
+def make_config_class() -> type:
+    """The experiment's config dataclass: base fields plus one sub-config per known method."""
+    from jpeft.methods import REGISTRY
+
+    fields = _base_fields()
+    for name, spec in REGISTRY.items():
+        fields.append((name, spec.config_cls, dataclasses.field(default_factory=spec.config_cls)))
+    return dataclasses.make_dataclass("GlueConfig", fields, frozen=True)
+
+
+def _scan(argv: Sequence[str], flag: str, default: str) -> str:
+    """The value of ``--flag`` in ``argv`` before full parsing (to pick config files)."""
+    value = default
+    for i, arg in enumerate(argv):
+        if arg == f"--{flag}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(f"--{flag}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def config_layers(method: str, task: str, config_dir: Path = CONFIG_DIR) -> list[tuple[str, dict]]:
+    """The TOML layers for this method and task, in the order they apply."""
+    from jpeft.data.glue import get_task
+    from jpeft.methods import parse_spec
+
+    task_key = get_task(task).name
+    layers: list[tuple[str, dict]] = []
+    task_file = config_dir / "tasks" / f"{task_key}.toml"
+    if task_file.is_file():
+        layers.append((str(task_file), tomllib.loads(task_file.read_text())))
+    for name in parse_spec(method):
+        path = config_dir / f"{name}.toml"
+        if not path.is_file():
+            continue
+        data = tomllib.loads(path.read_text())
+        per_task = data.pop("tasks", {})
+        layers.append((str(path), data))
+        if task_key in per_task:
+            layers.append((f"{path} [tasks.{task_key}]", per_task[task_key]))
+    return layers
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Any:
+    from jpeft.config import parse_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cls = make_config_class()
+    layers: list[tuple[str, dict]] = []
+    if not any(a in ("-h", "--help") for a in argv):
+        try:
+            layers = config_layers(_scan(argv, "method", "lora"), _scan(argv, "task", "sst2"))
+        except ValueError as err:
+            print(f"experiments.glue: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return parse_config(cls, argv, prog="python -m experiments.glue",
+                        description=__doc__.split("\n\n")[0], layers=layers)
+
+
+def build_method(cfg: Any):
+    from jpeft.methods import build, parse_spec
+
+    return build(cfg.method, {name: getattr(cfg, name) for name in parse_spec(cfg.method)})
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Train and evaluate one configuration; returns the summary (also written to disk)."""
+    import jax
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from jpeft.config import to_dict
+    from jpeft.data import glue as G
+    from jpeft.metrics import glue_metrics, majority_baseline
+    from jpeft.models import bert
+    from jpeft.models.hub import resolve_model_dir
+    from jpeft.train.logging import MetricsLog, plot_curves, read_metrics
+    from jpeft.train.loop import LoopConfig, fit, predict
+    from jpeft.train.optim import OptimConfig
+    from jpeft.train.trainer import Trainer, classification_loss, regression_loss
+
+    t_start = time.perf_counter()
+    task = G.get_task(cfg.task)
+    transform = build_method(cfg)
+    out_dir = Path(cfg.output_dir or f"runs/{task.name}-{cfg.method}-s{cfg.seed}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    train_ds = G.load_glue(task, "train", cfg.data_dir)
+    dev_ds = G.load_glue(task, "validation", cfg.data_dir)
+    if cfg.max_train_samples:
+        train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
+    model_dir = resolve_model_dir(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    train = G.encode(train_ds, tokenizer, task, cfg.max_length)
+    dev = G.encode(dev_ds, tokenizer, task, cfg.max_length)
+    buckets = tuple(cfg.buckets) or G.default_buckets(cfg.max_length)
+
+    model, base = bert.from_pretrained(model_dir, num_labels=task.num_labels, seed=cfg.seed)
+    steps_per_epoch = G.num_batches(len(train.labels), cfg.batch_size, drop_remainder=False)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+                        schedule=cfg.schedule, clip_norm=cfg.clip_norm, group_lr=dict(cfg.group_lr))
+    trainer = Trainer(model, transform, base, optim=optim, total_steps=total_steps,
+                      loss=regression_loss if task.is_regression else classification_loss)
+    state = trainer.init_state(jax.random.key(cfg.seed))
+    counts = trainer.counts(state)
+    print(f"{task.name} | {cfg.method} | {model_dir.name} | {total_steps} steps "
+          f"({total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch})")
+    print(counts)
+
+    def batches(epoch: int, start: int):
+        return G.iterate_batches(train, cfg.batch_size, buckets=buckets, shuffle=True,
+                                 seed=cfg.seed, epoch=epoch, start_batch=start)
+
+    def evaluate(trainer: Trainer, state) -> dict[str, float]:
+        outputs, labels = predict(trainer, state, G.iterate_batches(
+            dev, cfg.eval_batch_size, buckets=buckets, shuffle=False))
+        return glue_metrics(task, outputs, labels)
+
+    eval_every = cfg.eval_every or max(1, total_steps // 4)
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    with MetricsLog(metrics_path) as log:
+        state, final, _ = fit(trainer, state, batches, evaluate,
+                              LoopConfig(total_steps, steps_per_epoch, cfg.log_every, eval_every,
+                                         cfg.progress), log)
+    plot_curves(read_metrics(metrics_path), out_dir / "curves.png",
+                title=f"{task.name} {cfg.method} ({model_dir.name})")
+    wall = time.perf_counter() - t_start
+    summary = {
+        "task": task.name,
+        "method": cfg.method,
+        "model": str(cfg.model),
+        "metrics": final,
+        "main_metric": task.main_metric,
+        "majority_baseline": majority_baseline(task, train.labels, dev.labels),
+        "trainable_params": counts.trainable,
+        "total_params": counts.total,
+        "trainable_percent": counts.percent,
+        "steps": int(state.step),
+        "epochs": int(state.step) / steps_per_epoch,
+        "wall_s": round(wall, 2),
+        "compilations": trainer.compilations(),
+        "seed": cfg.seed,
+        "jax_backend": jax.default_backend(),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    metric_text = ", ".join(f"{k}={v:.4f}" for k, v in final.items())
+    print(f"[summary] {task.name} {cfg.method}: {metric_text} | trainable {counts.trainable:,d} "
+          f"({counts.percent:.2f}%) of {counts.total:,d} | {summary['steps']} steps | "
+          f"wall {wall:.1f}s | {out_dir}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        run(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"experiments.glue: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The Transform protocol: one PEFT method = a small set of pure functions.
+
+A transform never mutates the model or the base parameters. It contributes, at apply time:
+
+* ``adapt_params(base, delta, ctx) -> params``: a rewrite of the weights before the forward pass
+  (diff pruning's ``θ₀ + z ⊙ w``); identity for most methods;
+* ``interceptors(delta, ctx) -> [interceptor, ...]``: Linen method interceptors
+  (``nn.intercept_methods``) that wrap ``Dense.__call__`` (LoRA's factored path, (IA)³) or a model
+  *tap* (adapters, prefixes, prompts). Interception happens only while tracing, so the jitted step
+  pays nothing for it;
+* ``trainable_base(base) -> [path, ...]``: base leaves trained directly (BitFit's biases, the top
+  layers for layer freezing, everything for ``full``);
+* ``penalty(delta, ctx) -> scalar``: a regulariser added to the loss (diff pruning's expected L0);
+
+and, for weight-space methods, ``merge(base, delta) -> params`` / ``unmerge(params, delta) -> base``.
+
+``compose(a, b, ...)`` is itself a transform whose delta is ``{a.name: δa, b.name: δb, ...}``.
+Order is the stacking order: parameter rewrites run left to right, and a later transform's
+interceptors wrap an earlier one's, so on the same ``Dense`` ``compose(lora, ia3)`` computes
+``ia3(lora(x))``. Merging runs left to right and unmerging right to left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Params = Mapping[str, Any]
+Delta = Any
+Interceptor = Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """Static facts about a model that transforms need to build their deltas.
+
+    ``head_patterns`` are regexes of the task head's parameter paths (trained by every method,
+    as HF PEFT's ``modules_to_save`` does for sequence classification).
+    """
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    num_kv_heads: int | None = None
+    embedding_path: str = "embeddings/word_embeddings/embedding"
+    head_patterns: tuple[str, ...] = ()
+    has_bias: bool = True
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyContext:
+    """What a transform may read at apply time besides its delta (all optional).
+
+    Attributes:
+      train: training mode (dropout, stochastic gates).
+      rng: a PRNG key for this forward pass; use :meth:`key` to derive independent streams.
+      adapter_index: ``(batch,)`` int array selecting a delta from a bank per example.
+    """
+
+    train: bool = False
+    rng: jax.Array | None = None
+    adapter_index: jax.Array | None = None
+
+    def key(self, *names: str | int) -> jax.Array | None:
+        """A key derived from ``rng`` and stable names (``None`` when there is no rng)."""
+        if self.rng is None:
+            return None
+        key = self.rng
+        for name in names:
+            salt = name if isinstance(name, int) else zlib.crc32(name.encode())
+            key = jax.random.fold_in(key, salt & 0x7FFFFFFF)
+        return key
+
+
+def _identity_params(base: Params, delta: Delta, ctx: ApplyContext) -> Params:
+    return base
+
+
+def _no_interceptors(delta: Delta, ctx: ApplyContext) -> Sequence[Interceptor]:
+    return ()
+
+
+def _no_base(base: Params) -> list[str]:
+    return []
+
+
+def _no_penalty(delta: Delta, ctx: ApplyContext) -> jax.Array:
+    return jnp.zeros((), jnp.float32)
+
+
+def _default_labels(delta: Delta) -> Any:
+    return jax.tree_util.tree_map(lambda _: "default", delta)
+
+
+def _keep(delta: Delta) -> Delta:
+    return delta
+
+
+class InitFn(Protocol):
+    def __call__(self, rng: jax.Array, base: Params, info: ModelInfo) -> Delta: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A PEFT method as pure functions (see the module docstring).
+
+    Attributes:
+      name: key of this transform's delta inside a composition.
+      config: the method's config dataclass (saved with checkpoints).
+      init: ``(rng, base, info) -> delta``.
+      merge / unmerge: ``None`` for methods that cannot fold into the weights.
+      labels: ``delta -> tree of optimizer group names`` (e.g. ``"no_decay"``).
+      finalize: ``delta -> delta`` kept after training (prefix tuning drops its MLP).
+      exclusive: refuses composition with any other method (``full``).
+      adds_tokens: the method lengthens the sequence (prompt family), so a fresh delta changes
+        the output.
+    """
+
+    name: str
+    config: Any
+    init: InitFn
+    adapt_params: Callable[[Params, Delta, ApplyContext], Params] = _identity_params
+    interceptors: Callable[[Delta, ApplyContext], Sequence[Interceptor]] = _no_interceptors
+    trainable_base: Callable[[Params], list[str]] = _no_base
+    penalty: Callable[[Delta, ApplyContext], jax.Array] = _no_penalty
+    merge: Callable[[Params, Delta], Params] | None = None
+    unmerge: Callable[[Params, Delta], Params] | None = None
+    labels: Callable[[Delta], Any] = _default_labels
+    finalize: Callable[[Delta], Delta] = _keep
+    exclusive: bool = False
+    adds_tokens: bool = False
+    parts: tuple["Transform", ...] = ()
+
+    @property
+    def mergeable(self) -> bool:
+        return self.merge is not None and self.unmerge is not None
+
+
+class NotMergeableError(TypeError):
+    """``merge``/``unmerge`` on a transform with an activation-space part."""
+
+
+def _merge_chain(parts: Sequence[Transform], reverse: bool) -> Callable[[Params, Delta], Params]:
+    def run(params: Params, delta: Delta) -> Params:
+        order = reversed(parts) if reverse else parts
+        for part in order:
+            fn = part.unmerge if reverse else part.merge
+            assert fn is not None
+            params = fn(params, delta[part.name])
+        return params
+
+    return run
+
+
+def compose(*transforms: Transform, name: str | None = None) -> Transform:
+    """Compose transforms into one; the delta is ``{part.name: part_delta}``.
+
+    Refuses an exclusive transform (``full``) together with anything else, and two parts with
+    the same name. See the module docstring for the stacking order.
+    """
+    flat: list[Transform] = []
+    for t in transforms:
+        flat.extend(t.parts if t.parts else (t,))
+    if not flat:
+        raise ValueError("compose() needs at least one transform")
+    if len(flat) == 1:
+        return flat[0]
+    for t in flat:
+        if t.exclusive:
+            others = ", ".join(o.name for o in flat if o is not t)
+            raise ValueError(
+                f"'{t.name}' trains every weight and cannot be combined with other methods "
+                f"(got {others}); use '{t.name}' alone or drop it from the combination."
+            )
+    names = [t.name for t in flat]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"compose: duplicate method names {names}; give each part a distinct name "
+            "(e.g. lora(..., name='lora_attn'))"
+        )
+
+    def init(rng: jax.Array, base: Params, info: ModelInfo) -> Delta:
+        keys = jax.random.split(rng, len(flat))
+        return {t.name: t.init(k, base, info) for t, k in zip(flat, keys)}
+
+    def adapt_params(base: Params, delta: Delta, ctx: ApplyContext) -> Params:
+        for t in flat:
+            base = t.adapt_params(base, delta[t.name], ctx)
+        return base
+
+    def interceptors(delta: Delta, ctx: ApplyContext) -> list[Interceptor]:
+        out: list[Interceptor] = []
+        for t in flat:
+            out.extend(t.interceptors(delta[t.name], ctx))
+        return out
+
+    def trainable_base(base: Params) -> list[str]:
+        seen: dict[str, None] = {}
+        for t in flat:
+            seen.update(dict.fromkeys(t.trainable_base(base)))
+        return list(seen)
+
+    def penalty(delta: Delta, ctx: ApplyContext) -> jax.Array:
+        return sum((t.penalty(delta[t.name], ctx) for t in flat), jnp.zeros((), jnp.float32))
+
+    mergeable = all(t.mergeable for t in flat)
+    return Transform(
+        name=name or "+".join(names),
+        config={t.name: t.config for t in flat},
+        init=init,
+        adapt_params=adapt_params,
+        interceptors=interceptors,
+        trainable_base=trainable_base,
+        penalty=penalty,
+        merge=_merge_chain(flat, reverse=False) if mergeable else None,
+        unmerge=_merge_chain(flat, reverse=True) if mergeable else None,
+        labels=lambda delta: {t.name: t.labels(delta[t.name]) for t in flat},
+        finalize=lambda delta: {t.name: t.finalize(delta[t.name]) for t in flat},
+        adds_tokens=any(t.adds_tokens for t in flat),
+        parts=tuple(flat),
+    )
+
+
+@contextmanager
+def intercepting(interceptors: Sequence[Interceptor]) -> Iterator[None]:
+    """Install interceptors; later ones wrap earlier ones (are called first).
+
+    Flax wraps the most recently installed interceptor innermost, hence the reversal.
+    """
+    with ExitStack() as stack:
+        for fn in reversed(list(interceptors)):
+            stack.enter_context(nn.intercept_methods(fn))
+        yield
+
+
+def apply(
+    model: nn.Module,
+    transform: Transform,
+    base: Params,
+    delta: Delta,
+    *args: Any,
+    ctx: ApplyContext = ApplyContext(),
+    method: Callable[..., Any] | str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Run ``model`` adapted by ``transform``: pure and jittable.
+
+    ``args``/``kwargs`` go to the model (``input_ids``, ``attention_mask`` ...). ``deterministic``
+    is set from ``ctx.train`` and the ``dropout`` rng from ``ctx.rng``.
+    """
+    params = transform.adapt_params(base, delta, ctx)
+    rngs = {"dropout": ctx.key("dropout")} if (ctx.train and ctx.rng is not None) else None
+    with intercepting(transform.interceptors(delta, ctx)):
+        return model.apply(
+            {"params": params},
+            *args,
+            deterministic=not ctx.train,
+            rngs=rngs,
+            method=method,
+            **kwargs,
+        )
+
+
+def merge(transform: Transform, base: Params, delta: Delta) -> Params:
+    """Fold a weight-space delta into plain weights (zero inference overhead)."""
+    if transform.merge is None:
+        parts = transform.parts or (transform,)
+        bad = [t.name for t in parts if not t.mergeable]
+        raise NotMergeableError(
+            f"cannot merge: {bad} act on activations, not weights; keep them unmerged "
+            "(jpeft.apply) or merge only the weight-space parts."
+        )
+    return transform.merge(base, delta)
+
+
+def unmerge(transform: Transform, params: Params, delta: Delta) -> Params:
+    """Inverse of :func:`merge`: take the delta back out of merged weights."""
+    if transform.unmerge is None:
+        raise NotMergeableError(f"cannot unmerge '{transform.name}': it has no weight-space form")
+    return transform.unmerge(params, delta)
+
+
+def module_path(context: Any) -> str:
+    """The '/'-joined path of the module an interceptor is looking at."""
+    return "/".join(str(p) for p in context.module.path)

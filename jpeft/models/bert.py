@@ -1,0 +1,397 @@
+"""BERT-family encoders (BERT, MiniLM, RoBERTa) in Flax Linen, loaded from Hugging Face folders.
+
+Parameter paths mirror the PyTorch module names (``encoder/layer_3/attention/self/query/kernel``
+for ``bert.encoder.layer.3.attention.self.query.weight``), so patterns written for Hugging Face
+PEFT (``query``, ``value``, ``attention.output.dense``) carry over with ``.`` → ``/``.
+
+Heads: ``classification`` (``num_labels`` logits; regression when ``num_labels == 1``) and
+``none`` (the encoder's sequence output). The model exposes the taps of :mod:`jpeft.models.taps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.core.transform import ModelInfo
+from jpeft.models import hub
+from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, FFN_HIDDEN, FFN_OUT, Tap
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The fields of a Hugging Face BERT/RoBERTa ``config.json`` that the forward pass needs."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    model_type: str = "bert"
+    classifier_dropout: float | None = None
+    num_labels: int = 2
+    head: str = "classification"
+    dtype: str = "float32"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_roberta(self) -> bool:
+        return self.model_type in ("roberta", "xlm-roberta", "camembert")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> "BertConfig":
+        model_type = hf.get("model_type", "bert")
+        if model_type not in ("bert", "roberta", "xlm-roberta", "camembert"):
+            raise ValueError(
+                f"jpeft.models.bert handles BERT/RoBERTa checkpoints, got model_type={model_type!r}"
+            )
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("only absolute position embeddings are supported")
+        # ``dtype`` in a Hugging Face config is the storage dtype of the weights (``None`` in
+        # ``PretrainedConfig.to_dict()``, "bfloat16" for half-precision uploads): not ours to
+        # inherit; jpeft's ``dtype`` is chosen by the caller (``from_pretrained(dtype=...)``).
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
+        kwargs = {k: v for k, v in hf.items() if k in names}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _activation(name: str):
+    table = {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+    }
+    if name not in table:
+        raise ValueError(f"unsupported hidden_act {name!r}; supported: {sorted(table)}")
+    return table[name]
+
+
+class Embeddings(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids, deterministic: bool):
+        cfg = self.config
+        init = nn.initializers.normal(0.02)
+        words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="word_embeddings")(
+            input_ids
+        )
+        words, attention_mask, token_type_ids = Tap(EMBED_INPUTS, name="inputs_tap")(
+            words, attention_mask, token_type_ids
+        )
+        seq_len = words.shape[1]
+        if cfg.is_roberta:
+            # RoBERTa numbers real tokens from padding_idx + 1 and gives padding padding_idx.
+            real = (attention_mask > 0).astype(jnp.int32)  # masks may come as bool/float
+            positions = jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
+        else:
+            positions = jnp.broadcast_to(jnp.arange(seq_len), words.shape[:2])
+        pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
+                       name="position_embeddings")(positions)
+        types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
+                         name="token_type_embeddings")(token_type_ids)
+        h = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm")(words + pos + types)
+        h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+        return h, attention_mask
+
+
+class SelfAttention(nn.Module):
+    config: BertConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, h, mask, deterministic: bool):
+        cfg = self.config
+        b, t, _ = h.shape
+        heads, dh = cfg.num_attention_heads, cfg.head_dim
+        dense = lambda name: nn.Dense(cfg.hidden_size, kernel_init=nn.initializers.normal(0.02), name=name)
+        q = dense("query")(h).reshape(b, t, heads, dh)
+        k = dense("key")(h).reshape(b, t, heads, dh)
+        v = dense("value")(h).reshape(b, t, heads, dh)
+        k, v, mask = Tap(ATTN_KV, self.layer, name="kv_tap")(k, v, mask)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh).astype(np.float32)
+        scores = jnp.where(mask[:, None, None, :] > 0, scores, jnp.finfo(scores.dtype).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return ctx.reshape(b, t, heads * dh)
+
+
+class ResidualOutput(nn.Module):
+    """``LayerNorm(tap(dropout(dense(x))) + residual)``: BERT's attention and FFN outputs."""
+
+    config: BertConfig
+    layer: int
+    tap_kind: str
+
+    @nn.compact
+    def __call__(self, x, residual, deterministic: bool):
+        cfg = self.config
+        x = nn.Dense(cfg.hidden_size, kernel_init=nn.initializers.normal(0.02), name="dense")(x)
+        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Tap(self.tap_kind, self.layer, name="tap")(x)
+        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm")(x + residual)
+
+
+class Attention(nn.Module):
+    config: BertConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, h, mask, deterministic: bool):
+        ctx = SelfAttention(self.config, self.layer, name="self")(h, mask, deterministic)
+        return ResidualOutput(self.config, self.layer, ATTN_OUT, name="output")(ctx, h, deterministic)
+
+
+class Intermediate(nn.Module):
+    config: BertConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, h):
+        cfg = self.config
+        x = nn.Dense(cfg.intermediate_size, kernel_init=nn.initializers.normal(0.02), name="dense")(h)
+        return Tap(FFN_HIDDEN, self.layer, name="tap")(_activation(cfg.hidden_act)(x))
+
+
+class Layer(nn.Module):
+    config: BertConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, h, mask, deterministic: bool):
+        cfg, i = self.config, self.layer
+        h = Attention(cfg, i, name="attention")(h, mask, deterministic)
+        ffn = Intermediate(cfg, i, name="intermediate")(h)
+        return ResidualOutput(cfg, i, FFN_OUT, name="output")(ffn, h, deterministic)
+
+
+class Encoder(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h, mask, deterministic: bool):
+        for i in range(self.config.num_hidden_layers):
+            h = Layer(self.config, i, name=f"layer_{i}")(h, mask, deterministic)
+        return h
+
+
+class Pooler(nn.Module):
+    """``tanh(dense(h[:, 0]))`` (BERT only)."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, first_token):
+        dense = nn.Dense(self.config.hidden_size, kernel_init=nn.initializers.normal(0.02), name="dense")
+        return jnp.tanh(dense(first_token))
+
+
+class ClassificationHead(nn.Module):
+    """BERT: pooler (dense+tanh on the first token) → dropout → classifier.
+    RoBERTa: dropout → dense+tanh → dropout → out_proj (no pooler)."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, first_token, deterministic: bool):
+        cfg = self.config
+        init = nn.initializers.normal(0.02)
+        rate = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+        drop = nn.Dropout(rate)
+        if cfg.is_roberta:
+            x = drop(first_token, deterministic=deterministic)
+            x = jnp.tanh(nn.Dense(cfg.hidden_size, kernel_init=init, name="dense")(x))
+            x = drop(x, deterministic=deterministic)
+            return nn.Dense(cfg.num_labels, kernel_init=init, name="out_proj")(x)
+        x = drop(first_token, deterministic=deterministic)
+        return nn.Dense(cfg.num_labels, kernel_init=init, name="classifier")(x)
+
+
+class BertModel(nn.Module):
+    """A BERT-family encoder with an optional classification/regression head.
+
+    ``__call__(input_ids (B,T), attention_mask (B,T), token_type_ids (B,T)|None)`` returns the
+    logits ``(B, num_labels)`` (head ``classification``) or the sequence output ``(B,T',D)``
+    (head ``none``). ``T' = T`` unless a transform prepends tokens.
+    """
+
+    config: BertConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        if cfg.head == "classification":
+            if not cfg.is_roberta:
+                self.pooler = Pooler(cfg)
+            self.head = ClassificationHead(cfg)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+        """Sequence output ``(B,T',D)`` and the (possibly extended) mask ``(B,T')``."""
+        chex.assert_rank(input_ids, 2)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        chex.assert_equal_shape([input_ids, attention_mask, token_type_ids])
+        h, mask = self.embeddings(input_ids, attention_mask, token_type_ids, deterministic)
+        return self.encoder(h, mask, deterministic), mask
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+        h, _ = self.encode(input_ids, attention_mask, token_type_ids, deterministic)
+        if self.config.head != "classification":
+            return h
+        first = h[:, 0]
+        if not self.config.is_roberta:
+            first = self.pooler(first)
+        return self.head(first, deterministic)
+
+    def info(self) -> ModelInfo:
+        cfg = self.config
+        head = (r"^head/",) if cfg.head == "classification" else ()
+        return ModelInfo(
+            family=cfg.model_type,
+            num_layers=cfg.num_hidden_layers,
+            hidden_size=cfg.hidden_size,
+            num_heads=cfg.num_attention_heads,
+            head_dim=cfg.head_dim,
+            intermediate_size=cfg.intermediate_size,
+            vocab_size=cfg.vocab_size,
+            embedding_path="embeddings/word_embeddings/embedding",
+            head_patterns=head,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion between PyTorch state dicts and the Flax tree.
+
+_PREFIXES = ("bert.", "roberta.", "model.")
+
+
+def _flax_key(torch_key: str) -> tuple[str, str] | None:
+    """Map a PyTorch key to (flax module path, leaf name), or None to skip it."""
+    key = torch_key
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    if key.endswith("position_ids") or key.startswith("lm_head") or key.startswith("cls."):
+        return None
+    module, _, leaf = key.rpartition(".")
+    module = module.replace("encoder.layer.", "encoder.layer_")
+    if module == "classifier" :
+        module = "head.classifier"
+    elif module.startswith("classifier."):
+        module = "head." + module[len("classifier."):]
+    path = module.replace(".", "/")
+    if leaf == "weight":
+        if path.endswith("LayerNorm"):
+            leaf = "scale"
+        elif path.endswith("embeddings"):
+            leaf = "embedding"
+        else:
+            leaf = "kernel"
+    return path, leaf
+
+
+def params_from_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A flat ``{path: array}`` dict of Flax leaves from a Hugging Face PyTorch state dict."""
+    flat: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        mapped = _flax_key(key)
+        if mapped is None:
+            continue
+        path, leaf = mapped
+        value = np.asarray(value, dtype=np.float32)
+        if leaf == "kernel":
+            value = value.T
+        flat[f"{path}/{leaf}"] = value
+    return flat
+
+
+def state_dict_from_params(params: dict[str, Any], config: BertConfig) -> dict[str, np.ndarray]:
+    """The inverse of :func:`params_from_state_dict`, with the ``transformers`` key prefix."""
+    from jpeft.core.paths import flatten
+
+    prefix = "roberta." if config.is_roberta else "bert."
+    out: dict[str, np.ndarray] = {}
+    for path, value in flatten(params).items():
+        module, _, leaf = path.rpartition("/")
+        value = np.asarray(value, dtype=np.float32)
+        if leaf == "kernel":
+            value, leaf = value.T, "weight"
+        elif leaf in ("scale", "embedding"):
+            leaf = "weight"
+        name = module.replace("/", ".").replace("layer_", "layer.")
+        if name.startswith("head."):
+            name = "classifier" if name == "head.classifier" else "classifier." + name[len("head."):]
+            out[f"{name}.{leaf}"] = np.ascontiguousarray(value)
+        else:
+            out[f"{prefix}{name}.{leaf}"] = np.ascontiguousarray(value)
+    return out
+
+
+def init_params(model: BertModel, rng: jax.Array) -> dict[str, Any]:
+    """Random parameters (the ``params`` collection) for ``model``."""
+    ids = jnp.ones((1, 4), jnp.int32)
+    return model.init(rng, ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike[str] = hub.DEFAULT_MODEL,
+    *,
+    num_labels: int = 2,
+    head: str = "classification",
+    seed: int = 0,
+    **config_overrides: Any,
+) -> tuple[BertModel, dict[str, Any]]:
+    """Load a BERT/RoBERTa/MiniLM checkpoint (folder or Hub id) as ``(model, params)``.
+
+    Weights absent from the checkpoint (the task head; the pooler of checkpoints saved without
+    one) are initialised as ``transformers`` does (normal(0.02), zero bias) from ``seed``.
+    """
+    from jpeft.core.paths import flatten, unflatten
+
+    model_dir = hub.resolve_model_dir(name_or_path)
+    config = BertConfig.from_hf(hub.read_config(model_dir), num_labels=num_labels, head=head,
+                                **config_overrides)
+    model = BertModel(config)
+    fresh = flatten(jax.device_get(init_params(model, jax.random.key(seed))))
+    loaded = params_from_state_dict(hub.read_safetensors(model_dir))
+    params: dict[str, Any] = {}
+    for path, init_value in fresh.items():
+        value = loaded.get(path)
+        if value is None:
+            if not path.startswith(("head/", "pooler/")):
+                raise KeyError(f"{model_dir}: checkpoint lacks {path}; is it a {config.model_type} model?")
+            value = np.asarray(init_value)
+            if path.endswith("bias"):
+                value = np.zeros_like(value)
+        elif value.shape != init_value.shape:
+            raise ValueError(f"{path}: checkpoint shape {value.shape} != model shape {init_value.shape}")
+        params[path] = jnp.asarray(value, dtype=jnp.dtype(config.dtype))
+    return model, unflatten(params)

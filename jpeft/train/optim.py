@@ -1,0 +1,85 @@
+"""Optimizers over the trainable tree only: ``optax.multi_transform`` over group labels.
+
+The trainable tree is ``{"delta": δ, "base": {path: leaf}}``. Every leaf gets a group label:
+``"default"``, ``"no_decay"`` (biases and LayerNorm of trainable base leaves, as the Hugging Face
+Trainer does) or a method's own label (``transform.labels``, e.g. ``"prompt"``). Each group is an
+AdamW with its own learning-rate multiplier and weight decay; a group whose multiplier is 0 gets
+``optax.set_to_zero()`` and no optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = dataclasses.field(default=5e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = dataclasses.field(default=0.01, metadata={"help": "AdamW decoupled decay"})
+    warmup_ratio: float = dataclasses.field(default=0.06, metadata={"help": "linear warmup fraction"})
+    schedule: str = dataclasses.field(default="linear", metadata={"help": "'linear' decay, 'cosine' or 'constant'"})
+    clip_norm: float = dataclasses.field(default=1.0, metadata={"help": "global gradient-norm clip (0: off)"})
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    group_lr: dict[str, float] = dataclasses.field(
+        default_factory=dict, metadata={"help": "learning-rate multiplier per group, e.g. {\"prompt\": 10}"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Warmup to ``lr`` then linear/cosine decay to 0 over ``total_steps``."""
+    total_steps = max(int(total_steps), 1)
+    warmup = int(round(config.warmup_ratio * total_steps))
+    if config.schedule == "constant":
+        decay: optax.Schedule = optax.constant_schedule(config.lr)
+    elif config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(config.lr, max(total_steps - warmup, 1))
+    else:
+        decay = optax.linear_schedule(config.lr, 0.0, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay], [warmup])
+
+
+def base_labels(flat_base: dict[str, Any]) -> dict[str, str]:
+    """``no_decay`` for biases and LayerNorm parameters, ``default`` otherwise."""
+    return {
+        path: "no_decay" if path.endswith("/bias") or "LayerNorm" in path or "layer_norm" in path
+        else "default"
+        for path in flat_base
+    }
+
+
+def make_optimizer(config: OptimConfig, labels: Any, total_steps: int) -> optax.GradientTransformation:
+    """``optax.multi_transform`` of AdamW groups for the label tree ``labels``."""
+    schedule = learning_rate_schedule(config, total_steps)
+    groups = sorted(set(jax.tree_util.tree_leaves(labels)))
+    transforms: dict[str, optax.GradientTransformation] = {}
+    for group in groups:
+        mult = float(config.group_lr.get(group, 1.0))
+        if mult == 0.0:
+            transforms[group] = optax.set_to_zero()
+            continue
+        decay = 0.0 if group == "no_decay" else config.weight_decay
+        transforms[group] = optax.adamw(
+            lambda step, m=mult: schedule(step) * m,
+            b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=decay,
+        )
+    unknown = set(config.group_lr) - set(groups)
+    if unknown:
+        raise ValueError(f"group_lr names unknown groups {sorted(unknown)}; groups here: {groups}")
+    tx = optax.multi_transform(transforms, labels)
+    if config.clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
+    return tx

@@ -1,0 +1,205 @@
+"""The jitted train and eval steps over a frozen base and a trainable delta.
+
+The base tree is split once into
+
+* ``trainable["base"]``: base leaves a method trains directly (the task head, BitFit's biases,
+  unfrozen layers), as a flat ``{path: leaf}`` dict, and
+* ``frozen``: everything else, passed to the steps as an argument, never differentiated (so XLA
+  computes no weight gradient for it) and never rewritten.
+
+``trainable["delta"]`` is the transform's delta. The optimizer (``optax.multi_transform``) holds
+state only for the trainable tree. ``train_step(state, frozen, batch)`` is jitted with the state
+donated; its compiled versions are one per distinct batch shape (see :meth:`Trainer.compilations`).
+The model is called as ``model(**{k: batch[k] for k in model_inputs})``; the trainer has no
+method- or model-specific branch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jpeft.core import paths as P
+from jpeft.core.transform import ApplyContext, ModelInfo, Transform, apply
+from jpeft.train.optim import OptimConfig, base_labels, make_optimizer
+
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[[jax.Array, Batch], jax.Array]
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (a pytree; checkpointed as a whole)."""
+
+    step: jax.Array
+    trainable: dict[str, Any]
+    opt_state: Any
+    rng: jax.Array
+
+
+def classification_loss(logits: jax.Array, batch: Batch) -> jax.Array:
+    """Mean cross-entropy over rows with ``weights`` > 0 (padding rows weigh 0)."""
+    chex.assert_rank(logits, 2)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"].astype(jnp.int32))
+    return _weighted_mean(losses, batch)
+
+
+def regression_loss(logits: jax.Array, batch: Batch) -> jax.Array:
+    """Mean squared error of ``logits[:, 0]`` (one output) against float labels."""
+    pred = logits.reshape(logits.shape[0], -1)[:, 0]
+    return _weighted_mean((pred - batch["labels"].astype(pred.dtype)) ** 2, batch)
+
+
+def _weighted_mean(values: jax.Array, batch: Batch) -> jax.Array:
+    weights = batch.get("weights")
+    if weights is None:
+        return values.mean()
+    weights = weights.astype(values.dtype)
+    return (values * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def head_paths(base: P.Params, info: ModelInfo) -> list[str]:
+    """Paths of the task head (trained by every method)."""
+    if not info.head_patterns:
+        return []
+    return P.select(base, info.head_patterns, what="task head")
+
+
+def trainable_base_paths(transform: Transform, base: P.Params, info: ModelInfo,
+                         train_head: bool = True) -> list[str]:
+    """Base leaves that are trained: the method's selection plus the task head."""
+    selected = dict.fromkeys(transform.trainable_base(base))
+    if train_head:
+        selected.update(dict.fromkeys(head_paths(base, info)))
+    return list(selected)
+
+
+@dataclasses.dataclass
+class ParamCounts:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} "
+                f"|| trainable%: {self.percent:.4f}")
+
+
+class Trainer:
+    """Holds the static pieces (model, transform, frozen base, optimizer) and the jitted steps.
+
+    Args:
+      model: a Linen model; ``model.info()`` gives its :class:`ModelInfo`.
+      transform: the PEFT method (possibly composed).
+      base: the pretrained parameters (never modified).
+      loss: ``(logits, batch) -> scalar``.
+      optim: optimizer config; ``total_steps`` sets the schedule length.
+      model_inputs: batch keys passed to the model, in order.
+      train_head: also train the model's task head (``info.head_patterns``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        transform: Transform,
+        base: P.Params,
+        *,
+        loss: LossFn = classification_loss,
+        optim: OptimConfig = OptimConfig(),
+        total_steps: int = 1000,
+        model_inputs: Sequence[str] = ("input_ids", "attention_mask", "token_type_ids"),
+        train_head: bool = True,
+    ) -> None:
+        self.model = model
+        self.transform = transform
+        self.info: ModelInfo = model.info()
+        self.loss = loss
+        self.model_inputs = tuple(model_inputs)
+        self.base_trainable_paths = trainable_base_paths(transform, base, self.info, train_head)
+        trainable_flat, frozen_flat = P.partition(base, self.base_trainable_paths)
+        self.frozen: dict[str, Any] = frozen_flat
+        self._initial_base = trainable_flat
+        self.optim_config = optim
+        self.total_steps = total_steps
+        abstract = jax.eval_shape(self._fresh_trainable, jax.random.key(0))
+        self._tx = self.optimizer(abstract)
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+        self.eval_step = jax.jit(self._eval_step)
+
+    # -- state --------------------------------------------------------------------------------
+    def labels(self, trainable: dict[str, Any]) -> dict[str, Any]:
+        return {"delta": self.transform.labels(trainable["delta"]),
+                "base": base_labels(trainable["base"])}
+
+    def optimizer(self, trainable: dict[str, Any]) -> optax.GradientTransformation:
+        return make_optimizer(self.optim_config, self.labels(trainable), self.total_steps)
+
+    def init_state(self, rng: jax.Array) -> TrainState:
+        """A fresh delta (from ``rng``), the trainable base leaves, and optimizer state."""
+        init_key, train_key = jax.random.split(rng)
+        trainable = self._fresh_trainable(init_key)
+        opt_state = self._tx.init(trainable)
+        return TrainState(jnp.zeros((), jnp.int32), trainable, opt_state, train_key)
+
+    def _fresh_trainable(self, key: jax.Array) -> dict[str, Any]:
+        base = P.combine(self._initial_base, self.frozen)
+        delta = self.transform.init(key, base, self.info)
+        # Copies: the state is donated to the train step, the caller's base must survive it.
+        copy = lambda x: jnp.array(x, copy=True)
+        return jax.tree_util.tree_map(copy, {"delta": delta, "base": dict(self._initial_base)})
+
+    def counts(self, state: TrainState) -> ParamCounts:
+        """Trainable and total parameter counts (as HF PEFT's print_trainable_parameters)."""
+        trainable = P.count_params(state.trainable)
+        total = P.count_params(self.frozen) + trainable
+        return ParamCounts(trainable, total)
+
+    def params(self, state: TrainState) -> dict[str, Any]:
+        """The full base tree with the trained base leaves put back (delta not applied)."""
+        return P.combine(state.trainable["base"], self.frozen)
+
+    # -- steps --------------------------------------------------------------------------------
+    def forward(self, trainable: dict[str, Any], frozen: dict[str, Any], batch: Batch,
+                ctx: ApplyContext) -> jax.Array:
+        base = P.combine(trainable["base"], frozen)
+        inputs = [batch[k] for k in self.model_inputs if k in batch]
+        return apply(self.model, self.transform, base, trainable["delta"], *inputs, ctx=ctx)
+
+    def _loss(self, trainable, frozen, batch, rng):
+        ctx = ApplyContext(train=True, rng=rng, adapter_index=batch.get("adapter_index"))
+        logits = self.forward(trainable, frozen, batch, ctx)
+        task_loss = self.loss(logits, batch)
+        penalty = self.transform.penalty(trainable["delta"], ctx)
+        return task_loss + penalty, (task_loss, penalty)
+
+    def _train_step(self, state: TrainState, frozen: dict[str, Any], batch: Batch):
+        rng, step_rng = jax.random.split(state.rng)
+        grads, (task_loss, penalty) = jax.grad(self._loss, has_aux=True)(
+            state.trainable, frozen, batch, step_rng
+        )
+        updates, opt_state = self._tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": task_loss, "penalty": penalty, "grad_norm": optax.global_norm(grads)}
+        return TrainState(state.step + 1, trainable, opt_state, rng), metrics
+
+    def _eval_step(self, state: TrainState, frozen: dict[str, Any], batch: Batch) -> jax.Array:
+        ctx = ApplyContext(train=False, adapter_index=batch.get("adapter_index"))
+        return self.forward(state.trainable, frozen, batch, ctx)
+
+    def learning_rate(self, step: int) -> float:
+        from jpeft.train.optim import learning_rate_schedule
+
+        return float(learning_rate_schedule(self.optim_config, self.total_steps)(step))
+
+    def compilations(self) -> dict[str, int]:
+        """How many times each step has been compiled (one per distinct batch shape)."""
+        return {"train_step": self.train_step._cache_size(), "eval_step": self.eval_step._cache_size()}

@@ -1,0 +1,46 @@
+"""Tiny models and batches shared by the unit tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.models.bert import BertConfig, BertModel, init_params
+
+
+def tiny_bert(num_labels: int = 2, model_type: str = "bert", seed: int = 0, layers: int = 2,
+              hidden: int = 16, heads: int = 2, dropout: float = 0.0):
+    """A randomly initialised tiny BERT/RoBERTa ``(model, params)``."""
+    config = BertConfig(
+        vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=24, max_position_embeddings=40, type_vocab_size=2 if model_type == "bert" else 1,
+        pad_token_id=0 if model_type == "bert" else 1, model_type=model_type, num_labels=num_labels,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    model = BertModel(config)
+    return model, init_params(model, jax.random.key(seed))
+
+
+def tiny_batch(batch: int = 3, length: int = 7, seed: int = 0, vocab: int = 64, num_labels: int = 2):
+    """Random ids with padding at the end of every row but the first."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, vocab, (batch, length))
+    lengths = np.maximum(length - np.arange(batch), 2)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+    labels = rng.integers(0, max(num_labels, 2), batch) if num_labels > 1 else rng.normal(size=batch)
+    return {
+        "input_ids": jnp.asarray(ids * mask, jnp.int32),
+        "attention_mask": jnp.asarray(mask),
+        "token_type_ids": jnp.zeros((batch, length), jnp.int32),
+        "labels": jnp.asarray(labels),
+        "weights": jnp.ones((batch,), jnp.float32),
+    }
+
+
+def perturb(tree, seed: int = 1, scale: float = 0.1):
+    """Every leaf plus Gaussian noise (a non-trivial delta; B != 0 for LoRA)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
+    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, noisy)
