@@ -83,8 +83,8 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
         present = sorted(p.name for p in model_dir.iterdir())
         if any(name.endswith(".bin") or name.endswith(".pt") for name in present):
             raise ValueError(
-                f"{model_dir} holds only PyTorch pickle weights ({present}); jpeft never unpickles "
-                "files. Convert them once with transformers: "
+                f"{model_dir} holds only PyTorch pickle weights ({present}) and no *.safetensors "
+                "file; jpeft never unpickles files. Convert them once with transformers: "
                 "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)."
             )
         raise FileNotFoundError(f"{model_dir} has no *.safetensors weights (found: {present})")
