@@ -188,7 +188,7 @@ class Trainer:
         )
         updates, opt_state = self._tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": task_loss, "penalty": penalty, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": task_loss, "penalty": penalty, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, trainable, opt_state, rng), metrics
 
     def _eval_step(self, state: TrainState, frozen: dict[str, Any], batch: Batch) -> jax.Array:
