@@ -11,7 +11,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jpeft.core.transform import Transform, compose
+from jpeft.methods.adapters import AdapterConfig, houlsby, pfeiffer
 from jpeft.methods.full import FullConfig, full
+from jpeft.methods.ia3 import IA3Config, ia3
 from jpeft.methods.lora import LoraConfig, lora
 
 
@@ -32,6 +34,9 @@ def register(name: str, config_cls: type, factory: Callable[..., Transform]) -> 
 
 register("full", FullConfig, full)
 register("lora", LoraConfig, lora)
+register("houlsby", AdapterConfig, houlsby)
+register("pfeiffer", AdapterConfig, pfeiffer)
+register("ia3", IA3Config, ia3)
 
 
 def parse_spec(spec: str) -> list[str]:
@@ -60,4 +65,4 @@ def build(spec: str, configs: Mapping[str, Any] | None = None) -> Transform:
 
 
 __all__ = ["REGISTRY", "MethodSpec", "register", "build", "parse_spec", "full", "FullConfig",
-           "lora", "LoraConfig"]
+           "lora", "LoraConfig", "houlsby", "pfeiffer", "AdapterConfig", "ia3", "IA3Config"]

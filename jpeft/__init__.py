@@ -1,0 +1,48 @@
+"""jpeft: functional parameter-efficient fine-tuning for JAX/Flax.
+
+A PEFT method is a pure :class:`~jpeft.core.transform.Transform` over a frozen base parameter
+tree; methods compose with :func:`compose` and run with :func:`apply`.
+"""
+
+from jpeft.core.paths import count_params, partition, combine, select, select_modules
+from jpeft.core.transform import (
+    ApplyContext,
+    ModelInfo,
+    Transform,
+    apply,
+    compose,
+    merge,
+    unmerge,
+)
+from jpeft.methods import REGISTRY, build
+from jpeft.methods.full import FullConfig, full
+from jpeft.methods.lora import LoraConfig, lora
+from jpeft.models.bert import BertConfig, BertModel, from_pretrained
+
+__version__ = "0.1.0"
+
+
+def print_trainable_parameters(transform: Transform, base, delta) -> str:
+    """Print (and return) trainable/all parameter counts, as HF PEFT's method of that name.
+
+    Trainable = the delta plus the base leaves the method trains (the task head is counted by
+    :class:`jpeft.train.trainer.Trainer`, which also trains it).
+    """
+    from jpeft.core import paths as P
+
+    trained_base = transform.trainable_base(base)
+    flat = P.flatten(base)
+    trainable = count_params(delta) + sum(int(flat[p].size) for p in trained_base)
+    total = count_params(base) + count_params(delta)
+    line = (f"trainable params: {trainable:,d} || all params: {total:,d} "
+            f"|| trainable%: {100.0 * trainable / max(total, 1):.4f}")
+    print(line)
+    return line
+
+
+__all__ = [
+    "ApplyContext", "ModelInfo", "Transform", "apply", "compose", "merge", "unmerge", "build",
+    "REGISTRY", "count_params", "partition", "combine", "select", "select_modules",
+    "full", "FullConfig", "lora", "LoraConfig", "BertConfig", "BertModel", "from_pretrained",
+    "print_trainable_parameters", "__version__",
+]

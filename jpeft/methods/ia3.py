@@ -1,0 +1,185 @@
+"""(IA)³: Infused Adapter by Inhibiting and Amplifying Inner Activations (Liu et al., 2022,
+arXiv:2205.05638), with Hugging Face PEFT's semantics (``peft/tuners/ia3/layer.py``).
+
+A learned vector rescales the activations of each target ``Dense`` (kernel ``W (d_in, d_out)``,
+bias ``b (d_out,)``):
+
+* an ordinary target scales the layer's **output**:   ``y = (x W + b) ⊙ l``,   ``l (d_out,)``;
+* a *feed-forward* target scales the layer's **input**: ``y = (x ⊙ l) W + b``,  ``l (d_in,)``.
+
+Targets are the Dense modules whose path matches ``IA3Config.targets``; those that also match
+``IA3Config.feedforward`` are feed-forward targets (the feed-forward pattern may not select a
+module that ``targets`` does not). With the defaults on BERT, ``output/dense$`` matches both the
+attention output projection (``d_in = d``) and the FFN output projection (``d_in = 4d``), exactly as
+PEFT's ``output.dense`` does, so MiniLM (d = 384, 6 layers) gets ``6·(384+384+384+1536) = 16,128``
+scalars (plus the 770 of the 2-class head: PEFT prints 16,898).
+
+``l = 1`` at init, so a fresh delta is **exactly the identity**. Weight-space, so **mergeable**:
+
+* ordinary target:     ``W' = W ⊙ l[None, :]``,  ``b' = b ⊙ l``;
+* feed-forward target: ``W' = l[:, None] ⊙ W``,  ``b' = b``;
+
+and :func:`unmerge` divides by ``l``. An entry of ``l`` that is exactly 0 has destroyed the
+weights it scaled, so it cannot be unmerged: ``unmerge`` raises ``ValueError`` for concrete
+(non-traced) deltas (PEFT instead adds 1e-8 and silently returns wrong weights); under ``jit`` the
+check cannot run and such entries give ``inf``/``nan``.
+
+Stacking: ``compose(lora(), ia3())`` on the same Dense computes ``ia3(lora(x))``, i.e. for an
+ordinary target ``(x W + b + s·x A B) ⊙ l`` and for a feed-forward one
+``(x⊙l) W + b + s·(x⊙l) A B``; merging applies LoRA first, then the (IA)³ scaling, which folds the
+same function. The delta mirrors the parameter tree: ``{..., "key": {"ia3_l": l}}``. The vectors
+are labelled ``"no_decay"`` (weight decay would pull them towards 0, not towards the identity 1).
+
+Example::
+
+    method = jpeft.methods.ia3.ia3(IA3Config())
+    delta = method.init(jax.random.key(0), base, model.info())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.core import paths as P
+from jpeft.core.transform import ApplyContext, ModelInfo, Transform, module_path
+from jpeft.methods.lora import layer_index
+
+LEAF = "ia3_l"
+
+
+@dataclasses.dataclass(frozen=True)
+class IA3Config:
+    targets: str = dataclasses.field(
+        default=r"(key|value|output/dense)$",
+        metadata={"help": "regex searched in Dense module paths: the layers to rescale"},
+    )
+    feedforward: str = dataclasses.field(
+        default=r"output/dense$",
+        metadata={"help": "regex of the targets whose INPUT is scaled (PEFT's feedforward_modules); "
+                          "must select only targets; '' for none"},
+    )
+    layers: tuple[int, ...] = dataclasses.field(
+        default=(), metadata={"help": "only these layer indices (empty: all layers)"}
+    )
+
+    def __post_init__(self) -> None:
+        for field in ("targets", "feedforward"):
+            try:
+                re.compile(getattr(self, field))
+            except re.error as err:
+                raise ValueError(f"ia3.{field} is not a valid regex: {getattr(self, field)!r} ({err})")
+        if not self.targets:
+            raise ValueError("ia3.targets must be a non-empty regex (it would select every Dense)")
+        if any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise ValueError(
+                f"ia3.layers must be distinct non-negative layer indices, got {list(self.layers)}"
+            )
+
+
+def is_feedforward(config: IA3Config, path: str) -> bool:
+    """Whether the target at module ``path`` scales its input (else its output)."""
+    return bool(config.feedforward) and re.search(config.feedforward, path) is not None
+
+
+def target_modules(config: IA3Config, base: P.Params) -> dict[str, bool]:
+    """``{module path: is_feedforward}`` of the Dense layers this config rescales.
+
+    Raises when a pattern matches nothing, or when ``feedforward`` selects a non-target.
+    """
+    targets = P.select_modules(base, config.targets, what="ia3.targets")
+    if config.feedforward:
+        ff = P.select_modules(base, config.feedforward, what="ia3.feedforward")
+        outside = [m for m in ff if m not in set(targets)]
+        if outside:
+            raise ValueError(
+                f"ia3.feedforward {config.feedforward!r} must select a subset of the modules of "
+                f"ia3.targets {config.targets!r}, but it also selects {outside[:10]}"
+                f"{' ...' if len(outside) > 10 else ''}. Narrow ia3.feedforward, widen "
+                "ia3.targets, or set ia3.feedforward='' for no feed-forward targets."
+            )
+    if config.layers:
+        wanted = set(config.layers)
+        kept = [m for m in targets if layer_index(m) in wanted]
+        if not kept:
+            raise P.no_match_error(f"ia3.layers={list(config.layers)}", config.targets, targets)
+        targets = kept
+    return {m: is_feedforward(config, m) for m in targets}
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
+    """(IA)³ as a :class:`~jpeft.core.transform.Transform` (see the module docstring)."""
+
+    def init(rng: jax.Array, base: P.Params, info: ModelInfo) -> dict[str, Any]:
+        flat_base = P.flatten(base)
+        flat: dict[str, jax.Array] = {}
+        for path, ff in target_modules(config, base).items():
+            kernel = flat_base[f"{path}/kernel"]
+            chex.assert_rank(kernel, 2)
+            d_in, d_out = kernel.shape
+            flat[f"{path}/{LEAF}"] = jnp.ones((d_in if ff else d_out,), jnp.float32)
+        return P.unflatten(flat)
+
+    def interceptors(delta: Any, ctx: ApplyContext) -> list[Any]:
+        flat = P.flatten(delta)
+
+        def intercept(next_fun, args, kwargs, context):
+            if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
+                return next_fun(*args, **kwargs)
+            path = module_path(context)
+            scale = flat.get(f"{path}/{LEAF}")
+            if scale is None:
+                return next_fun(*args, **kwargs)
+            if is_feedforward(config, path):
+                x = args[0]
+                chex.assert_axis_dimension(x, -1, scale.shape[-1])
+                return next_fun(x * scale.astype(x.dtype), *args[1:], **kwargs)
+            y = next_fun(*args, **kwargs)
+            chex.assert_axis_dimension(y, -1, scale.shape[-1])
+            return y * scale.astype(y.dtype)
+
+        return [intercept]
+
+    def _fold(params: P.Params, delta: Any, inverse: bool) -> P.Params:
+        flat = P.flatten(params)
+        for key, scale in P.flatten(delta).items():
+            if not key.endswith(f"/{LEAF}"):
+                continue
+            path = key[: -len(LEAF) - 1]
+            if inverse and _is_concrete(scale) and not np.all(np.asarray(scale) != 0):
+                raise ValueError(
+                    f"ia3 unmerge: {path}/{LEAF} has entries exactly 0; the weights they scaled "
+                    "were zeroed by merge and cannot be recovered. Keep the base weights instead."
+                )
+            kernel = flat[f"{path}/kernel"]
+            if is_feedforward(config, path):
+                flat[f"{path}/kernel"] = (kernel / scale[:, None] if inverse
+                                          else kernel * scale[:, None]).astype(kernel.dtype)
+            else:
+                flat[f"{path}/kernel"] = (kernel / scale[None, :] if inverse
+                                          else kernel * scale[None, :]).astype(kernel.dtype)
+                bias = flat.get(f"{path}/bias")
+                if bias is not None:
+                    flat[f"{path}/bias"] = (bias / scale if inverse else bias * scale).astype(bias.dtype)
+        return P.unflatten(flat)
+
+    return Transform(
+        name=name,
+        config=config,
+        init=init,
+        interceptors=interceptors,
+        merge=lambda params, delta: _fold(params, delta, inverse=False),
+        unmerge=lambda params, delta: _fold(params, delta, inverse=True),
+        labels=lambda delta: jax.tree_util.tree_map(lambda _: "no_decay", delta),
+    )
