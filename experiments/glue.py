@@ -41,7 +41,7 @@ def _base_fields() -> list[tuple[str, Any, dataclasses.Field]]:
         ("batch_size", int, f(default=32, metadata={"help": "training batch size"})),
         ("eval_batch_size", int, f(default=128, metadata={"help": "evaluation batch size"})),
         ("max_length", int, f(default=128, metadata={"help": "tokens per example (truncation)"})),
-        ("buckets", tuple[int, ...], f(default=(), metadata={"help": "padded lengths (default: powers of two from 32 to max_length)"})),
+        ("buckets", tuple[int, ...], f(default=(), metadata={"help": "padded lengths (default: powers of two from 16 to max_length); batches group examples of one bucket"})),
         ("max_train_samples", int | None, f(default=None, metadata={"help": "use only the first N training examples"})),
         ("seed", int, f(default=0, metadata={"help": "seed for init, data order and dropout"})),
         ("lr", float, f(default=5e-4, metadata={"help": "peak learning rate"})),
@@ -155,7 +155,7 @@ def run(cfg: Any) -> dict[str, Any]:
     buckets = tuple(cfg.buckets) or G.default_buckets(cfg.max_length)
 
     model, base = bert.from_pretrained(model_dir, num_labels=task.num_labels, seed=cfg.seed)
-    steps_per_epoch = G.num_batches(len(train.labels), cfg.batch_size, drop_remainder=False)
+    steps_per_epoch = G.num_epoch_batches(train, cfg.batch_size, buckets=buckets)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
                         schedule=cfg.schedule, clip_norm=cfg.clip_norm, group_lr=dict(cfg.group_lr))

@@ -195,8 +195,8 @@ def encode(dataset, tokenizer, task: str | GlueTask, max_length: int = 128) -> E
 
 
 def default_buckets(max_length: int) -> tuple[int, ...]:
-    """Powers of two from 32 up to ``max_length``, always ending with ``max_length``."""
-    buckets = [b for b in (32, 64, 128, 256, 512, 1024, 2048) if b < max_length]
+    """Powers of two from 16 up to ``max_length``, always ending with ``max_length``."""
+    buckets = [b for b in (16, 32, 64, 128, 256, 512, 1024, 2048) if b < max_length]
     return tuple(buckets + [max_length])
 
 
@@ -220,6 +220,43 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     return np.random.default_rng((seed, epoch)).permutation(n)
 
 
+def batch_plan(enc: Encoded, batch_size: int, *, buckets: Sequence[int], shuffle: bool,
+               seed: int = 0, epoch: int = 0, drop_remainder: bool = False,
+               group_by_length: bool = True) -> list[tuple[np.ndarray, int]]:
+    """One epoch's batches as ``(example indices, padded length)``, a function of (seed, epoch).
+
+    With ``group_by_length`` the shuffled examples are sorted into their length buckets and
+    batched within a bucket (at most one short batch per bucket), then the batch order is
+    shuffled: far less padding on short-text tasks. Otherwise consecutive examples of the
+    shuffled order form a batch, padded to the bucket of its longest example.
+    """
+    n = len(enc)
+    order = epoch_order(n, seed, epoch, shuffle)
+    groups: list[np.ndarray]
+    if group_by_length:
+        target = np.array([bucket_length(int(l), buckets) for l in enc.lengths[order]])
+        groups = [order[target == b] for b in sorted(set(target.tolist()))]
+    else:
+        groups = [order]
+    plan: list[tuple[np.ndarray, int]] = []
+    for group in groups:
+        stop = len(group) - len(group) % batch_size if drop_remainder else len(group)
+        for start in range(0, stop, batch_size):
+            idx = group[start:start + batch_size]
+            plan.append((idx, bucket_length(int(enc.lengths[idx].max()), buckets)))
+    if shuffle and group_by_length:
+        perm = np.random.default_rng((seed, epoch, 1)).permutation(len(plan))
+        plan = [plan[i] for i in perm]
+    return plan
+
+
+def num_epoch_batches(enc: Encoded, batch_size: int, *, buckets: Sequence[int],
+                      drop_remainder: bool = False, group_by_length: bool = True) -> int:
+    """Batches per epoch (the same for every epoch: bucket sizes do not depend on the order)."""
+    return len(batch_plan(enc, batch_size, buckets=buckets, shuffle=False,
+                          drop_remainder=drop_remainder, group_by_length=group_by_length))
+
+
 def iterate_batches(
     enc: Encoded,
     batch_size: int,
@@ -230,16 +267,14 @@ def iterate_batches(
     epoch: int = 0,
     start_batch: int = 0,
     drop_remainder: bool = False,
+    group_by_length: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of shape ``(batch_size, bucket)``; a short last batch is padded with rows of
-    weight 0. ``start_batch`` skips that many batches of this epoch's order (resuming)."""
-    n = len(enc)
-    order = epoch_order(n, seed, epoch, shuffle)
-    total = num_batches(n, batch_size, drop_remainder)
-    for b in range(start_batch, total):
-        idx = order[b * batch_size:(b + 1) * batch_size]
+    """Batches of shape ``(batch_size, bucket)`` (see :func:`batch_plan`); a short batch is padded
+    with rows of weight 0. ``start_batch`` skips that many batches of this epoch (resuming)."""
+    plan = batch_plan(enc, batch_size, buckets=buckets, shuffle=shuffle, seed=seed, epoch=epoch,
+                      drop_remainder=drop_remainder, group_by_length=group_by_length)
+    for idx, length in plan[start_batch:]:
         real = len(idx)
-        length = bucket_length(int(enc.lengths[idx].max()), buckets)
         pad_rows = batch_size - real
         rows = np.concatenate([idx, np.repeat(idx[:1], pad_rows)]) if pad_rows else idx
 

@@ -81,15 +81,27 @@ def _encoded(n=37, width=20, seed=0):
 
 def test_batches_cover_each_example_once_with_bounded_shapes():
     enc = _encoded()
-    batches = list(G.iterate_batches(enc, 8, buckets=(8, 16, 32), shuffle=True, seed=1, epoch=0))
-    assert len(batches) == G.num_batches(37, 8) == 5
-    seen = np.concatenate([b["labels"][b["weights"] > 0] for b in batches])
-    assert sorted(seen.tolist()) == list(range(37))
-    for b in batches:
-        assert b["input_ids"].shape[0] == 8 and b["input_ids"].shape[1] in (8, 16, 32)
+    plain = list(G.iterate_batches(enc, 8, buckets=(8, 16, 32), shuffle=True, seed=1, epoch=0,
+                                   group_by_length=False))
+    assert len(plain) == G.num_batches(37, 8) == 5
+    assert plain[-1]["weights"].sum() == 37 - 4 * 8
+    grouped = list(G.iterate_batches(enc, 8, buckets=(8, 16, 32), shuffle=True, seed=1, epoch=0))
+    assert len(grouped) == G.num_epoch_batches(enc, 8, buckets=(8, 16, 32))
+    for batches in (plain, grouped):
+        seen = np.concatenate([b["labels"][b["weights"] > 0] for b in batches])
+        assert sorted(seen.tolist()) == list(range(37))
+        for b in batches:
+            assert b["input_ids"].shape[0] == 8 and b["input_ids"].shape[1] in (8, 16, 32)
+            real = b["weights"] > 0
+            assert b["attention_mask"][real].sum(1).max() <= b["input_ids"].shape[1]
+            assert b["attention_mask"][~real].sum() == b["attention_mask"][real][:1].sum() * (~real).sum()
+    # grouping by length pads less
+    padded = lambda bs: sum(b["input_ids"].shape[1] * b["weights"].sum() for b in bs)
+    assert padded(grouped) < padded(plain)
+    for b in grouped:  # every real row sits in its own bucket
         real = b["weights"] > 0
-        assert b["attention_mask"][real].sum(1).max() <= b["input_ids"].shape[1]
-    assert batches[-1]["weights"].sum() == 37 - 4 * 8
+        lengths = b["attention_mask"][real].sum(1)
+        assert all(G.bucket_length(int(l), (8, 16, 32)) == b["input_ids"].shape[1] for l in lengths)
 
 
 def test_order_is_a_function_of_seed_and_epoch_and_resumable():
@@ -104,8 +116,8 @@ def test_order_is_a_function_of_seed_and_epoch_and_resumable():
 
 
 def test_buckets():
-    assert G.default_buckets(128) == (32, 64, 128)
-    assert G.default_buckets(100) == (32, 64, 100)
+    assert G.default_buckets(128) == (16, 32, 64, 128)
+    assert G.default_buckets(100) == (16, 32, 64, 100)
     assert G.bucket_length(33, (32, 64)) == 64
     with pytest.raises(ValueError, match="largest bucket"):
         G.bucket_length(65, (32, 64))
