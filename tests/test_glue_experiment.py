@@ -66,7 +66,7 @@ def test_short_lora_run_beats_majority_on_sst2(tmp_path, minilm_dir):
     assert summary["trainable_params"] == 74_498 and summary["steps"] == 150
     majority = summary["majority_baseline"]["accuracy"]
     assert summary["metrics"]["accuracy"] > majority + 0.15, summary
-    assert summary["compilations"]["train_step"] <= 2  # buckets 32 and 64
+    assert summary["compilations"]["train_step"] <= 3  # buckets 16, 32 and 64
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(l["split"] == "train" for l in lines) == 150
     assert (out / "curves.png").stat().st_size > 1000
