@@ -2,8 +2,8 @@
 
 The base tree is split once into
 
-* ``trainable["base"]``: base leaves a method trains directly (the task head, BitFit's biases,
-  unfrozen layers), as a flat ``{path: leaf}`` dict, and
+* ``trainable["base"]``: base leaves a method trains directly (the task head, unfrozen layers
+  of ``full``), as a nested dict mirroring the parameter tree, and
 * ``frozen``: everything else, passed to the steps as an argument, never differentiated (so XLA
   computes no weight gradient for it) and never rewritten.
 
@@ -138,7 +138,7 @@ class Trainer:
     # -- state --------------------------------------------------------------------------------
     def labels(self, trainable: dict[str, Any]) -> dict[str, Any]:
         return {"delta": self.transform.labels(trainable["delta"]),
-                "base": base_labels(trainable["base"])}
+                "base": P.unflatten(base_labels(P.flatten(trainable["base"])))}
 
     def optimizer(self, trainable: dict[str, Any]) -> optax.GradientTransformation:
         return make_optimizer(self.optim_config, self.labels(trainable), self.total_steps)
@@ -153,9 +153,10 @@ class Trainer:
     def _fresh_trainable(self, key: jax.Array) -> dict[str, Any]:
         base = P.combine(self._initial_base, self.frozen)
         delta = self.transform.init(key, base, self.info)
+        trained = P.unflatten(self._initial_base)
         # Copies: the state is donated to the train step, the caller's base must survive it.
         copy = lambda x: jnp.array(x, copy=True)
-        return jax.tree_util.tree_map(copy, {"delta": delta, "base": dict(self._initial_base)})
+        return jax.tree_util.tree_map(copy, {"delta": delta, "base": trained})
 
     def counts(self, state: TrainState) -> ParamCounts:
         """Trainable and total parameter counts (as HF PEFT's print_trainable_parameters)."""
@@ -165,12 +166,12 @@ class Trainer:
 
     def params(self, state: TrainState) -> dict[str, Any]:
         """The full base tree with the trained base leaves put back (delta not applied)."""
-        return P.combine(state.trainable["base"], self.frozen)
+        return P.combine(P.flatten(state.trainable["base"]), self.frozen)
 
     # -- steps --------------------------------------------------------------------------------
     def forward(self, trainable: dict[str, Any], frozen: dict[str, Any], batch: Batch,
                 ctx: ApplyContext) -> jax.Array:
-        base = P.combine(trainable["base"], frozen)
+        base = P.combine(P.flatten(trainable["base"]), frozen)
         inputs = [batch[k] for k in self.model_inputs if k in batch]
         return apply(self.model, self.transform, base, trainable["delta"], *inputs, ctx=ctx)
 
