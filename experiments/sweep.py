@@ -1,0 +1,97 @@
+"""Run a method × task grid of the GLUE experiment and write a results table.
+
+    python -m experiments.sweep --methods=full,lora,ia3 --tasks=sst2,mrpc --out=results/glue
+    python -m experiments.sweep --methods=lora --tasks=sst2 --extra="--max-steps=200"
+
+Each cell runs ``python -m experiments.glue`` in its own process (its own memory and
+compilation cache) with the recipe of ``configs/`` plus ``--extra`` flags, and reads back its
+``summary.json``. Finished cells are skipped when the sweep is started again, so a sweep can be
+stopped and resumed. Results go to ``<out>/results.json`` and ``<out>/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def run_cell(method: str, task: str, run_dir: Path, extra: list[str]) -> dict[str, Any] | None:
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())
+    cmd = [sys.executable, "-m", "experiments.glue", f"--method={method}", f"--task={task}",
+           f"--output-dir={run_dir}", "--progress=false", *extra]
+    print("$", shlex.join(cmd), flush=True)
+    log = run_dir.with_suffix(".log")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    if code != 0 or not summary.is_file():
+        print(f"  failed (exit {code}); see {log}", flush=True)
+        return None
+    return json.loads(summary.read_text())
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return " / ".join(f"{100 * v:.1f}" for v in metrics.values())
+
+
+def write_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"note": note, "cells": cells}, indent=2))
+    tasks = sorted({c["task"] for c in cells})
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    by = {(c["method"], c["task"]): c for c in cells}
+    header = "| method | trainable params (%) | " + " | ".join(
+        f"{t} ({'/'.join(by[next(m for m in methods if (m, t) in by), t]['metrics'])})" for t in tasks
+    ) + " |"
+    lines = [header, "|" + "---|" * (len(tasks) + 2)]
+    majority = {t: by[next(m for m in methods if (m, t) in by), t].get("majority_baseline", {})
+                for t in tasks}
+    lines.append("| majority class | – | " + " | ".join(_fmt_metrics(majority[t]) for t in tasks) + " |")
+    for m in methods:
+        any_cell = next(by[m, t] for t in tasks if (m, t) in by)
+        row = [m, f"{any_cell['trainable_params']:,d} ({any_cell['trainable_percent']:.2f}%)"]
+        for t in tasks:
+            c = by.get((m, t))
+            row.append(f"{_fmt_metrics(c['metrics'])} ({c['wall_s'] / 60:.1f} min)" if c else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    (out / "results.md").write_text(note + "\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default="full,lora,houlsby,pfeiffer,prefix,prompt,ptuning,"
+                        "ptuning2,bitfit,freeze,diff_pruning,ia3")
+    parser.add_argument("--tasks", default="sst2,mrpc,rte,stsb,cola")
+    parser.add_argument("--out", default="results/glue")
+    parser.add_argument("--extra", default="", help="flags passed to every cell")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    extra = shlex.split(args.extra)
+    cells = []
+    t0 = time.time()
+    for task in args.tasks.split(","):
+        for method in args.methods.split(","):
+            summary = run_cell(method, task, out / "runs" / f"{task}-{method}", extra)
+            if summary is not None:
+                cells.append(summary)
+                note = (f"GLUE dev results of `python -m experiments.sweep --methods={args.methods} "
+                        f"--tasks={args.tasks}` {args.extra}, all-MiniLM-L6-v2, seed 0, one run per "
+                        f"cell, on {platform.processor() or platform.machine()} "
+                        f"({__import__('os').cpu_count()} cores). Wall time per cell in brackets.")
+                write_table(cells, out, note)
+    print(f"sweep done in {(time.time() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
