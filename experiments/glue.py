@@ -53,6 +53,10 @@ def _base_fields() -> list[tuple[str, Any, dataclasses.Field]]:
         ("eval_every", int, f(default=0, metadata={"help": "evaluate every N steps (0: 4 times per run)"})),
         ("log_every", int, f(default=1, metadata={"help": "log training metrics every N steps"})),
         ("progress", bool, f(default=True, metadata={"help": "show a progress bar"})),
+        ("save_every", int, f(default=0, metadata={"help": "checkpoint every N steps (0: at each evaluation and at the end; -1: never)"})),
+        ("keep_checkpoints", int, f(default=2, metadata={"help": "how many recent checkpoints to keep"})),
+        ("resume", bool, f(default=True, metadata={"help": "continue from the run directory's latest checkpoint if there is one"})),
+        ("allow_base_mismatch", bool, f(default=False, metadata={"help": "restore a checkpoint made on another base model"})),
     ]
 
 
@@ -178,11 +182,12 @@ def run(cfg: Any) -> dict[str, Any]:
 
     eval_every = cfg.eval_every or max(1, total_steps // 4)
     metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    state, save = _checkpointing(cfg, out_dir, trainer, state, base, model_dir, total_steps,
+                                 steps_per_epoch, metrics_path)
     with MetricsLog(metrics_path) as log:
         state, final, _ = fit(trainer, state, batches, evaluate,
                               LoopConfig(total_steps, steps_per_epoch, cfg.log_every, eval_every,
-                                         cfg.progress), log)
+                                         cfg.progress), log, on_step=save)
     plot_curves(read_metrics(metrics_path), out_dir / "curves.png",
                 title=f"{task.name} {cfg.method} ({model_dir.name})")
     wall = time.perf_counter() - t_start
@@ -211,11 +216,74 @@ def run(cfg: Any) -> dict[str, Any]:
     return summary
 
 
+def _checkpointing(cfg, out_dir: Path, trainer, state, base, model_dir: Path, total_steps: int,
+                   steps_per_epoch: int, metrics_path: Path):
+    """Resume from the run directory's latest checkpoint (if any, and ``--resume``), and return
+    ``(state, on_step)`` where ``on_step`` saves checkpoints on the configured schedule."""
+    import shutil
+
+    import jpeft
+    from jpeft.checkpoint import CheckpointError, CheckpointManager, fingerprint
+    from jpeft.config import to_dict
+    from jpeft.train.trainer import head_paths
+    from jpeft.train.logging import read_metrics
+
+    if cfg.save_every < 0:
+        metrics_path.unlink(missing_ok=True)
+        return state, None
+    ckpt_dir = out_dir / "checkpoints"
+    if not cfg.resume:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a fresh run replaces older checkpoints
+    manager = CheckpointManager(ckpt_dir, max_to_keep=cfg.keep_checkpoints)
+    base_fp = fingerprint(base, exclude=head_paths(base, trainer.info))
+    latest = manager.latest_step()
+    method_config = {name: to_dict(getattr(cfg, name)) for name in cfg.method.split("+")}
+    if latest is not None:
+        saved = manager.read_meta(latest)
+        if (saved.get("method"), saved.get("method_config")) != (cfg.method, method_config):
+            raise CheckpointError(
+                f"{manager.directory} holds checkpoints of another configuration (method "
+                f"{saved.get('method')!r}, {saved.get('method_config')}); pick another --output-dir "
+                "or pass --resume=false to start afresh there.")
+        state, _ = manager.restore(state, fingerprint=base_fp,
+                                   allow_base_mismatch=cfg.allow_base_mismatch)
+        kept = [r for r in read_metrics(metrics_path) if r["step"] <= latest] \
+            if metrics_path.is_file() else []
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        print(f"resumed from {manager.directory}/{latest} (step {int(state.step)} of {total_steps})")
+    else:
+        metrics_path.unlink(missing_ok=True)
+
+    meta = {
+        "jpeft_version": jpeft.__version__,
+        "method": cfg.method,
+        "method_config": method_config,
+        "base_model": str(cfg.model),
+        "base_model_dir": model_dir.name,
+        "base_fingerprint": base_fp,
+        "task": cfg.task,
+        "total_steps": total_steps,
+    }
+
+    def on_step(state, evaluated: bool) -> None:
+        step = int(state.step)
+        due = (cfg.save_every > 0 and step % cfg.save_every == 0) or \
+              (cfg.save_every == 0 and evaluated)
+        if due:
+            epoch, batch = divmod(step, steps_per_epoch)
+            position = {"epoch": epoch, "batch": batch}
+            manager.save(step, state, {**meta, "step": step, "data_position": position})
+
+    return state, on_step
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from jpeft.checkpoint import CheckpointError
+
     cfg = parse_args(argv)
     try:
         run(cfg)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"experiments.glue: error: {err}", file=sys.stderr)
         return 2
     return 0

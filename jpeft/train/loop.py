@@ -46,12 +46,14 @@ def fit(
     evaluate: EvalFn,
     config: LoopConfig,
     log: MetricsLog,
+    on_step: Callable[[TrainState, bool], None] | None = None,
 ) -> tuple[TrainState, dict[str, float], list[dict[str, Any]]]:
     """Train ``config.total_steps`` steps, evaluating every ``eval_every`` steps and at the end.
 
     ``batches(epoch, start_batch)`` yields that epoch's batches from ``start_batch`` on (so a
-    resumed run continues where the data order left off). Returns the final state, the final
-    dev metrics and every dev evaluation.
+    resumed run continues where the data order left off). ``on_step(state, evaluated)`` runs
+    after every step (checkpointing). Returns the final state, the final dev metrics and every
+    dev evaluation.
     """
     from tqdm.auto import tqdm
 
@@ -93,11 +95,17 @@ def fit(
             if step % config.log_every == 0 or step == config.total_steps:
                 pending.append((step, metrics))
                 flush()
-            if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+            evaluated = bool(config.eval_every and step % config.eval_every == 0
+                             and step < config.total_steps)
+            if evaluated:
                 run_eval(step)
+            if on_step is not None and step < config.total_steps:
+                on_step(state, evaluated)
             if step >= config.total_steps:
                 break
     flush()
     final = run_eval(step)
+    if on_step is not None:
+        on_step(state, True)
     bar.close()
     return state, final, evals
