@@ -142,6 +142,16 @@ class CheckpointManager:
                                       f"{got.shape}/{got.dtype}, expected {want.shape}/{want.dtype}")
         return _from_saveable(tree, like), meta
 
+    def read_state(self, step: int | None = None) -> dict[str, Any]:
+        """The saved state tree as it is on disk (numpy leaves), without a template."""
+        step = self._step(step)
+        try:
+            restored = self._manager.restore(step, args=self._ocp.args.Composite(
+                state=self._ocp.args.StandardRestore()))
+        except Exception as err:
+            raise CheckpointError(f"cannot read {self.directory}/{step}: {err}") from err
+        return jax.device_get(restored["state"])
+
     def _step(self, step: int | None) -> int:
         if step is None:
             step = self.latest_step()
