@@ -159,6 +159,7 @@ def run(cfg: Any) -> dict[str, Any]:
     buckets = tuple(cfg.buckets) or G.default_buckets(cfg.max_length)
 
     model, base = bert.from_pretrained(model_dir, num_labels=task.num_labels, seed=cfg.seed)
+    model_name = str(cfg.model).rstrip("/").split("/")[-1]
     steps_per_epoch = G.num_epoch_batches(train, cfg.batch_size, buckets=buckets)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
@@ -167,7 +168,7 @@ def run(cfg: Any) -> dict[str, Any]:
                       loss=regression_loss if task.is_regression else classification_loss)
     state = trainer.init_state(jax.random.key(cfg.seed))
     counts = trainer.counts(state)
-    print(f"{task.name} | {cfg.method} | {model_dir.name} | {total_steps} steps "
+    print(f"{task.name} | {cfg.method} | {model_name} | {total_steps} steps "
           f"({total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch})")
     print(counts)
 
@@ -189,7 +190,7 @@ def run(cfg: Any) -> dict[str, Any]:
                               LoopConfig(total_steps, steps_per_epoch, cfg.log_every, eval_every,
                                          cfg.progress), log, on_step=save)
     plot_curves(read_metrics(metrics_path), out_dir / "curves.png",
-                title=f"{task.name} {cfg.method} ({model_dir.name})")
+                title=f"{task.name} {cfg.method} ({model_name})")
     wall = time.perf_counter() - t_start
     summary = {
         "task": task.name,
@@ -259,7 +260,6 @@ def _checkpointing(cfg, out_dir: Path, trainer, state, base, model_dir: Path, to
         "method": cfg.method,
         "method_config": method_config,
         "base_model": str(cfg.model),
-        "base_model_dir": model_dir.name,
         "base_fingerprint": base_fp,
         "task": cfg.task,
         "total_steps": total_steps,

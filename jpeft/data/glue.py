@@ -2,27 +2,32 @@
 and deterministic bucketed batches.
 
 Local files are read with the ``csv`` builder of ``datasets`` (tab separated, no CSV quoting: GLUE
-text contains bare ``"`` characters; no NA parsing: "null" is a word) and normalised to the Hub's
-schema (``nyu-mll/glue``): the task's text fields, ``label`` (int; float for STS-B) and ``idx``.
+text contains bare ``"`` characters; no NA parsing: "null" and "NA" are words; every column read
+as a string) and normalised to the Hub's schema (``nyu-mll/glue``): the task's text fields,
+``label`` (a ``ClassLabel`` with the Hub's names, ``float32`` for STS-B) and ``idx`` (``int32``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import csv
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+
 HUB_DATASET = "nyu-mll/glue"
+SPLITS = ("train", "validation")
 
 
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
-    """One GLUE task: where its files are, its columns, labels and official metrics."""
+    """One GLUE task: its Hub config and columns, labels, official metrics and local file layout."""
 
     name: str
     dir_name: str
@@ -32,11 +37,13 @@ class GlueTask:
     metric_names: tuple[str, ...]
     main_metric: str
     dev_split: str = "validation"
-    # local layout: file columns (None: the file has a header row) and which are text/label
+    # The Hub's class names, in label-id order (empty for regression).
+    label_names: tuple[str, ...] = ()
+    # Local TSV layout: the file's column names when it has no header row (CoLA), the columns
+    # holding text_fields (same order) and the label, and the dev file's name.
     columns: tuple[str, ...] | None = None
     local_text: tuple[str, ...] = ()
     local_label: str = "label"
-    label_names: tuple[str, ...] = ()
     dev_file: str = "dev.tsv"
 
     @property
@@ -44,119 +51,144 @@ class GlueTask:
         return self.num_labels == 1
 
 
+_NLI2 = ("entailment", "not_entailment")
+
 GLUE_TASKS: dict[str, GlueTask] = {
     t.name: t
     for t in [
         GlueTask("cola", "CoLA", "cola", ("sentence",), 2, ("matthews_correlation",),
-                 "matthews_correlation", columns=("source", "label", "marker", "sentence"),
-                 local_text=("sentence",)),
+                 "matthews_correlation", label_names=("unacceptable", "acceptable"),
+                 columns=("source", "label", "marker", "sentence"), local_text=("sentence",)),
         GlueTask("sst2", "SST-2", "sst2", ("sentence",), 2, ("accuracy",), "accuracy",
-                 local_text=("sentence",)),
+                 label_names=("negative", "positive"), local_text=("sentence",)),
         GlueTask("mrpc", "MRPC", "mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1"),
-                 "accuracy", local_text=("#1 String", "#2 String"), local_label="Quality"),
+                 "accuracy", label_names=("not_equivalent", "equivalent"),
+                 local_text=("#1 String", "#2 String"), local_label="Quality"),
         GlueTask("stsb", "STS-B", "stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearmanr"),
                  "pearson", local_text=("sentence1", "sentence2"), local_label="score"),
         GlueTask("rte", "RTE", "rte", ("sentence1", "sentence2"), 2, ("accuracy",), "accuracy",
-                 local_text=("sentence1", "sentence2"), label_names=("entailment", "not_entailment")),
+                 label_names=_NLI2, local_text=("sentence1", "sentence2")),
         GlueTask("wnli", "WNLI", "wnli", ("sentence1", "sentence2"), 2, ("accuracy",), "accuracy",
-                 local_text=("sentence1", "sentence2")),
+                 label_names=("not_entailment", "entailment"), local_text=("sentence1", "sentence2")),
         GlueTask("qnli", "QNLI", "qnli", ("question", "sentence"), 2, ("accuracy",), "accuracy",
-                 local_text=("question", "sentence"), label_names=("entailment", "not_entailment")),
+                 label_names=_NLI2, local_text=("question", "sentence")),
         GlueTask("mnli", "MNLI", "mnli", ("premise", "hypothesis"), 3, ("accuracy",), "accuracy",
-                 dev_split="validation_matched", local_text=("sentence1", "sentence2"),
-                 local_label="gold_label", label_names=("entailment", "neutral", "contradiction"),
+                 dev_split="validation_matched",
+                 label_names=("entailment", "neutral", "contradiction"),
+                 local_text=("sentence1", "sentence2"), local_label="gold_label",
                  dev_file="dev_matched.tsv"),
         GlueTask("qqp", "QQP", "qqp", ("question1", "question2"), 2, ("accuracy", "f1"), "accuracy",
+                 label_names=("not_duplicate", "duplicate"),
                  local_text=("question1", "question2"), local_label="is_duplicate"),
     ]
 }
 
 
 def get_task(name: str | GlueTask) -> GlueTask:
-    """Look a task up by key or directory name (``sst2``, ``SST-2``, ``sts-b`` ...)."""
+    """Look a task up by key or directory name, case-insensitively (``sst2``, ``SST-2``, ``sts-b``)."""
     if isinstance(name, GlueTask):
         return name
-    key = name.lower().replace("-", "").replace("_", "")
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
     if key not in GLUE_TASKS:
         raise ValueError(f"unknown GLUE task {name!r}; known tasks: {', '.join(GLUE_TASKS)}")
     return GLUE_TASKS[key]
 
 
 def default_data_dir() -> Path:
-    """``$JPEFT_GLUE_DIR``, else ``../shared/data/glue`` beside the repository."""
+    """``$JPEFT_GLUE_DIR`` if set, else ``<repo root>/../shared/data/glue``."""
     env = os.environ.get("JPEFT_GLUE_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "glue"
+    return (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "glue").resolve()
 
 
-def _split_file(task: GlueTask, split: str) -> str:
-    return "train.tsv" if split == "train" else task.dev_file
-
-
-def _normalise_split(split: str) -> str:
-    if split in ("dev", "validation", "validation_matched"):
+def _normalise_split(task: GlueTask, split: str) -> str:
+    """``train`` or ``validation`` (``dev`` and the task's Hub dev split name are aliases);
+    MNLI also has ``validation_mismatched``."""
+    if split in ("dev", "validation", task.dev_split):
         return "validation"
-    if split != "train":
-        raise ValueError(f"split must be 'train' or 'validation' (or 'dev'), got {split!r}")
-    return split
+    if split == "train" or (task.name == "mnli" and split == "validation_mismatched"):
+        return split
+    raise ValueError(f"split must be 'train' or 'validation' (or 'dev'), got {split!r}")
 
 
-def load_glue(task: str | GlueTask, split: str, data_dir: str | os.PathLike[str] | None = None):
+def local_file(task: str | GlueTask, split: str, data_dir: str | os.PathLike[str]) -> Path:
+    """Where ``split`` of ``task`` lives in a folder with the original GLUE layout."""
+    task = get_task(task)
+    split = _normalise_split(task, split)
+    name = {"train": "train.tsv", "validation": task.dev_file,
+            "validation_mismatched": "dev_mismatched.tsv"}[split]
+    return Path(data_dir) / task.dir_name / name
+
+
+def load_glue(task: str | GlueTask, split: str,
+              data_dir: str | os.PathLike[str] | None = None) -> datasets.Dataset:
     """One split of a GLUE task as a ``datasets.Dataset`` with the Hub's columns.
 
-    ``data_dir`` (or the default local copy) must hold ``<TASK>/<split>.tsv`` in the original
-    GLUE layout. With no ``data_dir`` and no local copy, the Hub dataset ``nyu-mll/glue`` is
-    loaded (needs the network).
+    ``data_dir`` (else the default local copy, see :func:`default_data_dir`) must hold
+    ``<TASK>/<split>.tsv`` in the original GLUE layout. With no ``data_dir`` and no local copy at
+    all, the Hub dataset ``nyu-mll/glue`` is loaded (needs network access).
     """
     import datasets
 
     task = get_task(task)
-    split = _normalise_split(split)
+    split = _normalise_split(task, split)
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     if data_dir is None and not root.is_dir():
         hub_split = task.dev_split if split == "validation" else split
         return datasets.load_dataset(HUB_DATASET, task.hub_config, split=hub_split)
-    path = root / task.dir_name / _split_file(task, split)
+    path = local_file(task, split, root)
     if not path.is_file():
         raise FileNotFoundError(
-            f"GLUE file missing: {path}. Provide it with --data-dir=DIR, a folder holding "
-            f"{task.dir_name}/{path.name} in the original GLUE TSV layout, or, with network access "
-            f"and no local copy, the Hub dataset '{HUB_DATASET}' (config '{task.hub_config}') is "
-            "loaded through `datasets`."
+            f"GLUE file missing: {path}. Provide it in one of two ways: pass --data-dir DIR, a "
+            f"folder holding {task.dir_name}/{path.name} in the original GLUE TSV layout; or, with "
+            f"network access, use the Hub dataset '{HUB_DATASET}' (config '{task.hub_config}'), "
+            "which is loaded when no local GLUE directory exists (no --data-dir and no "
+            f"{default_data_dir()}, or set JPEFT_GLUE_DIR)."
         )
-    kwargs: dict[str, Any] = dict(delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False,
-                                  na_filter=False, encoding="utf-8-sig")
-    if task.columns is not None:
-        kwargs.update(header=None, column_names=list(task.columns))
-    raw = datasets.load_dataset("csv", data_files={split: str(path)}, split=split, **kwargs)
-    return _to_hub_schema(raw, task)
+    names = list(task.columns) if task.columns is not None else None
+    wanted = [*task.local_text, task.local_label]
+    kwargs: dict[str, Any] = dict(
+        delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False,
+        encoding="utf-8",  # MRPC starts with a BOM; harmless elsewhere
+        # every wanted column read as a string: no per-chunk type guessing; others are dropped
+        features=datasets.Features({c: datasets.Value("string") for c in wanted}),
+    )
+    if names is not None:
+        kwargs.update(header=None, column_names=names)
+    raw = datasets.load_dataset("csv", data_files={"data": str(path)}, split="data", **kwargs)
+    return _to_hub_schema(raw, task, path)
 
 
-def _to_hub_schema(raw, task: GlueTask):
+def hub_features(task: str | GlueTask) -> datasets.Features:
+    """The Hub's features of ``task``: text fields, ``label`` and ``idx``."""
     import datasets
 
-    columns: dict[str, Any] = {}
-    for hub_name, local_name in zip(task.text_fields, task.local_text):
-        columns[hub_name] = [str(x) for x in raw[local_name]]
-    labels = raw[task.local_label]
+    task = get_task(task)
+    label = (datasets.Value("float32") if task.is_regression
+             else datasets.ClassLabel(names=list(task.label_names)))
+    return datasets.Features({**{f: datasets.Value("string") for f in task.text_fields},
+                              "label": label, "idx": datasets.Value("int32")})
+
+
+def _to_hub_schema(raw: datasets.Dataset, task: GlueTask, path: Path) -> datasets.Dataset:
+    import datasets
+
+    columns: dict[str, list[Any]] = {
+        hub: list(raw[local]) for hub, local in zip(task.text_fields, task.local_text)}
+    labels = list(raw[task.local_label])
     if task.is_regression:
         columns["label"] = [float(x) for x in labels]
-        label_type = datasets.Value("float32")
     else:
-        if task.label_names:
-            index = {n: i for i, n in enumerate(task.label_names)}
-            columns["label"] = [index[str(x)] for x in labels]
-        else:
-            columns["label"] = [int(x) for x in labels]
-        label_type = datasets.Value("int64")
+        ids = {n: i for i, n in enumerate(task.label_names)}
+        ids.update({str(i): i for i in range(task.num_labels)})
+        try:
+            columns["label"] = [ids[x.strip()] for x in labels]
+        except KeyError as e:
+            raise ValueError(f"{path}: unknown label {e.args[0]!r} for {task.name} "
+                             f"(expected one of {sorted(ids)})") from None
     columns["idx"] = list(range(len(labels)))
-    features = datasets.Features({
-        **{name: datasets.Value("string") for name in task.text_fields},
-        "label": label_type,
-        "idx": datasets.Value("int32"),
-    })
-    return datasets.Dataset.from_dict(columns, features=features)
+    return datasets.Dataset.from_dict(columns, features=hub_features(task))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,56 +197,64 @@ def _to_hub_schema(raw, task: GlueTask):
 
 @dataclasses.dataclass
 class Encoded:
-    """A tokenised split as numpy arrays, padded to the longest example (≤ max_length)."""
+    """A tokenised split as numpy arrays, padded to its longest example (at most max_length)."""
 
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    token_type_ids: np.ndarray
-    labels: np.ndarray
-    lengths: np.ndarray
+    input_ids: np.ndarray       # (N, L) int32, padded with the tokenizer's pad id
+    attention_mask: np.ndarray  # (N, L) int32
+    token_type_ids: np.ndarray  # (N, L) int32
+    labels: np.ndarray          # (N,) int32, float32 for regression
+    lengths: np.ndarray         # (N,) int32, number of real tokens
+    pad_id: int = 0             # used when a batch is padded past the split's width
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
-def encode(dataset, tokenizer, task: str | GlueTask, max_length: int = 128) -> Encoded:
-    """Tokenise a split (pairs for two-field tasks), truncating to ``max_length``."""
+def encode(dataset: Any, tokenizer: Any, task: str | GlueTask, max_length: int = 128) -> Encoded:
+    """Tokenise a split with a (fast) HF tokenizer: sentence pairs for two-field tasks,
+    truncation to ``max_length``, padding only to the split's longest example."""
     task = get_task(task)
     texts = [list(dataset[f]) for f in task.text_fields]
     out = tokenizer(*texts, truncation=True, max_length=max_length, padding="longest",
-                    return_tensors="np", return_token_type_ids=True)
-    mask = out["attention_mask"].astype(np.int32)
+                    return_tensors="np", return_token_type_ids=True, return_attention_mask=True)
+    mask = np.asarray(out["attention_mask"], dtype=np.int32)
     label_dtype = np.float32 if task.is_regression else np.int32
     return Encoded(
-        input_ids=out["input_ids"].astype(np.int32),
+        input_ids=np.asarray(out["input_ids"], dtype=np.int32),
         attention_mask=mask,
-        token_type_ids=out["token_type_ids"].astype(np.int32),
+        token_type_ids=np.asarray(out["token_type_ids"], dtype=np.int32),
         labels=np.asarray(list(dataset["label"]), dtype=label_dtype),
         lengths=mask.sum(axis=1).astype(np.int32),
+        pad_id=int(tokenizer.pad_token_id or 0),
     )
 
 
 def default_buckets(max_length: int) -> tuple[int, ...]:
-    """Powers of two from 16 up to ``max_length``, always ending with ``max_length``."""
-    buckets = [b for b in (16, 32, 64, 128, 256, 512, 1024, 2048) if b < max_length]
-    return tuple(buckets + [max_length])
+    """Powers of two from 32 below ``max_length``, then ``max_length`` (128 -> (32, 64, 128))."""
+    buckets: list[int] = []
+    b = 32
+    while b < max_length:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, int(max_length))
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket ≥ ``length``."""
+    """The smallest bucket >= ``length`` (ValueError when it exceeds the largest bucket)."""
     for b in sorted(buckets):
         if b >= length:
             return int(b)
-    raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}; add a bucket "
-                     "or lower --max-length")
+    raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}; the last bucket "
+                     "must be >= max_length")
 
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
+    """Batches in an epoch of ``n`` examples (without length grouping)."""
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """The example order of one epoch: a permutation fixed by ``(seed, epoch)``."""
+    """The example order of one epoch: ``default_rng((seed, epoch)).permutation(n)`` or 0..n-1."""
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng((seed, epoch)).permutation(n)
@@ -222,19 +262,18 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 
 def batch_plan(enc: Encoded, batch_size: int, *, buckets: Sequence[int], shuffle: bool,
                seed: int = 0, epoch: int = 0, drop_remainder: bool = False,
-               group_by_length: bool = True) -> list[tuple[np.ndarray, int]]:
-    """One epoch's batches as ``(example indices, padded length)``, a function of (seed, epoch).
+               group_by_length: bool = False) -> list[tuple[np.ndarray, int]]:
+    """One epoch's batches as ``(example indices, padded length)``; a function of (seed, epoch).
 
-    With ``group_by_length`` the shuffled examples are sorted into their length buckets and
-    batched within a bucket (at most one short batch per bucket), then the batch order is
-    shuffled: far less padding on short-text tasks. Otherwise consecutive examples of the
-    shuffled order form a batch, padded to the bucket of its longest example.
+    By default consecutive examples of :func:`epoch_order` form a batch, padded to the bucket of
+    its longest example. With ``group_by_length`` the ordered examples are split by length bucket
+    and batched within a bucket (at most one short batch per bucket, so the count can exceed
+    :func:`num_batches`; use :func:`num_epoch_batches`), then the batch order is shuffled with
+    ``default_rng((seed, epoch, 1))``: less padding.
     """
-    n = len(enc)
-    order = epoch_order(n, seed, epoch, shuffle)
-    groups: list[np.ndarray]
+    order = epoch_order(len(enc), seed, epoch, shuffle)
     if group_by_length:
-        target = np.array([bucket_length(int(l), buckets) for l in enc.lengths[order]])
+        target = np.array([bucket_length(int(l), buckets) for l in enc.lengths[order]], dtype=int)
         groups = [order[target == b] for b in sorted(set(target.tolist()))]
     else:
         groups = [order]
@@ -251,10 +290,12 @@ def batch_plan(enc: Encoded, batch_size: int, *, buckets: Sequence[int], shuffle
 
 
 def num_epoch_batches(enc: Encoded, batch_size: int, *, buckets: Sequence[int],
-                      drop_remainder: bool = False, group_by_length: bool = True) -> int:
-    """Batches per epoch (the same for every epoch: bucket sizes do not depend on the order)."""
+                      drop_remainder: bool = False, group_by_length: bool = False) -> int:
+    """Batches per epoch of :func:`iterate_batches` with the same arguments (any seed/epoch)."""
+    if not group_by_length:
+        return num_batches(len(enc), batch_size, drop_remainder)
     return len(batch_plan(enc, batch_size, buckets=buckets, shuffle=False,
-                          drop_remainder=drop_remainder, group_by_length=group_by_length))
+                          drop_remainder=drop_remainder, group_by_length=True))
 
 
 def iterate_batches(
@@ -267,27 +308,32 @@ def iterate_batches(
     epoch: int = 0,
     start_batch: int = 0,
     drop_remainder: bool = False,
-    group_by_length: bool = True,
+    group_by_length: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of shape ``(batch_size, bucket)`` (see :func:`batch_plan`); a short batch is padded
-    with rows of weight 0. ``start_batch`` skips that many batches of this epoch (resuming)."""
+    """Yield batches of shape ``(batch_size, bucket)`` in the order of :func:`batch_plan`.
+
+    Keys: input_ids, attention_mask, token_type_ids, labels and weights (float32, 1 for real
+    rows). A short last batch is filled up to ``batch_size`` with copies of its first row that
+    have weight 0. ``start_batch`` skips that many batches of this epoch (resuming).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     plan = batch_plan(enc, batch_size, buckets=buckets, shuffle=shuffle, seed=seed, epoch=epoch,
                       drop_remainder=drop_remainder, group_by_length=group_by_length)
     for idx, length in plan[start_batch:]:
         real = len(idx)
-        pad_rows = batch_size - real
-        rows = np.concatenate([idx, np.repeat(idx[:1], pad_rows)]) if pad_rows else idx
+        rows = np.concatenate([idx, np.repeat(idx[:1], batch_size - real)]) if real < batch_size else idx
 
-        def take(a: np.ndarray) -> np.ndarray:
+        def take(a: np.ndarray, fill: int = 0) -> np.ndarray:
             out = a[rows, :length]
-            if out.shape[1] < length:
-                out = np.pad(out, ((0, 0), (0, length - out.shape[1])))
+            if out.shape[1] < length:  # the split is narrower than the bucket
+                out = np.pad(out, ((0, 0), (0, length - out.shape[1])), constant_values=fill)
             return out
 
         weights = np.zeros(batch_size, np.float32)
         weights[:real] = 1.0
         yield {
-            "input_ids": take(enc.input_ids),
+            "input_ids": take(enc.input_ids, enc.pad_id),
             "attention_mask": take(enc.attention_mask),
             "token_type_ids": take(enc.token_type_ids),
             "labels": enc.labels[rows],
