@@ -42,6 +42,7 @@ def _base_fields() -> list[tuple[str, Any, dataclasses.Field]]:
         ("eval_batch_size", int, f(default=128, metadata={"help": "evaluation batch size"})),
         ("max_length", int, f(default=128, metadata={"help": "tokens per example (truncation)"})),
         ("buckets", tuple[int, ...], f(default=(), metadata={"help": "padded lengths (default: powers of two from 16 to max_length); batches group examples of one bucket"})),
+        ("group_by_length", bool, f(default=True, metadata={"help": "batch examples of the same length bucket together (less padding)"})),
         ("max_train_samples", int | None, f(default=None, metadata={"help": "use only the first N training examples"})),
         ("seed", int, f(default=0, metadata={"help": "seed for init, data order and dropout"})),
         ("lr", float, f(default=5e-4, metadata={"help": "peak learning rate"})),
@@ -160,7 +161,8 @@ def run(cfg: Any) -> dict[str, Any]:
 
     model, base = bert.from_pretrained(model_dir, num_labels=task.num_labels, seed=cfg.seed)
     model_name = str(cfg.model).rstrip("/").split("/")[-1]
-    steps_per_epoch = G.num_epoch_batches(train, cfg.batch_size, buckets=buckets)
+    steps_per_epoch = G.num_epoch_batches(train, cfg.batch_size, buckets=buckets,
+                                          group_by_length=cfg.group_by_length)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
                         schedule=cfg.schedule, clip_norm=cfg.clip_norm, group_lr=dict(cfg.group_lr))
@@ -174,16 +176,18 @@ def run(cfg: Any) -> dict[str, Any]:
 
     def batches(epoch: int, start: int):
         return G.iterate_batches(train, cfg.batch_size, buckets=buckets, shuffle=True,
-                                 seed=cfg.seed, epoch=epoch, start_batch=start)
+                                 seed=cfg.seed, epoch=epoch, start_batch=start,
+                                 group_by_length=cfg.group_by_length)
 
     def evaluate(trainer: Trainer, state) -> dict[str, float]:
         outputs, labels = predict(trainer, state, G.iterate_batches(
-            dev, cfg.eval_batch_size, buckets=buckets, shuffle=False))
+            dev, cfg.eval_batch_size, buckets=buckets, shuffle=False,
+            group_by_length=cfg.group_by_length))
         return glue_metrics(task, outputs, labels)
 
     eval_every = cfg.eval_every or max(1, total_steps // 4)
     metrics_path = out_dir / "metrics.jsonl"
-    state, save = _checkpointing(cfg, out_dir, trainer, state, base, model_dir, total_steps,
+    state, save = _checkpointing(cfg, out_dir, trainer, state, base, total_steps,
                                  steps_per_epoch, metrics_path)
     with MetricsLog(metrics_path) as log:
         state, final, _ = fit(trainer, state, batches, evaluate,
@@ -217,7 +221,7 @@ def run(cfg: Any) -> dict[str, Any]:
     return summary
 
 
-def _checkpointing(cfg, out_dir: Path, trainer, state, base, model_dir: Path, total_steps: int,
+def _checkpointing(cfg, out_dir: Path, trainer, state, base, total_steps: int,
                    steps_per_epoch: int, metrics_path: Path):
     """Resume from the run directory's latest checkpoint (if any, and ``--resume``), and return
     ``(state, on_step)`` where ``on_step`` saves checkpoints on the configured schedule."""

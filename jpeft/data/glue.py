@@ -150,7 +150,7 @@ def load_glue(task: str | GlueTask, split: str,
     wanted = [*task.local_text, task.local_label]
     kwargs: dict[str, Any] = dict(
         delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False,
-        encoding="utf-8",  # MRPC starts with a BOM; harmless elsewhere
+        encoding="utf-8-sig",  # MRPC starts with a BOM; harmless elsewhere
         # every wanted column read as a string: no per-chunk type guessing; others are dropped
         features=datasets.Features({c: datasets.Value("string") for c in wanted}),
     )
@@ -230,9 +230,9 @@ def encode(dataset: Any, tokenizer: Any, task: str | GlueTask, max_length: int =
 
 
 def default_buckets(max_length: int) -> tuple[int, ...]:
-    """Powers of two from 32 below ``max_length``, then ``max_length`` (128 -> (32, 64, 128))."""
+    """Powers of two from 16 below ``max_length``, then ``max_length`` (128 -> (16, 32, 64, 128))."""
     buckets: list[int] = []
-    b = 32
+    b = 16
     while b < max_length:
         buckets.append(b)
         b *= 2
