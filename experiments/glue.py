@@ -51,6 +51,7 @@ def _base_fields() -> list[tuple[str, Any, dataclasses.Field]]:
         ("schedule", str, f(default="linear", metadata={"help": "linear, cosine or constant"})),
         ("clip_norm", float, f(default=1.0, metadata={"help": "gradient clipping by global norm (0: off)"})),
         ("group_lr", dict[str, float], f(default_factory=dict, metadata={"help": "lr multiplier per parameter group"})),
+        ("group_weight_decay", dict[str, float], f(default_factory=dict, metadata={"help": "weight decay per parameter group"})),
         ("eval_every", int, f(default=0, metadata={"help": "evaluate every N steps (0: 4 times per run)"})),
         ("log_every", int, f(default=1, metadata={"help": "log training metrics every N steps"})),
         ("progress", bool, f(default=True, metadata={"help": "show a progress bar"})),
@@ -120,10 +121,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
                         description=__doc__.split("\n\n")[0], layers=layers)
 
 
-def build_method(cfg: Any):
+def build_method(cfg: Any, tokenizer: Any = None):
     from jpeft.methods import build, parse_spec
 
-    return build(cfg.method, {name: getattr(cfg, name) for name in parse_spec(cfg.method)})
+    configs = {name: getattr(cfg, name) for name in parse_spec(cfg.method)}
+    return build(cfg.method, configs, tokenizer=tokenizer)
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -144,7 +146,7 @@ def run(cfg: Any) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     task = G.get_task(cfg.task)
-    transform = build_method(cfg)
+    build_method(cfg)  # refuse a bad method spec or config before loading anything
     out_dir = Path(cfg.output_dir or f"runs/{task.name}-{cfg.method}-s{cfg.seed}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -155,6 +157,7 @@ def run(cfg: Any) -> dict[str, Any]:
         train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
     model_dir = resolve_model_dir(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    transform = build_method(cfg, tokenizer)
     train = G.encode(train_ds, tokenizer, task, cfg.max_length)
     dev = G.encode(dev_ds, tokenizer, task, cfg.max_length)
     buckets = tuple(cfg.buckets) or G.default_buckets(cfg.max_length)
@@ -165,7 +168,8 @@ def run(cfg: Any) -> dict[str, Any]:
                                           group_by_length=cfg.group_by_length)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-                        schedule=cfg.schedule, clip_norm=cfg.clip_norm, group_lr=dict(cfg.group_lr))
+                        schedule=cfg.schedule, clip_norm=cfg.clip_norm, group_lr=dict(cfg.group_lr),
+                        group_weight_decay=dict(cfg.group_weight_decay))
     trainer = Trainer(model, transform, base, optim=optim, total_steps=total_steps,
                       loss=regression_loss if task.is_regression else classification_loss)
     state = trainer.init_state(jax.random.key(cfg.seed))
@@ -193,6 +197,17 @@ def run(cfg: Any) -> dict[str, Any]:
         state, final, _ = fit(trainer, state, batches, evaluate,
                               LoopConfig(total_steps, steps_per_epoch, cfg.log_every, eval_every,
                                          cfg.progress), log, on_step=save)
+    # What is kept after training (prefix tuning without its MLP, diff pruning's sparse delta) is
+    # what the final metrics describe.
+    kept = transform.finalize(state.trainable["delta"])
+    if jax.tree_util.tree_structure(kept) != jax.tree_util.tree_structure(state.trainable["delta"]) \
+            or not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(kept),
+                                                            jax.tree_util.tree_leaves(state.trainable["delta"]))):
+        state = state._replace(trainable={**state.trainable, "delta": kept})
+        final = evaluate(trainer, state)
+        with MetricsLog(metrics_path) as log:
+            log.write({"split": "dev", "step": int(state.step), **final, "finalized": True})
+        print("after finalize: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
     plot_curves(read_metrics(metrics_path), out_dir / "curves.png",
                 title=f"{task.name} {cfg.method} ({model_name})")
     wall = time.perf_counter() - t_start
@@ -210,6 +225,7 @@ def run(cfg: Any) -> dict[str, Any]:
         "epochs": int(state.step) / steps_per_epoch,
         "wall_s": round(wall, 2),
         "compilations": trainer.compilations(),
+        "method_stats": transform.stats(kept),
         "seed": cfg.seed,
         "jax_backend": jax.default_backend(),
     }

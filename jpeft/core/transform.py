@@ -111,6 +111,10 @@ def _keep(delta: Delta) -> Delta:
     return delta
 
 
+def _no_stats(delta: Delta) -> dict[str, float]:
+    return {}
+
+
 class InitFn(Protocol):
     def __call__(self, rng: jax.Array, base: Params, info: ModelInfo) -> Delta: ...
 
@@ -125,7 +129,9 @@ class Transform:
       init: ``(rng, base, info) -> delta``.
       merge / unmerge: ``None`` for methods that cannot fold into the weights.
       labels: ``delta -> tree of optimizer group names`` (e.g. ``"no_decay"``).
-      finalize: ``delta -> delta`` kept after training (prefix tuning drops its MLP).
+      finalize: ``delta -> delta`` kept after training (prefix tuning drops its MLP, diff pruning
+        keeps its largest entries).
+      stats: ``delta -> {name: float}`` reported after training (diff pruning's density).
       exclusive: refuses composition with any other method (``full``).
       adds_tokens: the method lengthens the sequence (prompt family), so a fresh delta changes
         the output.
@@ -142,6 +148,7 @@ class Transform:
     unmerge: Callable[[Params, Delta], Params] | None = None
     labels: Callable[[Delta], Any] = _default_labels
     finalize: Callable[[Delta], Delta] = _keep
+    stats: Callable[[Delta], dict[str, float]] = _no_stats
     exclusive: bool = False
     adds_tokens: bool = False
     parts: tuple["Transform", ...] = ()
@@ -231,6 +238,7 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
         unmerge=_merge_chain(flat, reverse=True) if mergeable else None,
         labels=lambda delta: {t.name: t.labels(delta[t.name]) for t in flat},
         finalize=lambda delta: {t.name: t.finalize(delta[t.name]) for t in flat},
+        stats=lambda delta: {f"{t.name}.{k}": v for t in flat for k, v in t.stats(delta[t.name]).items()},
         adds_tokens=any(t.adds_tokens for t in flat),
         parts=tuple(flat),
     )

@@ -67,7 +67,7 @@ def plot_curves(records: list[dict[str, Any]], out_png: str | os.PathLike[str], 
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     if dev:
-        names = [k for k in dev[-1] if k not in ("step", "split", "wall_s", "epoch")]
+        names = [k for k in dev[-1] if k not in ("step", "split", "wall_s", "epoch", "finalized")]
         for name in names:
             ax_dev.plot([r["step"] for r in dev], [r.get(name) for r in dev], marker="o", label=name)
     ax_dev.set_xlabel("step")

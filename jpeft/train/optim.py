@@ -2,8 +2,8 @@
 
 The trainable tree is ``{"delta": δ, "base": {path: leaf}}``. Every leaf gets a group label:
 ``"default"``, ``"no_decay"`` (biases and LayerNorm of trainable base leaves, as the Hugging Face
-Trainer does) or a method's own label (``transform.labels``, e.g. ``"prompt"``). Each group is an
-AdamW with its own learning-rate multiplier and weight decay; a group whose multiplier is 0 gets
+Trainer does) or a method's own label (``transform.labels``, e.g. ``"prompt"``, ``"gates"``).
+Each group is an AdamW with its own learning-rate multiplier and weight decay; a group whose multiplier is 0 gets
 ``optax.set_to_zero()`` and no optimizer state.
 """
 
@@ -28,6 +28,9 @@ class OptimConfig:
     eps: float = 1e-8
     group_lr: dict[str, float] = dataclasses.field(
         default_factory=dict, metadata={"help": "learning-rate multiplier per group, e.g. {\"prompt\": 10}"}
+    )
+    group_weight_decay: dict[str, float] = dataclasses.field(
+        default_factory=dict, metadata={"help": "weight decay per group (default: weight_decay; 0 for no_decay)"}
     )
 
     def __post_init__(self) -> None:
@@ -71,14 +74,15 @@ def make_optimizer(config: OptimConfig, labels: Any, total_steps: int) -> optax.
         if mult == 0.0:
             transforms[group] = optax.set_to_zero()
             continue
-        decay = 0.0 if group == "no_decay" else config.weight_decay
+        decay = config.group_weight_decay.get(group, 0.0 if group == "no_decay" else config.weight_decay)
         transforms[group] = optax.adamw(
             lambda step, m=mult: schedule(step) * m,
             b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=decay,
         )
-    unknown = set(config.group_lr) - set(groups)
+    unknown = (set(config.group_lr) | set(config.group_weight_decay)) - set(groups)
     if unknown:
-        raise ValueError(f"group_lr names unknown groups {sorted(unknown)}; groups here: {groups}")
+        raise ValueError(f"group_lr/group_weight_decay name unknown groups {sorted(unknown)}; "
+                         f"groups here: {groups}")
     tx = optax.multi_transform(transforms, labels)
     if config.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)

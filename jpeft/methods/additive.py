@@ -1,0 +1,146 @@
+"""Additive weight-space deltas, the shared machinery of BitFit, layer freezing and diff pruning.
+
+A method of this family picks a set of base leaves ``S`` (a *selector*) and trains a delta
+``δ`` shaped like them; the adapted weights are
+
+    θ[p] = θ₀[p] + δ[p]   for p in S,      θ[p] = θ₀[p]   otherwise,
+
+computed in ``float32`` (or the wider of the two dtypes) and cast back to the leaf's dtype. The
+delta mirrors the parameter tree restricted to ``S`` (``{"encoder": {"layer_0": {..., "bias":
+δ}}}``) and is stored in ``float32`` whatever the base dtype, so a checkpoint holds only ``δ``.
+
+* A fresh delta is zeros, so it is **exactly the identity** (``x + 0 == x``).
+* ``∂L/∂δ[p] = ∂L/∂θ[p]``: training ``δ`` is training the selected weights (with the optimizer
+  seeing ``δ``, so decoupled weight decay pulls the weights towards ``θ₀``, not towards 0).
+* **Mergeable**: ``merge = θ₀ + δ``, ``unmerge = θ − δ`` (exact up to float rounding).
+
+Stacking: parameter rewrites (``adapt_params``) run before any interceptor whatever the
+composition order, while ``merge`` runs in composition order. With additive methods (LoRA,
+another additive delta) the order does not matter; with a method that *scales* a Dense
+(``ia3``) put the additive method first, ``compose(bitfit(), ia3())``, so that merging folds
+``(θ₀ + δ) ⊙ l`` exactly as ``apply`` computes it.
+
+The task head (``ModelInfo.head_patterns``) is never part of a delta: the trainer trains it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jpeft.core import paths as P
+from jpeft.core.transform import ApplyContext, ModelInfo, Transform
+
+Params = Mapping[str, Any]
+Delta = Any
+Selector = Callable[[Params, ModelInfo], list[str]]
+Label = str | Callable[[str], str]
+
+
+def head_matcher(info: ModelInfo) -> Callable[[str], bool]:
+    """``path -> bool``: whether a base path belongs to the task head of ``info``."""
+    regexes = [re.compile(p) for p in info.head_patterns]
+    return lambda path: any(r.search(path) for r in regexes)
+
+
+def exclude_head(paths: Iterable[str], info: ModelInfo) -> list[str]:
+    """``paths`` without those of the task head (the trainer trains the head itself)."""
+    is_head = head_matcher(info)
+    return [p for p in paths if not is_head(p)]
+
+
+def zeros_like_paths(base: Params, selected: Iterable[str]) -> Delta:
+    """A ``float32`` zero delta mirroring ``base`` restricted to ``selected`` (nested dict)."""
+    flat = P.flatten(base)
+    out: dict[str, jax.Array] = {}
+    for path in selected:
+        if path not in flat:
+            raise KeyError(f"additive delta: {path!r} is not a parameter path of the base")
+        out[path] = jnp.zeros(jnp.shape(flat[path]), jnp.float32)
+    return P.unflatten(out)
+
+
+def add(params: Params, delta: Delta, sign: float = 1.0) -> dict[str, Any]:
+    """``params`` with ``leaf + sign·δ`` at every path of ``delta`` (cast back to the leaf dtype).
+
+    Raises ``KeyError`` for a delta path the params lack and ``ValueError`` for a shape mismatch
+    (a delta made for another model).
+    """
+    flat_delta = P.flatten(delta)
+    if not flat_delta:
+        return dict(params)
+    flat = P.flatten(params)
+    for path, d in flat_delta.items():
+        leaf = flat.get(path)
+        if leaf is None:
+            raise KeyError(
+                f"additive delta: {path!r} is not a parameter path of the model; "
+                "was the delta made for another model?"
+            )
+        if jnp.shape(leaf) != jnp.shape(d):
+            raise ValueError(
+                f"additive delta: {path!r} has shape {jnp.shape(d)} but the weight has shape "
+                f"{jnp.shape(leaf)}; was the delta made for another model?"
+            )
+        flat[path] = (leaf + (d if sign == 1.0 else sign * d)).astype(leaf.dtype)
+    return P.unflatten(flat)
+
+
+def label_tree(delta: Delta, label: Label) -> Any:
+    """The optimizer group label of every delta leaf: a constant, or ``label(path)``."""
+    flat = P.flatten(delta)
+    if isinstance(label, str):
+        return P.unflatten({p: label for p in flat})
+    return P.unflatten({p: label(p) for p in flat})
+
+
+def select_leaves(select: Selector, base: Params, info: ModelInfo, what: str) -> list[str]:
+    """Run ``select`` and drop the task head; a selection of *only* head leaves is an error."""
+    chosen = list(dict.fromkeys(select(base, info)))
+    kept = exclude_head(chosen, info)
+    if chosen and not kept:
+        raise ValueError(
+            f"{what}: the selection {chosen[:5]} lies entirely in the task head "
+            f"({', '.join(info.head_patterns)}), which the trainer always trains; "
+            "select base-model leaves instead."
+        )
+    return kept
+
+
+def additive(
+    name: str,
+    config: Any,
+    select: Selector,
+    *,
+    label: Label = "default",
+) -> Transform:
+    """A Transform training ``δ`` on the leaves ``select(base, info)`` chose (see the module doc).
+
+    Args:
+      name: the transform's name (its key in a composition; also used in error messages).
+      config: the method's config (stored on the transform).
+      select: ``(base, info) -> [path, ...]``; it raises through :func:`jpeft.core.paths.select`
+        when a pattern matches nothing. Head paths are removed.
+      label: the optimizer group of every delta leaf, or ``path -> group``.
+    """
+
+    def init(rng: jax.Array, base: Params, info: ModelInfo) -> Delta:
+        del rng  # zeros: the identity
+        return zeros_like_paths(base, select_leaves(select, base, info, name))
+
+    def adapt_params(base: Params, delta: Delta, ctx: ApplyContext) -> Params:
+        return add(base, delta)
+
+    return Transform(
+        name=name,
+        config=config,
+        init=init,
+        adapt_params=adapt_params,
+        merge=lambda params, delta: add(params, delta, 1.0),
+        unmerge=lambda params, delta: add(params, delta, -1.0),
+        labels=lambda delta: label_tree(delta, label),
+    )

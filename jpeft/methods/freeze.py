@@ -1,0 +1,109 @@
+"""Layer freezing: fine-tune only the top ``k`` layers (the FT-Top2 baseline of Li and Liang, 2021,
+arXiv:2101.00190, "Prefix-Tuning"; also Lee et al., 2019, arXiv:1911.03090).
+
+Every leaf ``W`` of the ``k`` highest encoder layers (indices ``L-k .. L-1``, read from the path by
+:func:`jpeft.methods.lora.layer_index`), optionally of the pooler and of the embeddings, is
+adapted additively through :mod:`jpeft.methods.additive`:
+
+    W' = W + δ_W,       δ_W shaped like W, 0 at init.
+
+A fresh delta is **exactly the identity**; the method **merges** (``W + δ_W``) and unmerges
+exactly. ``∂L/∂δ_W = ∂L/∂W``, so this is fine-tuning those layers, with one difference in the
+optimizer: AdamW's decoupled weight decay acts on ``δ`` and pulls the weights towards their
+pretrained values rather than towards 0 (labels follow the trainer's rule: ``"no_decay"`` for
+biases and LayerNorm parameters, ``"default"`` otherwise). The delta (= checkpoint) holds only the
+trained layers.
+
+Options:
+
+* ``top`` (default 2: ``--freeze.top=2`` is FT-Top2). ``0`` trains no layer (linear probing:
+  only the head, plus the pooler when ``pooler``); ``top = L`` trains every layer.
+* ``pooler`` (default **True**): the pooler (``tanh(dense(h[:, 0]))``) sits *above* the top layer,
+  between it and the classifier, so "the top k layers" naturally include it; it only exists in
+  BERT-style models (RoBERTa's equivalent dense lives in the task head, trained anyway).
+* ``embeddings`` (default False): also train the embedding tables and their LayerNorm.
+
+Count: the parameters of the top ``k`` layers (+ pooler, + embeddings). One BERT layer with hidden
+``d`` and intermediate ``I`` has ``4(d² + d) + (dI + I) + (Id + d) + 4d``; on MiniLM (d=384,
+I=1536) that is 1,774,464, so ``top=2`` with the pooler (147,840) trains 3,696,768 (+770 head).
+
+Memory: the delta duplicates the trained weights (base + δ, plus Adam's two moments for δ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jpeft.core import paths as P
+from jpeft.core.transform import ModelInfo, Transform
+from jpeft.methods.additive import additive
+from jpeft.methods.lora import layer_index
+from jpeft.train.optim import base_labels
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeConfig:
+    top: int = dataclasses.field(
+        default=2, metadata={"help": "number of top encoder layers trained (0: none; 2: FT-Top2)"}
+    )
+    pooler: bool = dataclasses.field(
+        default=True, metadata={"help": "also train the pooler (above the top layer; BERT only)"}
+    )
+    embeddings: bool = dataclasses.field(
+        default=False, metadata={"help": "also train the embedding tables and their LayerNorm"}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.top, bool) or not isinstance(self.top, int) or self.top < 0:
+            raise ValueError(
+                f"freeze.top must be an integer between 0 and the number of layers, got {self.top!r}"
+            )
+
+
+def _module_prefix(path: str) -> str:
+    return path.split("/", 1)[0]
+
+
+def trained_paths(config: FreezeConfig, base: P.Params, info: ModelInfo) -> list[str]:
+    """The base leaves this config trains (top layers, pooler, embeddings; never the head)."""
+    num_layers = info.num_layers
+    if not 0 <= config.top <= num_layers:
+        raise ValueError(
+            f"freeze.top={config.top} but the model has {num_layers} layers; "
+            f"choose 0 <= freeze.top <= {num_layers}"
+        )
+    first = num_layers - config.top
+    embeddings = _module_prefix(info.embedding_path)
+    chosen: list[str] = []
+    layer_paths = 0
+    for path in P.paths(base):
+        index = layer_index(path)
+        if index is not None:
+            layer_paths += 1
+            if index >= num_layers:
+                raise ValueError(
+                    f"freeze: {path!r} has layer index {index} but the model reports "
+                    f"{num_layers} layers"
+                )
+            if index >= first:
+                chosen.append(path)
+        elif config.pooler and _module_prefix(path) == "pooler":
+            chosen.append(path)
+        elif config.embeddings and _module_prefix(path) == embeddings:
+            chosen.append(path)
+    if not layer_paths:
+        raise ValueError(
+            "freeze: no parameter path carries a layer index (layer_<i>/layers_<i>/h_<i>); "
+            f"the paths are {P.paths(base)[:20]}"
+        )
+    return chosen
+
+
+def _label(path: str) -> str:
+    return base_labels({path: None})[path]
+
+
+def freeze(config: FreezeConfig = FreezeConfig(), *, name: str = "freeze") -> Transform:
+    """Layer freezing as a :class:`~jpeft.core.transform.Transform` (see the module docstring)."""
+    return additive(name, config, lambda base, info: trained_paths(config, base, info),
+                    label=_label)
