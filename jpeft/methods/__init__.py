@@ -18,8 +18,10 @@ from jpeft.methods.freeze import FreezeConfig, freeze
 from jpeft.methods.full import FullConfig, full
 from jpeft.methods.ia3 import IA3Config, ia3
 from jpeft.methods.lora import LoraConfig, lora
+from jpeft.methods.prefix import PrefixConfig, prefix
 from jpeft.methods.prompt import PromptConfig, prompt, with_text_ids
 from jpeft.methods.ptuning import PTuningConfig, ptuning
+from jpeft.methods.ptuning2 import PTuningV2Config, ptuning2
 
 
 def _unchanged(config: Any, tokenizer: Any) -> Any:
@@ -53,6 +55,8 @@ register("pfeiffer", AdapterConfig, pfeiffer)
 register("ia3", IA3Config, ia3)
 register("prompt", PromptConfig, prompt, prepare=with_text_ids)
 register("ptuning", PTuningConfig, ptuning)
+register("prefix", PrefixConfig, prefix)
+register("ptuning2", PTuningV2Config, ptuning2)
 register("bitfit", BitFitConfig, bitfit)
 register("freeze", FreezeConfig, freeze)
 register("diff_pruning", DiffPruningConfig, diff_pruning)
@@ -88,4 +92,5 @@ def build(spec: str, configs: Mapping[str, Any] | None = None, *, tokenizer: Any
 
 __all__ = ["REGISTRY", "MethodSpec", "register", "build", "parse_spec", "full", "FullConfig",
            "lora", "LoraConfig", "houlsby", "pfeiffer", "AdapterConfig", "ia3", "IA3Config", "prompt", "PromptConfig", "ptuning", "PTuningConfig",
-           "bitfit", "BitFitConfig", "freeze", "FreezeConfig", "diff_pruning", "DiffPruningConfig"]
+           "bitfit", "BitFitConfig", "freeze", "FreezeConfig", "diff_pruning", "DiffPruningConfig",
+           "prefix", "PrefixConfig", "ptuning2", "PTuningV2Config"]
