@@ -15,9 +15,12 @@ A transform never mutates the model or the base parameters. It contributes, at a
 and, for weight-space methods, ``merge(base, delta) -> params`` / ``unmerge(params, delta) -> base``.
 
 ``compose(a, b, ...)`` is itself a transform whose delta is ``{a.name: δa, b.name: δb, ...}``.
-Order is the stacking order: parameter rewrites run left to right, and a later transform's
-interceptors wrap an earlier one's, so on the same ``Dense`` ``compose(lora, ia3)`` computes
-``ia3(lora(x))``. Merging runs left to right and unmerging right to left.
+Order is the stacking order: every parameter rewrite runs first (left to right), then the
+interceptors, a later transform's wrapping an earlier one's, so on the same ``Dense``
+``compose(lora, ia3)`` computes ``ia3(lora(x))`` and ``compose(bitfit, lora)`` computes
+``x(W) + b + δb + s·xAB``. Merging follows the same order (the parameter-rewriting parts first,
+then the others left to right) so that merged weights compute what the adapted model computes;
+unmerging runs in reverse.
 """
 
 from __future__ import annotations
@@ -226,6 +229,9 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
         return sum((t.penalty(delta[t.name], ctx) for t in flat), jnp.zeros((), jnp.float32))
 
     mergeable = all(t.mergeable for t in flat)
+    # Parameter rewrites happen before any interceptor runs, so they merge first.
+    merge_order = [t for t in flat if t.adapt_params is not _identity_params] + \
+                  [t for t in flat if t.adapt_params is _identity_params]
     return Transform(
         name=name or "+".join(names),
         config={t.name: t.config for t in flat},
@@ -234,8 +240,8 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
         interceptors=interceptors,
         trainable_base=trainable_base,
         penalty=penalty,
-        merge=_merge_chain(flat, reverse=False) if mergeable else None,
-        unmerge=_merge_chain(flat, reverse=True) if mergeable else None,
+        merge=_merge_chain(merge_order, reverse=False) if mergeable else None,
+        unmerge=_merge_chain(merge_order, reverse=True) if mergeable else None,
         labels=lambda delta: {t.name: t.labels(delta[t.name]) for t in flat},
         finalize=lambda delta: {t.name: t.finalize(delta[t.name]) for t in flat},
         stats=lambda delta: {f"{t.name}.{k}": v for t in flat for k, v in t.stats(delta[t.name]).items()},
