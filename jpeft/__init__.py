@@ -14,9 +14,33 @@ from jpeft.core.transform import (
     merge,
     unmerge,
 )
-from jpeft.methods import REGISTRY, build
-from jpeft.methods.full import FullConfig, full
-from jpeft.methods.lora import LoraConfig, lora
+from jpeft.methods import (
+    REGISTRY,
+    AdapterConfig,
+    BitFitConfig,
+    DiffPruningConfig,
+    FreezeConfig,
+    FullConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixConfig,
+    PromptConfig,
+    PTuningConfig,
+    PTuningV2Config,
+    bitfit,
+    build,
+    diff_pruning,
+    freeze,
+    full,
+    houlsby,
+    ia3,
+    lora,
+    pfeiffer,
+    prefix,
+    prompt,
+    ptuning,
+    ptuning2,
+)
 from jpeft.models.bert import BertConfig, BertModel, from_pretrained
 
 __version__ = "0.1.0"
@@ -43,6 +67,9 @@ def print_trainable_parameters(transform: Transform, base, delta) -> str:
 __all__ = [
     "ApplyContext", "ModelInfo", "Transform", "apply", "compose", "merge", "unmerge", "build",
     "REGISTRY", "count_params", "partition", "combine", "select", "select_modules",
-    "full", "FullConfig", "lora", "LoraConfig", "BertConfig", "BertModel", "from_pretrained",
+    "full", "FullConfig", "lora", "LoraConfig", "houlsby", "pfeiffer", "AdapterConfig", "ia3",
+    "IA3Config", "prefix", "PrefixConfig", "ptuning2", "PTuningV2Config", "prompt", "PromptConfig",
+    "ptuning", "PTuningConfig", "bitfit", "BitFitConfig", "freeze", "FreezeConfig", "diff_pruning",
+    "DiffPruningConfig", "BertConfig", "BertModel", "from_pretrained",
     "print_trainable_parameters", "__version__",
 ]
