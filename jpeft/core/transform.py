@@ -309,6 +309,29 @@ def unmerge(transform: Transform, params: Params, delta: Delta) -> Params:
     return transform.unmerge(params, delta)
 
 
+def dense_interceptor(
+    lookup: Callable[[str], Any],
+    adapt: Callable[[Callable[[jax.Array], jax.Array], jax.Array, str, Any], jax.Array],
+) -> Interceptor:
+    """An interceptor for ``nn.Dense.__call__`` of the modules a method adapts.
+
+    ``lookup(module_path)`` returns the method's data for that module (``None``: leave it
+    alone); ``adapt(dense, x, module_path, data)`` returns the adapted output, where
+    ``dense(x)`` runs the original layer (with any inner interceptors) on an input ``x``.
+    """
+
+    def intercept(next_fun, args, kwargs, context):
+        if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        path = module_path(context)
+        data = lookup(path)
+        if data is None:
+            return next_fun(*args, **kwargs)
+        return adapt(lambda x: next_fun(x, *args[1:], **kwargs), args[0], path, data)
+
+    return intercept
+
+
 def module_path(context: Any) -> str:
     """The '/'-joined path of the module an interceptor is looking at."""
     return "/".join(str(p) for p in context.module.path)

@@ -43,13 +43,12 @@ import re
 from typing import Any
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jpeft.core import paths as P
-from jpeft.core.transform import ApplyContext, ModelInfo, Transform, module_path
+from jpeft.core.transform import ApplyContext, ModelInfo, Transform, dense_interceptor
 from jpeft.methods.lora import layer_index
 
 LEAF = "ia3_l"
@@ -134,22 +133,15 @@ def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
     def interceptors(delta: Any, ctx: ApplyContext) -> list[Any]:
         flat = P.flatten(delta)
 
-        def intercept(next_fun, args, kwargs, context):
-            if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
-                return next_fun(*args, **kwargs)
-            path = module_path(context)
-            scale = flat.get(f"{path}/{LEAF}")
-            if scale is None:
-                return next_fun(*args, **kwargs)
+        def adapt(dense, x, path, scale):
             if is_feedforward(config, path):
-                x = args[0]
                 chex.assert_axis_dimension(x, -1, scale.shape[-1])
-                return next_fun(x * scale.astype(x.dtype), *args[1:], **kwargs)
-            y = next_fun(*args, **kwargs)
+                return dense(x * scale.astype(x.dtype))
+            y = dense(x)
             chex.assert_axis_dimension(y, -1, scale.shape[-1])
             return y * scale.astype(y.dtype)
 
-        return [intercept]
+        return [dense_interceptor(lambda path: flat.get(f"{path}/{LEAF}"), adapt)]
 
     def _fold(params: P.Params, delta: Any, inverse: bool) -> P.Params:
         flat = P.flatten(params)

@@ -23,12 +23,11 @@ import re
 from typing import Any
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jpeft.core import paths as P
-from jpeft.core.transform import ApplyContext, ModelInfo, Transform, module_path
+from jpeft.core.transform import ApplyContext, ModelInfo, Transform, dense_interceptor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,24 +127,21 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
     def interceptors(delta: Any, ctx: ApplyContext) -> list[Any]:
         flat = P.flatten(delta)
 
-        def intercept(next_fun, args, kwargs, context):
-            if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
-                return next_fun(*args, **kwargs)
-            path = module_path(context)
+        def lookup(path: str) -> tuple[jax.Array, jax.Array] | None:
             a = flat.get(f"{path}/lora_A")
-            if a is None:
-                return next_fun(*args, **kwargs)
-            b = flat[f"{path}/lora_B"]
+            return None if a is None else (a, flat[f"{path}/lora_B"])
+
+        def adapt(dense, x, path, factors):
+            a, b = factors
             _, scale = rank_and_scale(config, path)
-            y = next_fun(*args, **kwargs)
-            x = args[0]
+            y = dense(x)
             if ctx.train and config.dropout > 0.0 and ctx.rng is not None:
                 keep = jax.random.bernoulli(ctx.key(name, path), 1.0 - config.dropout, x.shape)
                 x = jnp.where(keep, x / (1.0 - config.dropout), 0.0)
             update = (x @ a.astype(x.dtype)) @ b.astype(x.dtype)
             return y + (scale * update).astype(y.dtype)
 
-        return [intercept]
+        return [dense_interceptor(lookup, adapt)]
 
     def trainable_base(base: P.Params) -> list[str]:
         if config.bias == "none":
