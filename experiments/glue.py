@@ -55,6 +55,7 @@ def _base_fields() -> list[tuple[str, Any, dataclasses.Field]]:
         ("eval_every", int, f(default=0, metadata={"help": "evaluate every N steps (0: 4 times per run)"})),
         ("log_every", int, f(default=1, metadata={"help": "log training metrics every N steps"})),
         ("progress", bool, f(default=True, metadata={"help": "show a progress bar"})),
+        ("mesh", str | None, f(default=None, metadata={"help": "device mesh, e.g. 'data=4,fsdp=2' (default: all devices on data when there are several)"})),
         ("save_every", int, f(default=0, metadata={"help": "checkpoint every N steps (0: at each evaluation and at the end; -1: never)"})),
         ("keep_checkpoints", int, f(default=2, metadata={"help": "how many recent checkpoints to keep"})),
         ("resume", bool, f(default=True, metadata={"help": "continue from the run directory's latest checkpoint if there is one"})),
@@ -142,6 +143,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from jpeft.train.logging import MetricsLog, plot_curves, read_metrics
     from jpeft.train.loop import LoopConfig, fit, predict
     from jpeft.train.optim import OptimConfig
+    from jpeft.train.sharding import make_mesh
     from jpeft.train.trainer import Trainer, classification_loss, regression_loss
 
     t_start = time.perf_counter()
@@ -170,7 +172,11 @@ def run(cfg: Any) -> dict[str, Any]:
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
                         schedule=cfg.schedule, clip_norm=cfg.clip_norm, group_lr=dict(cfg.group_lr),
                         group_weight_decay=dict(cfg.group_weight_decay))
-    trainer = Trainer(model, transform, base, optim=optim, total_steps=total_steps,
+    mesh = make_mesh(cfg.mesh) if (cfg.mesh or jax.device_count() > 1) else None
+    if mesh is not None and cfg.batch_size % mesh.shape["data"]:
+        raise ValueError(f"--batch-size={cfg.batch_size} must be a multiple of the mesh's data "
+                         f"axis ({mesh.shape['data']}); change --batch-size or --mesh")
+    trainer = Trainer(model, transform, base, optim=optim, total_steps=total_steps, mesh=mesh,
                       loss=regression_loss if task.is_regression else classification_loss)
     state = trainer.init_state(jax.random.key(cfg.seed))
     counts = trainer.counts(state)

@@ -33,7 +33,7 @@ def predict(trainer: Trainer, state: TrainState, batches: Iterator[dict[str, np.
     outputs, labels = [], []
     for batch in batches:
         keep = batch["weights"] > 0 if "weights" in batch else slice(None)
-        out = jax.device_get(trainer.eval_step(state, trainer.frozen, batch))
+        out = jax.device_get(trainer.eval_step(state, trainer.frozen, trainer.shard_batch(batch)))
         outputs.append(np.asarray(out)[keep])
         labels.append(np.asarray(batch["labels"])[keep])
     return np.concatenate(outputs), np.concatenate(labels)
@@ -89,7 +89,7 @@ def fit(
     while step < config.total_steps:
         epoch, offset = divmod(step, config.steps_per_epoch)
         for batch in batches(epoch, offset):
-            state, metrics = trainer.train_step(state, trainer.frozen, batch)
+            state, metrics = trainer.train_step(state, trainer.frozen, trainer.shard_batch(batch))
             step += 1
             bar.update(1)
             if step % config.log_every == 0 or step == config.total_steps:

@@ -105,6 +105,10 @@ class Trainer:
       optim: optimizer config; ``total_steps`` sets the schedule length.
       model_inputs: batch keys passed to the model, in order.
       train_head: also train the model's task head (``info.head_patterns``).
+      mesh: a ``(data, fsdp)`` device mesh (:func:`jpeft.train.sharding.make_mesh`): the batch is
+        split over ``data``, large leaves over ``fsdp`` by the rule of
+        :mod:`jpeft.train.sharding` (``shard_rules`` and ``min_shard_size`` refine it), and the
+        jitted steps declare these input and output shardings. ``None``: one device.
     """
 
     def __init__(
@@ -118,6 +122,9 @@ class Trainer:
         total_steps: int = 1000,
         model_inputs: Sequence[str] = ("input_ids", "attention_mask", "token_type_ids"),
         train_head: bool = True,
+        mesh: Any = None,
+        shard_rules: Sequence[tuple[str, Any]] = (),
+        min_shard_size: int = 2**16,
     ) -> None:
         self.model = model
         self.transform = transform
@@ -132,8 +139,26 @@ class Trainer:
         self.total_steps = total_steps
         abstract = jax.eval_shape(self._fresh_trainable, jax.random.key(0))
         self._tx = self.optimizer(abstract)
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
-        self.eval_step = jax.jit(self._eval_step)
+        self.mesh = mesh
+        if mesh is None:
+            self.state_sharding = None
+            self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+            self.eval_step = jax.jit(self._eval_step)
+        else:
+            from jpeft.train import sharding as S
+
+            shard = lambda tree: S.tree_shardings(tree, mesh, shard_rules, min_shard_size)
+            frozen_sharding = shard(self.frozen)
+            self.frozen = jax.device_put(self.frozen, frozen_sharding)
+            self.state_sharding = shard(jax.eval_shape(self._fresh_state, jax.random.key(0)))
+            self.batch_sharding = S.batch_sharding(mesh)
+            self.train_step = jax.jit(
+                self._train_step, donate_argnums=(0,),
+                in_shardings=(self.state_sharding, frozen_sharding, self.batch_sharding),
+                out_shardings=(self.state_sharding, S.replicated(mesh)))
+            self.eval_step = jax.jit(
+                self._eval_step, in_shardings=(self.state_sharding, frozen_sharding, self.batch_sharding),
+                out_shardings=self.batch_sharding)
 
     # -- state --------------------------------------------------------------------------------
     def labels(self, trainable: dict[str, Any]) -> dict[str, Any]:
@@ -145,10 +170,24 @@ class Trainer:
 
     def init_state(self, rng: jax.Array) -> TrainState:
         """A fresh delta (from ``rng``), the trainable base leaves, and optimizer state."""
+        state = self._fresh_state(rng)
+        if self.state_sharding is not None:
+            state = jax.device_put(state, self.state_sharding)
+        return state
+
+    def _fresh_state(self, rng: jax.Array) -> TrainState:
         init_key, train_key = jax.random.split(rng)
         trainable = self._fresh_trainable(init_key)
         opt_state = self._tx.init(trainable)
         return TrainState(jnp.zeros((), jnp.int32), trainable, opt_state, train_key)
+
+    def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Place a host batch on the mesh: each process passes its own slice of the global
+        batch (``jax.make_array_from_process_local_data``). Identity without a mesh."""
+        if self.mesh is None:
+            return dict(batch)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+                for k, v in batch.items()}
 
     def _fresh_trainable(self, key: jax.Array) -> dict[str, Any]:
         base = P.combine(self._initial_base, self.frozen)
