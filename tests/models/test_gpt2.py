@@ -197,3 +197,24 @@ def test_prefix_with_cache_and_lora_on_fused_qkv():
     merged = model.apply({"params": T.merge(method, params, delta)}, jnp.asarray(ids), jnp.asarray(mask))
     assert max_diff(adapted, base) > 1e-3
     assert max_diff(adapted, merged) <= 1e-4
+
+
+def test_auto_from_pretrained_dispatches_on_model_type(tmp_path):
+    import json
+
+    import pytest
+
+    from jpeft.models import auto_from_pretrained
+    from jpeft.models.gpt2 import GPT2LMHeadModel
+
+    torch = pytest.importorskip("torch")
+    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel as HFModel
+
+    torch.manual_seed(0)
+    HFModel(HFConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    model, params = auto_from_pretrained(tmp_path)
+    assert isinstance(model, GPT2LMHeadModel) and "transformer" in params
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "t5"}))
+    with pytest.raises(ValueError, match="not supported"):
+        auto_from_pretrained(tmp_path)
