@@ -1,7 +1,6 @@
 """Orbax checkpoints: save∘restore is the identity, wrong bases are refused, damage is reported,
 and a process killed at any moment leaves only complete, restorable steps."""
 
-import json
 import os
 import signal
 import subprocess

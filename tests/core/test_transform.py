@@ -6,7 +6,7 @@ import pytest
 from jpeft.core.transform import ApplyContext, Transform, apply, compose, intercepting, merge
 from jpeft.methods import build, parse_spec
 from jpeft.methods.full import full
-from jpeft.methods.lora import LoraConfig, lora
+from jpeft.methods.lora import lora
 
 
 def _scaler(name, factor):

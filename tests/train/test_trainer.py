@@ -4,7 +4,6 @@ determinism, bounded compilations, learning."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jpeft.core import paths as P
