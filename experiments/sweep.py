@@ -2,6 +2,9 @@
 
     python -m experiments.sweep --methods=full,lora,ia3 --tasks=sst2,mrpc --out=results/glue
     python -m experiments.sweep --methods=lora --tasks=sst2 --extra="--max-steps=200"
+    python -m experiments.sweep --methods=lora,lora@all_linear --tasks=sst2
+
+A method written ``METHOD@VARIANT`` adds ``--config=configs/variants/<METHOD>_<VARIANT>.toml``.
 
 Each cell runs ``python -m experiments.glue`` in its own process (its own memory and
 compilation cache) with the recipe of ``configs/`` plus ``--extra`` flags, and reads back its
@@ -22,12 +25,18 @@ from pathlib import Path
 from typing import Any
 
 
-def run_cell(method: str, task: str, run_dir: Path, extra: list[str]) -> dict[str, Any] | None:
+VARIANTS = Path(__file__).resolve().parents[1] / "configs" / "variants"
+
+
+def run_cell(entry: str, task: str, run_dir: Path, extra: list[str]) -> dict[str, Any] | None:
+    """Run (or read back) one cell; ``entry`` is ``METHOD`` or ``METHOD@VARIANT``."""
+    method, _, variant = entry.partition("@")
     summary = run_dir / "summary.json"
     if summary.is_file():
-        return json.loads(summary.read_text())
+        return {**json.loads(summary.read_text()), "label": entry}
+    variant_flags = [f"--config={VARIANTS / f'{method}_{variant}.toml'}"] if variant else []
     cmd = [sys.executable, "-m", "experiments.glue", f"--method={method}", f"--task={task}",
-           f"--output-dir={run_dir}", "--progress=false", *extra]
+           f"--output-dir={run_dir}", "--progress=false", *variant_flags, *extra]
     print("$", shlex.join(cmd), flush=True)
     log = run_dir.with_suffix(".log")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +45,7 @@ def run_cell(method: str, task: str, run_dir: Path, extra: list[str]) -> dict[st
     if code != 0 or not summary.is_file():
         print(f"  failed (exit {code}); see {log}", flush=True)
         return None
-    return json.loads(summary.read_text())
+    return {**json.loads(summary.read_text()), "label": entry}
 
 
 def _fmt_metrics(metrics: dict[str, float]) -> str:
@@ -47,8 +56,8 @@ def write_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"note": note, "cells": cells}, indent=2))
     tasks = sorted({c["task"] for c in cells})
-    methods = list(dict.fromkeys(c["method"] for c in cells))
-    by = {(c["method"], c["task"]): c for c in cells}
+    methods = list(dict.fromkeys(c["label"] for c in cells))
+    by = {(c["label"], c["task"]): c for c in cells}
     header = "| method | trainable params (%) | " + " | ".join(
         f"{t} ({'/'.join(by[next(m for m in methods if (m, t) in by), t]['metrics'])})" for t in tasks
     ) + " |"
