@@ -74,7 +74,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
     """All tensors of the folder's safetensors file(s) as float32/int numpy arrays.
 
-    ``pytorch_model.bin`` is refused: it is a pickle and is never unpickled here.
+    ``pytorch_model.bin`` is refused: it is a pickled file and is never unpickled here.
     """
     from safetensors.numpy import load_file
 
@@ -83,7 +83,7 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
         present = sorted(p.name for p in model_dir.iterdir())
         if any(name.endswith(".bin") or name.endswith(".pt") for name in present):
             raise ValueError(
-                f"{model_dir} holds only PyTorch pickle weights ({present}) and no *.safetensors "
+                f"{model_dir} holds only pickled PyTorch weights ({present}) and no *.safetensors "
                 "file; jpeft never unpickles files. Convert them once with transformers: "
                 "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)."
             )
