@@ -22,6 +22,7 @@ import numpy as np
 
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
+from jpeft.models.common import activation, config_from_hf
 from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, FFN_HIDDEN, FFN_OUT, Tap
 
 Array = jax.Array
@@ -66,27 +67,9 @@ class BertConfig:
             )
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError("only absolute position embeddings are supported")
-        # ``dtype`` in a Hugging Face config is the storage dtype of the weights (``None`` in
-        # ``PretrainedConfig.to_dict()``, "bfloat16" for half-precision uploads): not ours to
-        # inherit; jpeft's ``dtype`` is chosen by the caller (``from_pretrained(dtype=...)``).
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
-        kwargs = {k: v for k, v in hf.items() if k in names}
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return config_from_hf(cls, hf, overrides)
 
 
-def _activation(name: str):
-    table = {
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "relu": jax.nn.relu,
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-    }
-    if name not in table:
-        raise ValueError(f"unsupported hidden_act {name!r}; supported: {sorted(table)}")
-    return table[name]
 
 
 class Embeddings(nn.Module):
@@ -174,7 +157,7 @@ class Intermediate(nn.Module):
     def __call__(self, h):
         cfg = self.config
         x = nn.Dense(cfg.intermediate_size, kernel_init=nn.initializers.normal(0.02), name="dense")(h)
-        return Tap(FFN_HIDDEN, self.layer, name="tap")(_activation(cfg.hidden_act)(x))
+        return Tap(FFN_HIDDEN, self.layer, name="tap")(activation(cfg.hidden_act)(x))
 
 
 class Layer(nn.Module):

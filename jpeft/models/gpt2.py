@@ -34,6 +34,7 @@ import numpy as np
 
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
+from jpeft.models.common import activation, config_from_hf
 from jpeft.models.llama import (
     Cache,
     advance_cache,
@@ -84,25 +85,9 @@ class GPT2Config:
             raise ValueError(f"jpeft.models.gpt2 handles GPT-2 checkpoints, got model_type={model_type!r}")
         if hf.get("add_cross_attention"):
             raise ValueError("GPT-2 with cross-attention is not supported")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
-        kwargs = {k: v for k, v in hf.items() if k in names}
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return config_from_hf(cls, hf, overrides)
 
 
-def _activation(name: str):
-    table = {
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "relu": jax.nn.relu,
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-        "tanh": jnp.tanh,
-    }
-    if name not in table:
-        raise ValueError(f"unsupported activation_function {name!r}; supported: {sorted(table)}")
-    return table[name]
 
 
 class GPT2Attention(nn.Module):
@@ -140,7 +125,7 @@ class GPT2MLP(nn.Module):
     def __call__(self, x, deterministic: bool):
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
-        hidden = _activation(cfg.activation_function)(nn.Dense(cfg.inner, kernel_init=init, name="c_fc")(x))
+        hidden = activation(cfg.activation_function)(nn.Dense(cfg.inner, kernel_init=init, name="c_fc")(x))
         hidden = Tap(FFN_HIDDEN, self.layer, name="hidden_tap")(hidden)
         out = nn.Dense(cfg.n_embd, kernel_init=init, name="c_proj")(hidden)
         out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)

@@ -54,6 +54,7 @@ from jax import lax
 
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
+from jpeft.models.common import activation
 from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, FFN_HIDDEN, FFN_OUT, Tap
 
 Array = jax.Array
@@ -266,17 +267,6 @@ def causal_attention(q: Array, k: Array, v: Array, key_mask: Array, start: Array
 # Modules
 
 
-def _activation(name: str):
-    table = {
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "relu": jax.nn.relu,
-    }
-    if name not in table:
-        raise ValueError(f"unsupported hidden_act {name!r}; supported: {sorted(table)}")
-    return table[name]
 
 
 class RMSNorm(nn.Module):
@@ -329,7 +319,7 @@ class LlamaMLP(nn.Module):
         dense = lambda n, name: nn.Dense(n, use_bias=cfg.mlp_bias, kernel_init=init, name=name)
         gate = dense(cfg.intermediate_size, "gate_proj")(x)
         up = dense(cfg.intermediate_size, "up_proj")(x)
-        hidden = Tap(FFN_HIDDEN, self.layer, name="hidden_tap")(_activation(cfg.hidden_act)(gate) * up)
+        hidden = Tap(FFN_HIDDEN, self.layer, name="hidden_tap")(activation(cfg.hidden_act)(gate) * up)
         out = dense(cfg.hidden_size, "down_proj")(hidden)
         return Tap(FFN_OUT, self.layer, name="out_tap")(out)
 
