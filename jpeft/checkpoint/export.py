@@ -29,11 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.checkpoint.hf_peft import (
-    _atomic_dir,
-    peft_position_offset,
-    with_peft_positions,
-)
+from jpeft.checkpoint.hf_peft import _atomic_dir
 from jpeft.checkpoint.orbax_ckpt import CheckpointError, fingerprint
 from jpeft.core import paths as P
 from jpeft.core.transform import Transform, merge
@@ -233,7 +229,6 @@ def save_adapter(path: str | os.PathLike[str], transform: Transform, delta: Any,
         "base_fingerprint": base_fingerprint,
         "delta": skeleton,
         "params": trained,
-        "peft_position_offset": peft_position_offset(transform),
     }
     try:
         from jpeft import __version__ as version
@@ -287,9 +282,6 @@ def load_adapter(path: str | os.PathLike[str], model: Any, base: P.Params, *,
     configs = {name: from_dict(REGISTRY[name].config_cls, meta["method_configs"].get(name, {}))
                for name in names}
     transform = build(meta["method_spec"], configs)
-    offset = meta.get("peft_position_offset")
-    if offset is not None:
-        transform = with_peft_positions(transform, offset, model.config)
     tensors = load_file(str(Path(path) / ADAPTER_TENSORS))
     delta = _rebuild(meta["delta"], tensors)
     flat = P.flatten(base)

@@ -31,9 +31,9 @@ the same modules, else an explicit alternation of the module paths.
 
 Prefix tuning: PEFT hands the prefix to the model as ``past_key_values``, and ``transformers``'
 BERT/RoBERTa then number the real tokens' positions from ``P = num_virtual_tokens`` (the cache
-length) instead of 0. jpeft's :mod:`~jpeft.methods.prefix` leaves positions alone, so an imported
-prefix transform carries an extra interceptor that shifts the position ids by ``P``
-(:func:`with_peft_positions`); only such a transform can be exported back to PEFT.
+length) instead of 0. jpeft's :mod:`~jpeft.methods.prefix` numbers them from 0 unless its config
+says ``peft_positions=True``: imported prefixes get that flag, and only a prefix (or P-tuning v2)
+trained with it can be exported to PEFT.
 
 Safety: ``adapter_model.bin`` (a pickled file) is never read; re-save the adapter with
 ``save_pretrained(..., safe_serialization=True)``.
@@ -52,7 +52,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -613,9 +612,9 @@ def _load_prompt_learning(peft_type: str, cfg: dict[str, Any], tensors: dict[str
         projection = bool(cfg.get("prefix_projection", False))
         hidden = cfg.get("encoder_hidden_size") or info.hidden_size
         jcfg = PrefixConfig(num_virtual_tokens=k, projection=projection,
-                            projection_hidden=int(hidden), init="zero" if cfg.get("init_weights") == "zero" else "normal")
-        transform = with_peft_positions(prefix(jcfg), k, config)
-        return transform, {"prefix": jnp.asarray(prompts)}
+                            projection_hidden=int(hidden), peft_positions=True,
+                            init="zero" if cfg.get("init_weights") == "zero" else "normal")
+        return prefix(jcfg), {"prefix": jnp.asarray(prompts)}
     if prompts.shape != (k, info.hidden_size):
         raise ValueError(f"{label}: prompt_embeddings has shape {prompts.shape}, expected "
                          f"({k}, {info.hidden_size}) = (num_virtual_tokens, hidden)")
@@ -636,54 +635,6 @@ def _load_prompt_learning(peft_type: str, cfg: dict[str, Any], tensors: dict[str
                          encoder_dropout=float(cfg.get("encoder_dropout") or 0.0) if lstm else 0.0)
     # PEFT saved the encoder's output: the finalized P-tuning delta
     return ptuning(jcfg), {"prompt": jnp.asarray(prompts)}
-
-
-# ----------------------------------------------------------------------------------------------
-# PEFT's prefix position convention
-
-_OFFSET_ATTR = "peft_position_offset"
-
-
-def with_peft_positions(transform: Transform, offset: int, config: Any) -> Transform:
-    """``transform`` plus an interceptor numbering the real tokens' positions from ``offset``.
-
-    This is what ``transformers``' BERT/RoBERTa do when PEFT passes a prefix of ``offset``
-    positions as ``past_key_values`` (BERT: ``offset … offset+T-1``; RoBERTa: real tokens
-    ``pad+1+offset …``, padding keeps ``pad``). The returned transform is the same method (name,
-    config, delta) with the extra interceptor; :func:`peft_position_offset` reads the offset back.
-    """
-    offset = int(offset)
-    is_roberta, pad = bool(config.is_roberta), int(config.pad_token_id)
-    max_positions = int(config.max_position_embeddings)
-    inner = transform.interceptors
-
-    def shift(next_fun, args, kwargs, context):
-        module = context.module
-        if not (isinstance(module, nn.Embed) and module.name == "position_embeddings"
-                and context.method_name == "__call__"):
-            return next_fun(*args, **kwargs)
-        positions = args[0]
-        last = positions.shape[-1] - 1 + offset + (pad + 1 if is_roberta else 0)
-        if last >= max_positions:
-            raise ValueError(
-                f"with PEFT's prefix convention the positions run to {last}, past the model's "
-                f"max_position_embeddings={max_positions}; shorten the inputs")
-        if is_roberta:
-            positions = jnp.where(positions == pad, positions, positions + offset)
-        else:
-            positions = positions + offset
-        return next_fun(positions, *args[1:], **kwargs)
-
-    def interceptors(delta, ctx):
-        return [*inner(delta, ctx), shift]
-
-    setattr(interceptors, _OFFSET_ATTR, offset)
-    return dataclasses.replace(transform, interceptors=interceptors)
-
-
-def peft_position_offset(transform: Transform) -> int | None:
-    """The offset :func:`with_peft_positions` gave ``transform`` (``None`` if none)."""
-    return getattr(transform.interceptors, _OFFSET_ATTR, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1007,14 +958,13 @@ def _prompt_to_peft(transform: Transform, cfg: Any, delta: Any, params: P.Params
         if pcfg.layers:
             raise ValueError(f"save_peft_adapter: a prefix on layers {list(pcfg.layers)} only cannot be "
                              "written: PEFT's prefix tuning covers every layer")
-        offset = peft_position_offset(transform)
-        if offset != k:
+        if not pcfg.peft_positions:
             raise ValueError(
                 "save_peft_adapter: PEFT runs a prefix through past_key_values, and transformers then "
                 f"numbers the input positions from num_virtual_tokens={k}; this jpeft prefix was "
-                "applied with positions from 0, so PEFT would compute other logits. Only prefixes "
-                "loaded from PEFT (load_peft_adapter, or wrapped by with_peft_positions) can be "
-                "exported; keep this one as a jpeft adapter (jpeft.checkpoint.export.save_adapter).")
+                "trained with positions from 0, so PEFT would compute other logits. Train with "
+                "peft_positions=True (--prefix.peft_positions=true) to export to PEFT, or keep this "
+                "one as a jpeft adapter (jpeft.checkpoint.export.save_adapter).")
         table = np.asarray(jax.device_get(project(delta)), np.float32)
         if table.shape != (k, layers * 2 * hidden):
             raise ValueError(f"save_peft_adapter: prefix table {table.shape} != ({k}, {layers * 2 * hidden})")
@@ -1028,11 +978,9 @@ def _prompt_to_peft(transform: Transform, cfg: Any, delta: Any, params: P.Params
 
 __all__ = [
     "load_peft_adapter",
-    "peft_position_offset",
     "peft_target_matches",
     "read_adapter",
     "resolve_adapter_dir",
     "save_peft_adapter",
     "torch_module_name",
-    "with_peft_positions",
 ]

@@ -38,6 +38,12 @@ The laws that hold instead: each layer computes exactly the attention over the c
 keys/values above, and a prefix whose mask part is zero recovers the original output (see
 :func:`prepend`). Prefixes act on activations: **not mergeable**.
 
+**Positions** (``peft_positions``): by default the input tokens keep positions ``0 … T-1``. With
+``peft_positions=True`` they are numbered ``P … P+T-1`` (RoBERTa: ``pad+1+P …``, padding keeps
+``pad``), which is what ``transformers`` does when Hugging Face PEFT feeds the prefix as
+``past_key_values`` (:func:`shift_positions`). Adapters imported from PEFT get it, and only a
+prefix trained with it can be exported to PEFT with the same logits.
+
 All delta leaves are labelled ``"prefix"`` for the optimizer, so ``group_lr={"prefix": k}`` sets
 their learning rate separately from the task head.
 
@@ -55,6 +61,7 @@ import math
 from typing import Any
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -107,6 +114,12 @@ class PrefixConfig:
     )
     layers: tuple[int, ...] = dataclasses.field(
         default=(), metadata={"help": "only these layer indices get a prefix (empty: all layers)"}
+    )
+    peft_positions: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "number the input tokens' positions from P, as transformers' BERT/RoBERTa "
+                          "do when Hugging Face PEFT passes the prefix as past_key_values; needed "
+                          "to export the prefix to PEFT (BERT family)"},
     )
 
     def __post_init__(self) -> None:
@@ -192,6 +205,38 @@ def prepend(key: jax.Array, value: jax.Array, mask: jax.Array, pk: jax.Array,
             jnp.concatenate([ones, mask], axis=1))
 
 
+def shift_positions(offset: int) -> Any:
+    """An interceptor numbering the input tokens' positions from ``offset`` instead of 0.
+
+    It rewrites the ids fed to a BERT-family model's ``position_embeddings`` (an ``nn.Embed``
+    whose parent holds the model config): BERT ``t -> t + offset``; RoBERTa (positions
+    ``pad+1 …``, padding ``pad``) shifts the real tokens only. Raises ``ValueError`` when the
+    shifted positions pass ``max_position_embeddings``.
+    """
+    offset = int(offset)
+
+    def shift(next_fun, args, kwargs, context):
+        module = context.module
+        if not (isinstance(module, nn.Embed) and module.name == "position_embeddings"
+                and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        config = getattr(module.parent, "config", None)
+        is_roberta = bool(getattr(config, "is_roberta", False))
+        pad = int(getattr(config, "pad_token_id", 0) or 0)
+        positions = args[0]
+        last = positions.shape[-1] - 1 + offset + (pad + 1 if is_roberta else 0)
+        if last >= module.num_embeddings:
+            raise ValueError(
+                f"with the prefix numbering positions from {offset} (peft_positions=True) the "
+                f"positions run to {last}, past the model's max_position_embeddings="
+                f"{module.num_embeddings}; shorten the inputs")
+        positions = jnp.where(positions == pad, positions, positions + offset) if is_roberta \
+            else positions + offset
+        return next_fun(positions, *args[1:], **kwargs)
+
+    return shift
+
+
 def _linear_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Array]:
     """``torch.nn.Linear``'s default init: kernel and bias ~ uniform(±1/√fan_in)."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -242,6 +287,8 @@ def prefix(config: PrefixConfig = PrefixConfig(), *, name: str = "prefix") -> Tr
                 )
             return prepend(key, value, mask, per_layer[row, 0], per_layer[row, 1])
 
+        if config.peft_positions:
+            return [intercept, shift_positions(config.num_virtual_tokens)]
         return [intercept]
 
     return Transform(

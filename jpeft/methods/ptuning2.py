@@ -42,6 +42,12 @@ class PTuningV2Config:
         default=(), metadata={"help": "only these layer indices get a prefix (empty: all layers)"}
     )
 
+    peft_positions: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "number the input tokens' positions from P as PEFT/transformers do "
+                          "(see prefix.peft_positions); needed to export to PEFT"},
+    )
+
     def __post_init__(self) -> None:
         validate_prompt_fields("ptuning2", self.num_virtual_tokens, self.init, self.init_scale,
                                tuple(self.layers))
@@ -49,7 +55,8 @@ class PTuningV2Config:
     def to_prefix(self) -> PrefixConfig:
         """The equivalent prefix-tuning config (``projection=False``)."""
         return PrefixConfig(num_virtual_tokens=self.num_virtual_tokens, projection=False,
-                            init=self.init, init_scale=self.init_scale, layers=tuple(self.layers))
+                            init=self.init, init_scale=self.init_scale, layers=tuple(self.layers),
+                            peft_positions=self.peft_positions)
 
 
 def ptuning2(config: PTuningV2Config = PTuningV2Config(), *, name: str = "ptuning2") -> Transform:

@@ -26,6 +26,7 @@ from jpeft.methods import (
     PrefixConfig,
     PromptConfig,
     build,
+    prefix,
 )
 from tests.helpers import perturb, tiny_bert
 
@@ -185,18 +186,16 @@ def test_save_adapter_checks_spec_and_configs(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_peft_imported_prefix_keeps_its_positions(tmp_path):
-    """A prefix loaded from PEFT carries PEFT's position convention through save/load_adapter."""
-    from jpeft.checkpoint.hf_peft import peft_position_offset, with_peft_positions
-
-    configs = {"prefix": PrefixConfig(num_virtual_tokens=2, projection=False)}
-    model, base, t, delta, params = _setup("prefix", configs)
-    shifted = with_peft_positions(t, 2, model.config)
+def test_prefix_position_convention_survives_save_load(tmp_path):
+    """A prefix with PEFT's position numbering (peft_positions) keeps it through save/load_adapter."""
+    configs = {"prefix": PrefixConfig(num_virtual_tokens=2, projection=False, peft_positions=True)}
+    model, base, shifted, delta, params = _setup("prefix", configs)
+    plain = prefix(PrefixConfig(num_virtual_tokens=2, projection=False))
     data = _batch()
-    assert np.abs(_logits(model, shifted, params, delta, data) - _logits(model, t, params, delta, data)).max() > 1e-4
+    assert np.abs(_logits(model, shifted, params, delta, data) - _logits(model, plain, params, delta, data)).max() > 1e-4
     out = save_adapter(tmp_path / "a", shifted, delta, params, base_model="x",
                        base_fingerprint=base_fingerprint(model, base), method_spec="prefix",
                        method_configs=configs, model=model)
     t2, d2, p2 = load_adapter(out, model, base)
-    assert peft_position_offset(t2) == 2
+    assert t2.config.peft_positions
     np.testing.assert_array_equal(_logits(model, t2, p2, d2, data), _logits(model, shifted, params, delta, data))

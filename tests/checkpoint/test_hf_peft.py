@@ -20,7 +20,6 @@ transformers = pytest.importorskip("transformers")
 
 from jpeft.checkpoint.hf_peft import (
     load_peft_adapter,
-    peft_position_offset,
     peft_target_matches,
     save_peft_adapter,
 )
@@ -32,12 +31,14 @@ from jpeft.methods import (
     PrefixConfig,
     PromptConfig,
     PTuningConfig,
+    PTuningV2Config,
     bitfit,
     ia3,
     lora,
     prefix,
     prompt,
     ptuning,
+    ptuning2,
 )
 from jpeft.models.bert import BertConfig, BertModel, params_from_state_dict
 from tests.helpers import perturb
@@ -286,7 +287,7 @@ def test_prompt_learning_import_matches_peft(tmp_path, case):
     compare(f"import/{case}", our_logits(model, transform, params, delta, data), hf_logits(pm, data),
             base_logits(model, base, data))
     if case.startswith("prefix"):
-        assert peft_position_offset(transform) == 3
+        assert transform.config.peft_positions and transform.config.num_virtual_tokens == 3
         assert transform.config.projection == (case == "prefix_projection")
 
 
@@ -484,9 +485,25 @@ def test_prefix_round_trip_and_native_prefix_refused(tmp_path):
     data = batch()
     compare("export/prefix_from_peft", hf_logits(pm2, data), hf_logits(pm, data))
     native = prefix(PrefixConfig(num_virtual_tokens=3, projection=False))
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ValueError, match="peft_positions"):
         save_peft_adapter(tmp_path / "native", native, {"prefix": delta["prefix"]}, params,
                           base_model_name_or_path=None, model=model)
+
+
+@pytest.mark.parametrize("case", ["prefix_projection", "ptuning2"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_native_prefix_with_peft_positions_exports(tmp_path, case, model_type):
+    """A prefix trained in jpeft with peft_positions=True loads in PEFT with jpeft's logits."""
+    hf, state = hf_base(model_type)
+    model, base = jpeft_pair(hf, state)
+    t = (prefix(PrefixConfig(num_virtual_tokens=3, projection_hidden=8, peft_positions=True))
+         if case == "prefix_projection" else ptuning2(PTuningV2Config(num_virtual_tokens=2, peft_positions=True)))
+    delta = perturb(t.init(jax.random.key(0), base, model.info()), scale=0.3)
+    params = _trained_head(base)
+    pm, _ = _export_and_reload(tmp_path, t, delta, params, model_type, 2, state, model)
+    data = batch(model_type)
+    compare(f"export/{case}/{model_type}", our_logits(model, t, params, delta, data), hf_logits(pm, data),
+            base_logits(model, base, data))
 
 
 def test_unrepresentable_transforms_are_refused(tmp_path):

@@ -438,3 +438,26 @@ def test_minilm_counts_equal_hf_peft(minilm_dir):
                                                    projection_hidden=512)), params)
     counts = projected.counts(projected.init_state(jax.random.key(0)))
     assert counts.trainable == 20 * 384 + 384 * 512 + 512 + 512 * 4608 + 4608 + 770 == 2_569_474
+
+
+def test_peft_positions_number_the_inputs_from_p():
+    """peft_positions=True on BERT equals positions from 0 on a position table shifted by P,
+    and inputs that would run past max_position_embeddings are refused."""
+    model, params = tiny_bert()  # max_position_embeddings=40
+    batch = tiny_batch()
+    p = 3
+    plain = prefix(PrefixConfig(num_virtual_tokens=p, projection=False))
+    shifted = prefix(PrefixConfig(num_virtual_tokens=p, projection=False, peft_positions=True))
+    delta = perturb(plain.init(jax.random.key(0), params, model.info()), scale=0.3)
+    flat = P.flatten(params)
+    key = "embeddings/position_embeddings/embedding"
+    flat[key] = jnp.roll(flat[key], -p, axis=0)
+    rolled = P.unflatten(flat)
+
+    def logits(t, ps, b):
+        return _adapted(model, t, ps, delta, b)
+
+    np.testing.assert_allclose(logits(shifted, params, batch), logits(plain, rolled, batch), rtol=0, atol=1e-6)
+    assert float(jnp.abs(logits(shifted, params, batch) - logits(plain, params, batch)).max()) > 1e-4
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        logits(shifted, params, tiny_batch(length=40 - p + 1))
