@@ -138,6 +138,11 @@ class Transform:
       exclusive: refuses composition with any other method (``full``).
       adds_tokens: the method lengthens the sequence (prompt family), so a fresh delta changes
         the output.
+      forward: ``None``, or a replacement of the whole adapted forward pass
+        ``(model, base, delta, args, kwargs, ctx, method) -> outputs`` (adapter banks vmap the
+        ordinary pass over examples, :mod:`jpeft.bank`); such a transform is not composable.
+      trains_head: the delta carries its own task head(s), so the trainer leaves the base's
+        head frozen (banks).
     """
 
     name: str
@@ -155,6 +160,8 @@ class Transform:
     exclusive: bool = False
     adds_tokens: bool = False
     parts: tuple["Transform", ...] = ()
+    forward: Callable[..., Any] | None = None
+    trains_head: bool = False
 
     @property
     def mergeable(self) -> bool:
@@ -197,6 +204,11 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
                 f"'{t.name}' trains every weight and cannot be combined with other methods "
                 f"(got {others}); use '{t.name}' alone or drop it from the combination."
             )
+    for t in flat:
+        if t.forward is not None:
+            raise ValueError(
+                f"'{t.name}' replaces the whole forward pass (an adapter bank) and cannot be composed; "
+                "compose the methods first and bank the composition: bank(compose(a, b), size)")
     names = [t.name for t in flat]
     if len(set(names)) != len(names):
         raise ValueError(
@@ -277,6 +289,8 @@ def apply(
     ``args``/``kwargs`` go to the model (``input_ids``, ``attention_mask`` ...). ``deterministic``
     is set from ``ctx.train`` and the ``dropout`` rng from ``ctx.rng``.
     """
+    if transform.forward is not None:
+        return transform.forward(model, base, delta, args, kwargs, ctx, method)
     params = transform.adapt_params(base, delta, ctx)
     rngs = {"dropout": ctx.key("dropout")} if (ctx.train and ctx.rng is not None) else None
     with intercepting(transform.interceptors(delta, ctx)):

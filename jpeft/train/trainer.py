@@ -73,9 +73,10 @@ def head_paths(base: P.Params, info: ModelInfo) -> list[str]:
 
 def trainable_base_paths(transform: Transform, base: P.Params, info: ModelInfo,
                          train_head: bool = True) -> list[str]:
-    """Base leaves that are trained: the method's selection plus the task head."""
+    """Base leaves that are trained: the method's selection plus the task head (unless the
+    method's delta carries its own heads, ``transform.trains_head``)."""
     selected = dict.fromkeys(transform.trainable_base(base))
-    if train_head:
+    if train_head and not transform.trains_head:
         selected.update(dict.fromkeys(head_paths(base, info)))
     return list(selected)
 
