@@ -59,7 +59,14 @@ def _batch_arrays(batch: int, length: int):
 # workers (one process each)
 
 def _jpeft_method(config: str):
-    from jpeft.methods import AdapterConfig, IA3Config, LoraConfig, PrefixConfig, PromptConfig, build
+    from jpeft.methods import (
+        AdapterConfig,
+        IA3Config,
+        LoraConfig,
+        PrefixConfig,
+        PromptConfig,
+        build,
+    )
 
     specs = {
         "full": ("full", {}),
@@ -206,7 +213,7 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
 def _run_worker(side: str, config: str, steps: int, batch: int, length: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", side, "--configs", config,
            "--steps", str(steps), "--batch", str(batch), "--length", str(length)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{side}/{config} failed:\n{proc.stderr[-3000:]}")
@@ -251,8 +258,8 @@ def summarize(raw: dict[str, dict[str, list[dict]]], peak: float, batch: int, le
 def table(rows: list[dict]) -> str:
     by = {(r["config"], r["side"]): r for r in rows}
     full = by.get(("full", "jpeft"))
-    lines = ["| config | jpeft step (s) | PEFT step (s) | jpeft / PEFT | jpeft / jpeft full | jpeft tokens/s | "
-             "jpeft % of matmul peak | PEFT % of peak | peak RSS jpeft / PEFT (MB) | trainable |",
+    lines = [("| config | jpeft step (s) | PEFT step (s) | jpeft / PEFT | jpeft / jpeft full | jpeft tokens/s | "
+              "jpeft % of matmul peak | PEFT % of peak | peak RSS jpeft / PEFT (MB) | trainable |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for config in dict.fromkeys(r["config"] for r in rows):
         j, p = by.get((config, "jpeft")), by.get((config, "peft"))
