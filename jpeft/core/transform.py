@@ -118,6 +118,10 @@ def _no_stats(delta: Delta) -> dict[str, float]:
     return {}
 
 
+def _count(tree: Any) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "size"))
+
+
 class InitFn(Protocol):
     def __call__(self, rng: jax.Array, base: Params, info: ModelInfo) -> Delta: ...
 
@@ -143,6 +147,9 @@ class Transform:
         ordinary pass over examples, :mod:`jpeft.bank`); such a transform is not composable.
       trains_head: the delta carries its own task head(s), so the trainer leaves the base's
         head frozen (banks).
+      new_params: ``delta -> int``, how many parameters the adapted model has beyond the base's
+        (for the "all params" count): the delta's size by default; ``0`` for additive deltas on
+        existing weights (BitFit, freezing), whose ``θ₀ + δ`` has the base's shape.
     """
 
     name: str
@@ -162,6 +169,7 @@ class Transform:
     parts: tuple["Transform", ...] = ()
     forward: Callable[..., Any] | None = None
     trains_head: bool = False
+    new_params: Callable[[Delta], int] = lambda delta: _count(delta)
 
     @property
     def mergeable(self) -> bool:
@@ -259,6 +267,7 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
         stats=lambda delta: {f"{t.name}.{k}": v for t in flat for k, v in t.stats(delta[t.name]).items()},
         adds_tokens=any(t.adds_tokens for t in flat),
         parts=tuple(flat),
+        new_params=lambda delta: sum(t.new_params(delta[t.name]) for t in flat),
     )
 
 

@@ -143,4 +143,5 @@ def additive(
         merge=lambda params, delta: add(params, delta, 1.0),
         unmerge=lambda params, delta: add(params, delta, -1.0),
         labels=lambda delta: label_tree(delta, label),
+        new_params=lambda delta: 0,  # θ₀ + δ: no parameter beyond the base's
     )

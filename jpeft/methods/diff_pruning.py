@@ -319,4 +319,5 @@ def diff_pruning(config: DiffPruningConfig = DiffPruningConfig(), *,
         labels=labels,
         finalize=finalize,
         stats=lambda delta: {"nonzero_fraction": nonzero_fraction(delta, config)},
+        new_params=lambda delta: P.count_params(delta.get("logits", {})),  # w shadows θ₀; gates are new
     )

@@ -199,9 +199,11 @@ class Trainer:
         return jax.tree_util.tree_map(copy, {"delta": delta, "base": trained})
 
     def counts(self, state: TrainState) -> ParamCounts:
-        """Trainable and total parameter counts (as HF PEFT's print_trainable_parameters)."""
+        """Trainable and total parameter counts (as HF PEFT's print_trainable_parameters): the
+        total is the adapted model's, base plus what the method adds (``Transform.new_params``)."""
         trainable = P.count_params(state.trainable)
-        total = P.count_params(self.frozen) + trainable
+        total = (P.count_params(self.frozen) + P.count_params(state.trainable["base"])
+                 + self.transform.new_params(state.trainable["delta"]))
         return ParamCounts(trainable, total)
 
     def params(self, state: TrainState) -> dict[str, Any]:

@@ -106,3 +106,20 @@ def test_schedule_and_labels():
     with pytest.raises(ValueError, match="unknown groups"):
         model, params = tiny_bert()
         Trainer(model, lora(), params, optim=OptimConfig(group_lr={"nope": 2.0}))
+
+
+@pytest.mark.parametrize("spec,extra", [("bitfit", "none"), ("freeze", "none"), ("lora", "delta"),
+                                        ("diff_pruning", "logits"), ("lora+bitfit", "lora")])
+def test_total_count_is_the_adapted_models(spec, extra):
+    """'all params' counts the base once: additive deltas on existing weights add nothing."""
+    from jpeft.methods import build
+
+    model, params = tiny_bert()
+    trainer = Trainer(model, build(spec), params, total_steps=2)
+    state = trainer.init_state(jax.random.key(0))
+    delta = state.trainable["delta"]
+    added = {"none": 0, "delta": P.count_params(delta), "logits": P.count_params(delta.get("logits", {})),
+             "lora": P.count_params(delta.get("lora", {}))}[extra]
+    counts = trainer.counts(state)
+    assert counts.total == P.count_params(params) + added
+    assert counts.trainable == P.count_params(state.trainable)
