@@ -167,7 +167,7 @@ def bank(transform: Transform, size: int, *, heads: bool = True, name: str | Non
             own_flat = P.flatten(own)
             shared = {p: v for p, v in flat_base.items() if p not in own_flat}
             params = P.combine(shared, own_flat)
-            sub = ApplyContext(train=ctx.train, rng=key)
+            sub = ApplyContext(train=ctx.train, rng=key, decoding=ctx.decoding)
             out = apply(model, transform, params, d, *(x[None] for x in xs), ctx=sub, method=method,
                         **kwargs)
             return jax.tree_util.tree_map(lambda o: o[0], out)

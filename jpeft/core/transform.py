@@ -73,11 +73,15 @@ class ApplyContext:
       train: training mode (dropout, stochastic gates).
       rng: a PRNG key for this forward pass; use :meth:`key` to derive independent streams.
       adapter_index: ``(batch,)`` int array selecting a delta from a bank per example.
+      decoding: the call continues a cached sequence (a decode step after the prefill, see
+        :mod:`jpeft.generate`): methods that prepend input tokens (prompt tuning, P-tuning) do so
+        on the first call only, their tokens being in the KV cache already.
     """
 
     train: bool = False
     rng: jax.Array | None = None
     adapter_index: jax.Array | None = None
+    decoding: bool = False
 
     def key(self, *names: str | int) -> jax.Array | None:
         """A key derived from ``rng`` and stable names (``None`` when there is no rng)."""

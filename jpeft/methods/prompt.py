@@ -229,6 +229,8 @@ def prompt(config: PromptConfig = PromptConfig(), *, name: str = "prompt") -> Tr
     def interceptors(delta: Any, ctx: ApplyContext) -> list[Interceptor]:
         if "prompt" not in delta:
             raise KeyError(f"{name}: a prompt-tuning delta is {{'prompt': (k, D)}}, got keys {sorted(delta)}")
+        if ctx.decoding:  # the prompts went into the KV cache with the prefill
+            return []
         return [prompt_interceptor(delta["prompt"])]
 
     return Transform(

@@ -224,6 +224,8 @@ def ptuning(config: PTuningConfig = PTuningConfig(), *, name: str = "ptuning") -
         return init_encoder(config, rng, info)
 
     def interceptors(delta: Any, ctx: ApplyContext) -> list[Interceptor]:
+        if ctx.decoding:  # the virtual tokens went into the KV cache with the prefill
+            return []
         train_dropout = config.encoder_dropout if ctx.train else 0.0
         # the encoder runs once per forward pass, outside the model
         return [prompt_interceptor(encode(delta, train_dropout, ctx.key(name, "lstm")))]

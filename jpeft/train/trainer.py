@@ -56,6 +56,25 @@ def regression_loss(logits: jax.Array, batch: Batch) -> jax.Array:
     return _weighted_mean((pred - batch["labels"].astype(pred.dtype)) ** 2, batch)
 
 
+def causal_lm_loss(logits: jax.Array, batch: Batch) -> jax.Array:
+    """Next-token cross-entropy on the tokens marked by ``batch["loss_mask"]`` (B,T).
+
+    ``logits (B,T',V)``: the last ``T`` positions align with ``input_ids (B,T)`` (methods that
+    prepend tokens add ``T'-T`` positions in front). Position ``t`` predicts token ``t+1``; the
+    loss averages ``-log p(x_{t+1} | x_≤t)`` over the pairs whose target has ``loss_mask = 1``,
+    rows weighted by ``weights`` (B,) when present (padding rows weigh 0).
+    """
+    chex.assert_rank(logits, 3)
+    ids = batch["input_ids"]
+    t = ids.shape[1]
+    logits = logits[:, logits.shape[1] - t:].astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:].astype(jnp.int32))
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    if "weights" in batch:
+        mask = mask * batch["weights"].astype(jnp.float32)[:, None]
+    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
 def _weighted_mean(values: jax.Array, batch: Batch) -> jax.Array:
     weights = batch.get("weights")
     if weights is None:
