@@ -26,7 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.core.transform import apply, merge
-from jpeft.methods import AdapterConfig, IA3Config, LoraConfig, PrefixConfig, PromptConfig, build
+from jpeft.methods import (
+    AdapterConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixConfig,
+    PromptConfig,
+    build,
+)
 from jpeft.models.bert import from_pretrained
 from tests.helpers import perturb
 
