@@ -18,10 +18,11 @@ import math
 import os
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -56,6 +57,11 @@ def _base_fields() -> list[tuple[str, Any, dataclasses.Field]]:
         ("log_every", int, f(default=1, metadata={"help": "log training metrics every N steps"})),
         ("progress", bool, f(default=True, metadata={"help": "show a progress bar"})),
         ("mesh", str | None, f(default=None, metadata={"help": "device mesh, e.g. 'data=4,fsdp=2' (default: all devices on data when there are several)"})),
+        ("remat", bool, f(default=False, metadata={"help": "rematerialise each transformer layer (recompute activations in the backward pass: less memory, more compute)"})),
+        ("base_dtype", str, f(default="float32", metadata={"help": "dtype of the frozen base and of the encoder's compute: float32 or bfloat16 (the delta, trained base leaves, gradients and optimizer state stay float32)"})),
+        ("coordinator_address", str | None, f(default=None, metadata={"help": "multi-process: host:port of process 0 (else JPEFT_COORDINATOR / JAX_COORDINATOR_ADDRESS; none: single process)"})),
+        ("num_processes", int | None, f(default=None, metadata={"help": "multi-process: number of processes (else JPEFT_NUM_PROCESSES)"})),
+        ("process_id", int | None, f(default=None, metadata={"help": "multi-process: this process's id in [0, num_processes) (else JPEFT_PROCESS_ID)"})),
         ("save_every", int, f(default=0, metadata={"help": "checkpoint every N steps (0: at each evaluation and at the end; -1: never)"})),
         ("keep_checkpoints", int, f(default=2, metadata={"help": "how many recent checkpoints to keep"})),
         ("resume", bool, f(default=True, metadata={"help": "continue from the run directory's latest checkpoint if there is one"})),
@@ -129,9 +135,55 @@ def build_method(cfg: Any, tokenizer: Any = None):
     return build(cfg.method, configs, tokenizer=tokenizer)
 
 
+BASE_DTYPES = ("float32", "bfloat16")
+
+
+def cast_frozen_base(base: Any, keep: Sequence[str], dtype: str) -> Any:
+    """``base`` with every floating leaf not in ``keep`` (the trained base paths) cast to
+    ``dtype``; the kept leaves stay float32 (they are trained, with float32 optimizer state)."""
+    import jax.numpy as jnp
+
+    from jpeft.core import paths as P
+
+    if dtype not in BASE_DTYPES:
+        raise ValueError(f"--base-dtype={dtype!r}; choose one of {', '.join(BASE_DTYPES)}")
+    keep = set(keep)
+    flat = P.flatten(base)
+    out = {}
+    for path, leaf in flat.items():
+        floating = jnp.issubdtype(leaf.dtype, jnp.floating)
+        target = jnp.float32 if path in keep else jnp.dtype(dtype)
+        out[path] = jnp.asarray(leaf, target) if floating else leaf
+    return P.unflatten(out)
+
+
+def _predict_multihost(trainer: Any, state: Any, batches: Any) -> tuple[Any, Any]:
+    """:func:`jpeft.train.loop.predict` when several processes share the mesh: each feeds its
+    rows of every (global) batch and the outputs are gathered on every process."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from jpeft.train.distributed import process_rows
+
+    outputs, labels = [], []
+    for batch in batches:
+        keep = batch["weights"] > 0 if "weights" in batch else slice(None)
+        out = trainer.eval_step(state, trainer.frozen, trainer.shard_batch(process_rows(batch)))
+        out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
+        outputs.append(out[keep])
+        labels.append(np.asarray(batch["labels"])[keep])
+    return np.concatenate(outputs), np.concatenate(labels)
+
+
 def run(cfg: Any) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the summary (also written to disk)."""
+    from jpeft.train import distributed
+
+    # Before anything touches a device: join the other processes (no-op for a single one).
+    distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -149,7 +201,12 @@ def run(cfg: Any) -> dict[str, Any]:
     t_start = time.perf_counter()
     task = G.get_task(cfg.task)
     build_method(cfg)  # refuse a bad method spec or config before loading anything
+    if cfg.base_dtype not in BASE_DTYPES:
+        raise ValueError(f"--base-dtype={cfg.base_dtype!r}; choose one of {', '.join(BASE_DTYPES)}")
     out_dir = Path(cfg.output_dir or f"runs/{task.name}-{cfg.method}-s{cfg.seed}")
+    multi = jax.process_count() > 1
+    if multi and jax.process_index() > 0:
+        out_dir = out_dir / f"process-{jax.process_index()}"  # process 0 owns the run directory
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
@@ -164,7 +221,14 @@ def run(cfg: Any) -> dict[str, Any]:
     dev = G.encode(dev_ds, tokenizer, task, cfg.max_length)
     buckets = tuple(cfg.buckets) or G.default_buckets(cfg.max_length)
 
-    model, base = bert.from_pretrained(model_dir, num_labels=task.num_labels, seed=cfg.seed)
+    model, base = bert.from_pretrained(model_dir, num_labels=task.num_labels, seed=cfg.seed,
+                                       remat=cfg.remat)
+    if cfg.base_dtype != "float32":
+        from jpeft.train.trainer import trainable_base_paths
+
+        model = bert.BertModel(dataclasses.replace(model.config, dtype=cfg.base_dtype))
+        base = cast_frozen_base(base, trainable_base_paths(transform, base, model.info()),
+                                cfg.base_dtype)
     model_name = str(cfg.model).rstrip("/").split("/")[-1]
     steps_per_epoch = G.num_epoch_batches(train, cfg.batch_size, buckets=buckets,
                                           group_by_length=cfg.group_by_length)
@@ -176,8 +240,16 @@ def run(cfg: Any) -> dict[str, Any]:
     if mesh is not None and cfg.batch_size % mesh.shape["data"]:
         raise ValueError(f"--batch-size={cfg.batch_size} must be a multiple of the mesh's data "
                          f"axis ({mesh.shape['data']}); change --batch-size or --mesh")
+    if multi and (cfg.batch_size % jax.process_count() or cfg.eval_batch_size % jax.process_count()):
+        raise ValueError(f"--batch-size and --eval-batch-size must be multiples of the "
+                         f"{jax.process_count()} processes")
+    task_loss = regression_loss if task.is_regression else classification_loss
+
+    def loss(logits, batch):  # float32 loss whatever the compute dtype
+        return task_loss(logits.astype(jnp.float32), batch)
+
     trainer = Trainer(model, transform, base, optim=optim, total_steps=total_steps, mesh=mesh,
-                      loss=regression_loss if task.is_regression else classification_loss)
+                      loss=loss)
     state = trainer.init_state(jax.random.key(cfg.seed))
     counts = trainer.counts(state)
     print(f"{task.name} | {cfg.method} | {model_name} | {total_steps} steps "
@@ -185,14 +257,16 @@ def run(cfg: Any) -> dict[str, Any]:
     print(counts)
 
     def batches(epoch: int, start: int):
-        return G.iterate_batches(train, cfg.batch_size, buckets=buckets, shuffle=True,
-                                 seed=cfg.seed, epoch=epoch, start_batch=start,
-                                 group_by_length=cfg.group_by_length)
+        # Every process draws the same global batches and feeds its own rows of each.
+        it = G.iterate_batches(train, cfg.batch_size, buckets=buckets, shuffle=True,
+                               seed=cfg.seed, epoch=epoch, start_batch=start,
+                               group_by_length=cfg.group_by_length)
+        return (distributed.process_rows(b) for b in it) if multi else it
 
     def evaluate(trainer: Trainer, state) -> dict[str, float]:
-        outputs, labels = predict(trainer, state, G.iterate_batches(
-            dev, cfg.eval_batch_size, buckets=buckets, shuffle=False,
-            group_by_length=cfg.group_by_length))
+        dev_batches = G.iterate_batches(dev, cfg.eval_batch_size, buckets=buckets, shuffle=False,
+                                        group_by_length=cfg.group_by_length)
+        outputs, labels = (_predict_multihost if multi else predict)(trainer, state, dev_batches)
         return glue_metrics(task, outputs, labels)
 
     eval_every = cfg.eval_every or max(1, total_steps // 4)
@@ -233,6 +307,9 @@ def run(cfg: Any) -> dict[str, Any]:
         "compilations": trainer.compilations(),
         "method_stats": transform.stats(kept),
         "seed": cfg.seed,
+        "base_dtype": cfg.base_dtype,
+        "remat": cfg.remat,
+        "process_count": jax.process_count(),
         "jax_backend": jax.default_backend(),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -249,13 +326,17 @@ def _checkpointing(cfg, out_dir: Path, trainer, state, base, total_steps: int,
     ``(state, on_step)`` where ``on_step`` saves checkpoints on the configured schedule."""
     import shutil
 
+    import jax
+
     import jpeft
     from jpeft.checkpoint import CheckpointError, CheckpointManager, fingerprint
     from jpeft.config import to_dict
-    from jpeft.train.trainer import head_paths
     from jpeft.train.logging import read_metrics
+    from jpeft.train.trainer import head_paths
 
-    if cfg.save_every < 0:
+    if cfg.save_every < 0 or jax.process_count() > 1:
+        if cfg.save_every >= 0:
+            print("multi-process run: checkpointing is off (not supported across processes yet)")
         metrics_path.unlink(missing_ok=True)
         return state, None
     ckpt_dir = out_dir / "checkpoints"

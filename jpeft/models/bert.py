@@ -49,6 +49,12 @@ class BertConfig:
     num_labels: int = 2
     head: str = "classification"
     dtype: str = "float32"
+    remat: bool = False
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The activation dtype of the encoder (``dtype``); the task head computes in float32."""
+        return jnp.dtype(self.dtype)
 
     @property
     def head_dim(self) -> int:
@@ -59,7 +65,7 @@ class BertConfig:
         return self.model_type in ("roberta", "xlm-roberta", "camembert")
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> "BertConfig":
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> BertConfig:
         model_type = hf.get("model_type", "bert")
         if model_type not in ("bert", "roberta", "xlm-roberta", "camembert"):
             raise ValueError(
@@ -79,7 +85,8 @@ class Embeddings(nn.Module):
     def __call__(self, input_ids, attention_mask, token_type_ids, deterministic: bool):
         cfg = self.config
         init = nn.initializers.normal(0.02)
-        words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="word_embeddings")(
+        words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, dtype=cfg.compute_dtype,
+                         name="word_embeddings")(
             input_ids
         )
         words, attention_mask, token_type_ids = Tap(EMBED_INPUTS, name="inputs_tap")(
@@ -93,10 +100,10 @@ class Embeddings(nn.Module):
         else:
             positions = jnp.broadcast_to(jnp.arange(seq_len), words.shape[:2])
         pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
-                       name="position_embeddings")(positions)
+                       dtype=cfg.compute_dtype, name="position_embeddings")(positions)
         types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
-                         name="token_type_embeddings")(token_type_ids)
-        h = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm")(words + pos + types)
+                         dtype=cfg.compute_dtype, name="token_type_embeddings")(token_type_ids)
+        h = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name="LayerNorm")(words + pos + types)
         h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
         return h, attention_mask
 
@@ -110,16 +117,18 @@ class SelfAttention(nn.Module):
         cfg = self.config
         b, t, _ = h.shape
         heads, dh = cfg.num_attention_heads, cfg.head_dim
-        dense = lambda name: nn.Dense(cfg.hidden_size, kernel_init=nn.initializers.normal(0.02), name=name)
+        dense = lambda name: nn.Dense(cfg.hidden_size, kernel_init=nn.initializers.normal(0.02),
+                                     dtype=cfg.compute_dtype, name=name)
         q = dense("query")(h).reshape(b, t, heads, dh)
         k = dense("key")(h).reshape(b, t, heads, dh)
         v = dense("value")(h).reshape(b, t, heads, dh)
         k, v, mask = Tap(ATTN_KV, self.layer, name="kv_tap")(k, v, mask)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh).astype(np.float32)
+        # Softmax in float32 whatever the compute dtype.
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(dh).astype(np.float32)
         scores = jnp.where(mask[:, None, None, :] > 0, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
         return ctx.reshape(b, t, heads * dh)
 
 
@@ -133,10 +142,11 @@ class ResidualOutput(nn.Module):
     @nn.compact
     def __call__(self, x, residual, deterministic: bool):
         cfg = self.config
-        x = nn.Dense(cfg.hidden_size, kernel_init=nn.initializers.normal(0.02), name="dense")(x)
+        x = nn.Dense(cfg.hidden_size, kernel_init=nn.initializers.normal(0.02), dtype=cfg.compute_dtype,
+                     name="dense")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         x = Tap(self.tap_kind, self.layer, name="tap")(x)
-        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm")(x + residual)
+        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name="LayerNorm")(x + residual)
 
 
 class Attention(nn.Module):
@@ -156,7 +166,8 @@ class Intermediate(nn.Module):
     @nn.compact
     def __call__(self, h):
         cfg = self.config
-        x = nn.Dense(cfg.intermediate_size, kernel_init=nn.initializers.normal(0.02), name="dense")(h)
+        x = nn.Dense(cfg.intermediate_size, kernel_init=nn.initializers.normal(0.02),
+                     dtype=cfg.compute_dtype, name="dense")(h)
         return Tap(FFN_HIDDEN, self.layer, name="tap")(activation(cfg.hidden_act)(x))
 
 
@@ -173,29 +184,37 @@ class Layer(nn.Module):
 
 
 class Encoder(nn.Module):
+    """The layer stack; with ``config.remat`` each layer is rematerialised (``nn.remat``): its
+    activations are recomputed in the backward pass instead of stored. ``deterministic``
+    (argument 3, counting ``self``) is static; taps and ``nn.Dense`` calls inside a
+    rematerialised layer are intercepted as usual (the interceptors run while it is traced)."""
+
     config: BertConfig
 
     @nn.compact
     def __call__(self, h, mask, deterministic: bool):
+        layer_cls = nn.remat(Layer, static_argnums=(3,)) if self.config.remat else Layer
         for i in range(self.config.num_hidden_layers):
-            h = Layer(self.config, i, name=f"layer_{i}")(h, mask, deterministic)
+            h = layer_cls(self.config, i, name=f"layer_{i}")(h, mask, deterministic)
         return h
 
 
 class Pooler(nn.Module):
-    """``tanh(dense(h[:, 0]))`` (BERT only)."""
+    """``tanh(dense(h[:, 0]))`` (BERT only), computed in float32."""
 
     config: BertConfig
 
     @nn.compact
     def __call__(self, first_token):
-        dense = nn.Dense(self.config.hidden_size, kernel_init=nn.initializers.normal(0.02), name="dense")
+        dense = nn.Dense(self.config.hidden_size, kernel_init=nn.initializers.normal(0.02),
+                         dtype=jnp.float32, name="dense")
         return jnp.tanh(dense(first_token))
 
 
 class ClassificationHead(nn.Module):
     """BERT: pooler (dense+tanh on the first token) → dropout → classifier.
-    RoBERTa: dropout → dense+tanh → dropout → out_proj (no pooler)."""
+    RoBERTa: dropout → dense+tanh → dropout → out_proj (no pooler). Computed in float32 (the head
+    is trained; its logits feed a float32 loss) whatever ``config.dtype``."""
 
     config: BertConfig
 
@@ -207,19 +226,21 @@ class ClassificationHead(nn.Module):
         drop = nn.Dropout(rate)
         if cfg.is_roberta:
             x = drop(first_token, deterministic=deterministic)
-            x = jnp.tanh(nn.Dense(cfg.hidden_size, kernel_init=init, name="dense")(x))
+            x = jnp.tanh(nn.Dense(cfg.hidden_size, kernel_init=init, dtype=jnp.float32, name="dense")(x))
             x = drop(x, deterministic=deterministic)
-            return nn.Dense(cfg.num_labels, kernel_init=init, name="out_proj")(x)
+            return nn.Dense(cfg.num_labels, kernel_init=init, dtype=jnp.float32, name="out_proj")(x)
         x = drop(first_token, deterministic=deterministic)
-        return nn.Dense(cfg.num_labels, kernel_init=init, name="classifier")(x)
+        return nn.Dense(cfg.num_labels, kernel_init=init, dtype=jnp.float32, name="classifier")(x)
 
 
 class BertModel(nn.Module):
     """A BERT-family encoder with an optional classification/regression head.
 
     ``__call__(input_ids (B,T), attention_mask (B,T), token_type_ids (B,T)|None)`` returns the
-    logits ``(B, num_labels)`` (head ``classification``) or the sequence output ``(B,T',D)``
-    (head ``none``). ``T' = T`` unless a transform prepends tokens.
+    logits ``(B, num_labels)`` (head ``classification``; always float32) or the sequence output
+    ``(B,T',D)`` (head ``none``; in ``config.dtype``). ``T' = T`` unless a transform prepends
+    tokens. ``config.dtype`` is the encoder's compute dtype (``"bfloat16"``: a bf16 base);
+    ``config.remat`` rematerialises each layer (see :class:`Encoder`).
     """
 
     config: BertConfig
@@ -248,7 +269,7 @@ class BertModel(nn.Module):
         h, _ = self.encode(input_ids, attention_mask, token_type_ids, deterministic)
         if self.config.head != "classification":
             return h
-        first = h[:, 0]
+        first = h[:, 0].astype(jnp.float32)
         if not self.config.is_roberta:
             first = self.pooler(first)
         return self.head(first, deterministic)
@@ -282,7 +303,7 @@ def _flax_key(torch_key: str) -> tuple[str, str] | None:
         if key.startswith(prefix):
             key = key[len(prefix):]
             break
-    if key.endswith("position_ids") or key.startswith("lm_head") or key.startswith("cls."):
+    if key.endswith("position_ids") or key.startswith(("lm_head", "cls.")):
         return None
     module, _, leaf = key.rpartition(".")
     module = module.replace("encoder.layer.", "encoder.layer_")

@@ -69,6 +69,7 @@ class GPT2Config:
     tie_word_embeddings: bool = True
     model_type: str = "gpt2"
     dtype: str = "float32"
+    remat: bool = False  # rematerialise each block (nn.remat) to save activation memory
 
     @property
     def head_dim(self) -> int:
@@ -79,7 +80,7 @@ class GPT2Config:
         return self.n_inner or 4 * self.n_embd
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> "GPT2Config":
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> GPT2Config:
         model_type = hf.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise ValueError(f"jpeft.models.gpt2 handles GPT-2 checkpoints, got model_type={model_type!r}")
@@ -158,7 +159,10 @@ class GPT2Model(nn.Module):
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init)
         self.inputs_tap = Tap(EMBED_INPUTS)
         self.drop = nn.Dropout(cfg.embd_pdrop)
-        self.h = [GPT2Block(cfg, i) for i in range(cfg.n_layer)]
+        # remat: ``deterministic`` (argument 5, counting self) is static; the cache and ``start``
+        # are traced. Taps and nn.Dense calls inside are intercepted as usual.
+        block_cls = nn.remat(GPT2Block, static_argnums=(5,)) if cfg.remat else GPT2Block
+        self.h = [block_cls(cfg, i) for i in range(cfg.n_layer)]
         self.ln_f = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache: Cache | None = None,

@@ -92,6 +92,7 @@ class LlamaConfig:
     pad_token_id: int | None = None
     model_type: str = "llama"
     dtype: str = "float32"
+    remat: bool = False  # rematerialise each decoder layer (nn.remat) to save activation memory
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
@@ -111,7 +112,7 @@ class LlamaConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> "LlamaConfig":
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
         model_type = hf.get("model_type", "llama")
         if model_type != "llama":
             raise ValueError(f"jpeft.models.llama handles Llama checkpoints, got model_type={model_type!r}")
@@ -349,7 +350,10 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size,
                                      embedding_init=nn.initializers.normal(cfg.initializer_range))
         self.inputs_tap = Tap(EMBED_INPUTS)
-        self.layers = [LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        # remat: ``deterministic`` (argument 7, counting self) is static; the cache and ``start``
+        # are traced. Taps and nn.Dense calls inside are intercepted as usual.
+        layer_cls = nn.remat(LlamaDecoderLayer, static_argnums=(7,)) if cfg.remat else LlamaDecoderLayer
+        self.layers = [layer_cls(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache: Cache | None = None,

@@ -189,11 +189,12 @@ class Trainer:
         return make_optimizer(self.optim_config, self.labels(trainable), self.total_steps)
 
     def init_state(self, rng: jax.Array) -> TrainState:
-        """A fresh delta (from ``rng``), the trainable base leaves, and optimizer state."""
-        state = self._fresh_state(rng)
+        """A fresh delta (from ``rng``), the trainable base leaves, and optimizer state. On a mesh
+        the state is created by a jitted function straight into its sharding (which also works
+        when the mesh spans several processes, whose devices this one cannot write to)."""
         if self.state_sharding is not None:
-            state = jax.device_put(state, self.state_sharding)
-        return state
+            return jax.jit(self._fresh_state, out_shardings=self.state_sharding)(rng)
+        return self._fresh_state(rng)
 
     def _fresh_state(self, rng: jax.Array) -> TrainState:
         init_key, train_key = jax.random.split(rng)
