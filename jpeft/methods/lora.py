@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.core import paths as P
+from jpeft.core.dropout import dropout
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, dense_interceptor
 
 
@@ -136,8 +137,7 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
             _, scale = rank_and_scale(config, path)
             y = dense(x)
             if ctx.train and config.dropout > 0.0 and ctx.rng is not None:
-                keep = jax.random.bernoulli(ctx.key(name, path), 1.0 - config.dropout, x.shape)
-                x = jnp.where(keep, x / (1.0 - config.dropout), 0.0)
+                x = dropout(ctx.key(name, path), x, config.dropout)
             update = (x @ a.astype(x.dtype)) @ b.astype(x.dtype)
             return y + (scale * update).astype(y.dtype)
 

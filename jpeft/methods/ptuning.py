@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.core import paths as P
+from jpeft.core.dropout import dropout as apply_dropout
 from jpeft.core.transform import ApplyContext, Interceptor, ModelInfo, Transform
 from jpeft.methods.prompt import LABEL, prompt_interceptor, validate_num_virtual_tokens
 
@@ -180,8 +181,7 @@ def bilstm(layers: dict[str, Any], x: jax.Array, dropout: float = 0.0,
         x = jnp.concatenate([lstm_direction(layer["forward"], x),
                              lstm_direction(layer["backward"], x, reverse=True)], axis=-1)
         if dropout > 0.0 and key is not None and idx < len(names) - 1:
-            keep = jax.random.bernoulli(jax.random.fold_in(key, idx), 1.0 - dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - dropout), 0.0)
+            x = apply_dropout(jax.random.fold_in(key, idx), x, dropout)
     return x
 
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.core.dropout import Dropout
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
 from jpeft.models.common import activation, config_from_hf
@@ -104,7 +105,7 @@ class Embeddings(nn.Module):
         types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
                          dtype=cfg.compute_dtype, name="token_type_embeddings")(token_type_ids)
         h = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name="LayerNorm")(words + pos + types)
-        h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+        h = Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
         return h, attention_mask
 
 
@@ -127,7 +128,7 @@ class SelfAttention(nn.Module):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(dh).astype(np.float32)
         scores = jnp.where(mask[:, None, None, :] > 0, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
         return ctx.reshape(b, t, heads * dh)
 
@@ -144,7 +145,7 @@ class ResidualOutput(nn.Module):
         cfg = self.config
         x = nn.Dense(cfg.hidden_size, kernel_init=nn.initializers.normal(0.02), dtype=cfg.compute_dtype,
                      name="dense")(x)
-        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         x = Tap(self.tap_kind, self.layer, name="tap")(x)
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name="LayerNorm")(x + residual)
 
@@ -223,7 +224,7 @@ class ClassificationHead(nn.Module):
         cfg = self.config
         init = nn.initializers.normal(0.02)
         rate = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
-        drop = nn.Dropout(rate)
+        drop = Dropout(rate)
         if cfg.is_roberta:
             x = drop(first_token, deterministic=deterministic)
             x = jnp.tanh(nn.Dense(cfg.hidden_size, kernel_init=init, dtype=jnp.float32, name="dense")(x))

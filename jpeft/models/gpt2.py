@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.core.dropout import Dropout
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
 from jpeft.models.common import activation, config_from_hf
@@ -111,10 +112,10 @@ class GPT2Attention(nn.Module):
             scale /= float(self.layer + 1)
         drop = None
         if cfg.attn_pdrop > 0.0 and not deterministic:
-            drop = lambda p: nn.Dropout(cfg.attn_pdrop)(p, deterministic=False)
+            drop = lambda p: Dropout(cfg.attn_pdrop)(p, deterministic=False)
         ctx = causal_attention(q, k, v, mask, start, s_real, scale, drop)
         out = nn.Dense(d, kernel_init=init, name="c_proj")(ctx)
-        out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
+        out = Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
         return Tap(ATTN_OUT, self.layer, name="out_tap")(out), layer_cache
 
 
@@ -129,7 +130,7 @@ class GPT2MLP(nn.Module):
         hidden = activation(cfg.activation_function)(nn.Dense(cfg.inner, kernel_init=init, name="c_fc")(x))
         hidden = Tap(FFN_HIDDEN, self.layer, name="hidden_tap")(hidden)
         out = nn.Dense(cfg.n_embd, kernel_init=init, name="c_proj")(hidden)
-        out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
+        out = Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
         return Tap(FFN_OUT, self.layer, name="out_tap")(out)
 
 
@@ -158,7 +159,7 @@ class GPT2Model(nn.Module):
         self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init)
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init)
         self.inputs_tap = Tap(EMBED_INPUTS)
-        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.drop = Dropout(cfg.embd_pdrop)
         # remat: ``deterministic`` (argument 5, counting self) is static; the cache and ``start``
         # are traced. Taps and nn.Dense calls inside are intercepted as usual.
         block_cls = nn.remat(GPT2Block, static_argnums=(5,)) if cfg.remat else GPT2Block

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jpeft.core.dropout import Dropout
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
 from jpeft.models.common import activation
@@ -303,7 +304,7 @@ class LlamaAttention(nn.Module):
         k, v, mask = Tap(ATTN_KV, self.layer, name="kv_tap")(k, v, key_mask)
         drop = None
         if cfg.attention_dropout > 0.0 and not deterministic:
-            drop = lambda p: nn.Dropout(cfg.attention_dropout)(p, deterministic=False)
+            drop = lambda p: Dropout(cfg.attention_dropout)(p, deterministic=False)
         ctx = causal_attention(q, k, v, mask, start, s_real, 1.0 / math.sqrt(dh), drop)
         out = dense(cfg.hidden_size, "o_proj")(ctx)
         return Tap(ATTN_OUT, self.layer, name="out_tap")(out), layer_cache
