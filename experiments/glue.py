@@ -7,7 +7,9 @@
 Settings are layered: the dataclass defaults below < ``configs/tasks/<task>.toml`` <
 ``configs/<method>.toml`` for each part of the method (and its ``[tasks.<task>]`` table) <
 ``--config=FILE`` < command-line flags. The run directory receives ``metrics.jsonl`` (one JSON
-object per logged step and per evaluation), ``curves.png``, ``config.json`` and ``summary.json``.
+object per logged step and per evaluation), ``curves.png``, ``config.json``, ``summary.json``,
+``checkpoints/`` (Orbax, for resuming) and ``adapter/`` (the finalized delta and the trained head,
+:func:`jpeft.checkpoint.export.load_adapter` loads it onto the base in one call).
 """
 
 from __future__ import annotations
@@ -133,6 +135,14 @@ def build_method(cfg: Any, tokenizer: Any = None):
 
     configs = {name: getattr(cfg, name) for name in parse_spec(cfg.method)}
     return build(cfg.method, configs, tokenizer=tokenizer)
+
+
+def _method_configs(transform: Any, spec: str) -> dict[str, Any]:
+    """The (prepared) config of every part of ``transform``, as :func:`jpeft.methods.build` takes."""
+    from jpeft.methods import parse_spec
+
+    names = parse_spec(spec)
+    return dict(transform.config) if len(names) > 1 else {names[0]: transform.config}
 
 
 BASE_DTYPES = ("float32", "bfloat16")
@@ -313,6 +323,12 @@ def run(cfg: Any) -> dict[str, Any]:
         "jax_backend": jax.default_backend(),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if not multi:  # the inference export: finalized delta + trained head, loadable in one call
+        from jpeft.checkpoint.export import base_fingerprint, save_adapter
+
+        save_adapter(out_dir / "adapter", transform, kept, trainer.params(state), base_model=str(cfg.model),
+                     base_fingerprint=base_fingerprint(model, base), method_spec=cfg.method,
+                     method_configs=_method_configs(transform, cfg.method), model=model, overwrite=True)
     metric_text = ", ".join(f"{k}={v:.4f}" for k, v in final.items())
     print(f"[summary] {task.name} {cfg.method}: {metric_text} | trainable {counts.trainable:,d} "
           f"({counts.percent:.2f}%) of {counts.total:,d} | {summary['steps']} steps | "

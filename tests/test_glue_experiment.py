@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from experiments import glue as E
@@ -70,3 +72,16 @@ def test_short_lora_run_beats_majority_on_sst2(tmp_path, minilm_dir):
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(l["split"] == "train" for l in lines) == 150
     assert (out / "curves.png").stat().st_size > 1000
+    # the inference export loads onto the base in one call and holds the trained delta and head
+    import jax
+
+    from jpeft.checkpoint.export import load_adapter
+    from jpeft.core import paths as P
+    from jpeft.models.bert import from_pretrained
+
+    model, base = from_pretrained(minilm_dir, num_labels=2)
+    transform, delta, params = load_adapter(out / "adapter", model, base)
+    assert transform.name == "lora" and P.count_params(delta) == 73_728
+    head = [p for p in P.paths(params) if p.startswith("head/")]
+    assert any(not np.array_equal(P.flatten(params)[p], P.flatten(base)[p]) for p in head)
+    assert all(float(np.abs(b).max()) > 0 for b in jax.tree_util.tree_leaves(delta))  # trained B != 0
