@@ -73,6 +73,9 @@ def build_cases(model, base):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft import xla_cpu
+
+    xla_cpu.configure()  # before the first computation (see jpeft.xla_cpu)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--length", type=int, default=128)

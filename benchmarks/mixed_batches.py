@@ -113,6 +113,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft import xla_cpu
+
+    xla_cpu.configure()  # before the first computation (see jpeft.xla_cpu)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mixed_batches", description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="lora,ia3,prefix")
     parser.add_argument("--k", default="1,4,16")

@@ -50,6 +50,9 @@ def _batch(b: int, t: int) -> dict[str, jax.Array]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft import xla_cpu
+
+    xla_cpu.configure()  # before the first computation (see jpeft.xla_cpu)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="8,16,32,64")
     parser.add_argument("--lengths", default="64,128,256,512")

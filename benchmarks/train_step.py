@@ -283,6 +283,9 @@ PEAK = [1.0]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft import xla_cpu
+
+    xla_cpu.configure()  # before the first computation (see jpeft.xla_cpu)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--sides", default="jpeft,peft")
