@@ -96,7 +96,7 @@ def ties(dws: Sequence[jax.Array], weights: Sequence[float], density: float) -> 
     trimmed = []
     for dw, w in zip(dws, weights):
         x = w * dw
-        k = max(1, int(round(density * x.size)))
+        k = max(1, round(density * x.size))
         threshold = jnp.sort(jnp.abs(x).ravel())[-k]
         trimmed.append(jnp.where(jnp.abs(x) >= threshold, x, 0.0))
     stacked = jnp.stack(trimmed)
