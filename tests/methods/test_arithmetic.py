@@ -90,7 +90,7 @@ def test_combined_delta_runs_like_merged_weights():
 
 
 def test_negation_subtracts_the_task():
-    model, base = _tiny()
+    _, base = _tiny()
     delta = trained(CONFIGS[0], 5)
     neg = negate_lora(delta)
     for m, dw in lora_delta_weights(CONFIGS[0], delta).items():
