@@ -73,9 +73,6 @@ def build_cases(model, base):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jpeft import xla_cpu
-
-    xla_cpu.configure()  # before the first computation (see jpeft.xla_cpu)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--length", type=int, default=128)
@@ -115,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
             "versions": {"jax": jax.__version__, "python": platform.python_version()},
-            "command": "python -m benchmarks.inference " + " ".join(argv or []), "date": time.strftime("%Y-%m-%d")}
+            "command": "python -m benchmarks.inference " + " ".join(argv or []), "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     (out / "inference.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     (out / "inference.md").write_text(md + "\n")
     return 0

@@ -113,9 +113,6 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jpeft import xla_cpu
-
-    xla_cpu.configure()  # before the first computation (see jpeft.xla_cpu)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mixed_batches", description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="lora,ia3,prefix")
     parser.add_argument("--k", default="1,4,16")
@@ -132,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "devices": str(jax.devices())},
             "versions": {"jax": jax.__version__, "python": platform.python_version()},
             "command": "python -m benchmarks.mixed_batches " + " ".join(argv or []),
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     (out / "mixed_batches.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     (out / "mixed_batches.md").write_text(md + "\n")
     return 0

@@ -50,9 +50,6 @@ def _batch(b: int, t: int) -> dict[str, jax.Array]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jpeft import xla_cpu
-
-    xla_cpu.configure()  # before the first computation (see jpeft.xla_cpu)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="8,16,32,64")
     parser.add_argument("--lengths", default="64,128,256,512")
@@ -116,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     fig.savefig(out / "scaling.png", dpi=100)
     meta = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
             "versions": {"jax": jax.__version__, "python": platform.python_version()},
-            "command": "python -m benchmarks.scaling " + " ".join(argv or []), "date": time.strftime("%Y-%m-%d")}
+            "command": "python -m benchmarks.scaling " + " ".join(argv or []), "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     (out / "scaling.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     (out / "scaling.md").write_text(md + "\n")
     return 0

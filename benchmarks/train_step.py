@@ -283,9 +283,6 @@ PEAK = [1.0]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jpeft import xla_cpu
-
-    xla_cpu.configure()  # before the first computation (see jpeft.xla_cpu)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--sides", default="jpeft,peft")
@@ -335,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "peft": peft_version, "python": platform.python_version()},
             "command": "python -m benchmarks.train_step " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d"), "batch": args.batch, "length": args.length,
+            "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": args.batch, "length": args.length,
             "matmul_peak_gflops": [peak, peak_after]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -401,9 +401,6 @@ def _checkpointing(cfg, out_dir: Path, trainer, state, base, total_steps: int,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from jpeft import xla_cpu
-
-    xla_cpu.configure()  # before the first computation (see jpeft.xla_cpu)
     from jpeft.checkpoint import CheckpointError
 
     cfg = parse_args(argv)
