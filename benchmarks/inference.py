@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import run_meta
 from jpeft.core.transform import apply, merge
 from jpeft.methods import (
     AdapterConfig,
@@ -48,14 +47,6 @@ SPECS = {
 MERGEABLE = ("lora", "ia3")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_cases(model, base):
@@ -110,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
-            "versions": {"jax": jax.__version__, "python": platform.python_version()},
-            "command": "python -m benchmarks.inference " + " ".join(argv or []), "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    meta = run_meta("python -m benchmarks.inference " + " ".join(argv or []))
     (out / "inference.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     (out / "inference.md").write_text(md + "\n")
     return 0

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import run_meta
 from jpeft import bank as B
 from jpeft.core.transform import ApplyContext, apply
 from jpeft.methods import build
@@ -38,14 +37,6 @@ MINILM = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_
           "intermediate_size": 1536, "max_position_embeddings": 512, "num_labels": 2}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _time(fn, *args) -> float:
@@ -126,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "devices": str(jax.devices())},
-            "versions": {"jax": jax.__version__, "python": platform.python_version()},
-            "command": "python -m benchmarks.mixed_batches " + " ".join(argv or []),
-            "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    meta = run_meta("python -m benchmarks.mixed_batches " + " ".join(argv or []))
     (out / "mixed_batches.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     (out / "mixed_batches.md").write_text(md + "\n")
     return 0

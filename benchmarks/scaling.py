@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import cpu_name, run_meta
 from jpeft.methods import LoraConfig, build
 from jpeft.models.bert import from_pretrained
 from jpeft.train.optim import OptimConfig
@@ -32,14 +32,6 @@ METHODS = {"full": ("full", {}),
            "lora": ("lora", {"lora": LoraConfig(r=8, alpha=16, targets=r"attention/self/(query|value)$")})}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _batch(b: int, t: int) -> dict[str, jax.Array]:
@@ -108,12 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("train step (s)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"MiniLM train step, {_cpu_name()} ({os.cpu_count()} cores)")
+    fig.suptitle(f"MiniLM train step, {cpu_name()} ({os.cpu_count()} cores)")
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=100)
-    meta = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
-            "versions": {"jax": jax.__version__, "python": platform.python_version()},
-            "command": "python -m benchmarks.scaling " + " ".join(argv or []), "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    meta = run_meta("python -m benchmarks.scaling " + " ".join(argv or []))
     (out / "scaling.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     (out / "scaling.md").write_text(md + "\n")
     return 0

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import cpu_name
+
 CONFIGS = ["full", "lora", "lora_all", "ia3", "prefix", "prompt", "houlsby", "bitfit", "inference"]
 NO_PEFT = {"houlsby"}  # Hugging Face PEFT has no bottleneck adapters
 LR = 1e-4
@@ -228,14 +230,6 @@ def _robust(times: list[float]) -> tuple[float, list[float], int]:
     return statistics.median(kept), kept, len(times) - len(kept)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def summarize(raw: dict[str, dict[str, list[dict]]], peak: float, batch: int, length: int) -> list[dict]:
@@ -328,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
-    meta = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
+    meta = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
             "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "peft": peft_version, "python": platform.python_version()},
             "command": "python -m benchmarks.train_step " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -1,0 +1,30 @@
+"""What every benchmark records about where and how it ran."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+
+def cpu_name() -> str:
+    """The CPU model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_meta(command: str, **versions: str) -> dict[str, Any]:
+    """Machine, versions (jax plus ``versions``), command, date and ``XLA_FLAGS`` of a run."""
+    import jax
+
+    return {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
+            "versions": {"jax": jax.__version__, "python": platform.python_version(), **versions},
+            "command": command, "date": time.strftime("%Y-%m-%d"),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
