@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -23,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
 
 VARIANTS = Path(__file__).resolve().parents[1] / "configs" / "variants"
 
@@ -76,6 +76,14 @@ def write_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
     print("\n".join(lines))
 
 
+def previous_cells(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """The cells of an earlier ``<out>/results.json``, keyed by (label, task)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    return {(c["label"], c["task"]): c for c in json.loads(path.read_text())["cells"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="full,lora,houlsby,pfeiffer,prefix,prompt,ptuning,"
@@ -83,21 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="sst2,mrpc,rte,stsb,cola")
     parser.add_argument("--out", default="results/glue")
     parser.add_argument("--extra", default="", help="flags passed to every cell")
+    parser.add_argument("--merge", default=True, action=argparse.BooleanOptionalAction,
+                        help="keep the cells already in <out>/results.json (a rerun cell replaces its old "
+                             "value); --no-merge writes only this invocation's cells")
     args = parser.parse_args(argv)
     out = Path(args.out)
     extra = shlex.split(args.extra)
-    cells = []
+    cells = previous_cells(out) if args.merge else {}
     t0 = time.time()
     for task in args.tasks.split(","):
         for method in args.methods.split(","):
             summary = run_cell(method, task, out / "runs" / f"{task}-{method}", extra)
             if summary is not None:
-                cells.append(summary)
-                note = (f"GLUE dev results of `python -m experiments.sweep --methods={args.methods} "
-                        f"--tasks={args.tasks}` {args.extra}, all-MiniLM-L6-v2, seed 0, one run per "
-                        f"cell, on {platform.processor() or platform.machine()} "
-                        f"({__import__('os').cpu_count()} cores). Wall time per cell in brackets.")
-                write_table(cells, out, note)
+                cells[summary["label"], summary["task"]] = summary
+                note = (f"GLUE dev results of `python -m experiments.sweep` (cells merged over runs; "
+                        f"the last: `--methods={args.methods} --tasks={args.tasks}` {args.extra}), "
+                        f"all-MiniLM-L6-v2, seed 0, one run per cell, on "
+                        f"{platform.processor() or platform.machine()} "
+                        f"({os.cpu_count()} cores). Wall time per cell in brackets.")
+                write_table(list(cells.values()), out, note)
     print(f"sweep done in {(time.time() - t0) / 60:.1f} min")
     return 0
 

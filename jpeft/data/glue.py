@@ -18,6 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jpeft.data.batching import (  # noqa: F401  (re-exported)
+    batch_plan,
+    bucket_length,
+    default_buckets,
+    epoch_order,
+    num_batches,
+    num_epoch_batches,
+    padded_batches,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
@@ -148,12 +158,12 @@ def load_glue(task: str | GlueTask, split: str,
         )
     names = list(task.columns) if task.columns is not None else None
     wanted = [*task.local_text, task.local_label]
-    kwargs: dict[str, Any] = dict(
-        delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False,
-        encoding="utf-8-sig",  # MRPC starts with a BOM; harmless elsewhere
+    kwargs: dict[str, Any] = {
+        "delimiter": "\t", "quoting": csv.QUOTE_NONE, "keep_default_na": False, "na_filter": False,
+        "encoding": "utf-8-sig",  # MRPC starts with a BOM; harmless elsewhere
         # every wanted column read as a string: no per-chunk type guessing; others are dropped
-        features=datasets.Features({c: datasets.Value("string") for c in wanted}),
-    )
+        "features": datasets.Features({c: datasets.Value("string") for c in wanted}),
+    }
     if names is not None:
         kwargs.update(header=None, column_names=names)
     raw = datasets.load_dataset("csv", data_files={"data": str(path)}, split="data", **kwargs)
@@ -229,75 +239,6 @@ def encode(dataset: Any, tokenizer: Any, task: str | GlueTask, max_length: int =
     )
 
 
-def default_buckets(max_length: int) -> tuple[int, ...]:
-    """Powers of two from 16 below ``max_length``, then ``max_length`` (128 -> (16, 32, 64, 128))."""
-    buckets: list[int] = []
-    b = 16
-    while b < max_length:
-        buckets.append(b)
-        b *= 2
-    return (*buckets, int(max_length))
-
-
-def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= ``length`` (ValueError when it exceeds the largest bucket)."""
-    for b in sorted(buckets):
-        if b >= length:
-            return int(b)
-    raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}; the last bucket "
-                     "must be >= max_length")
-
-
-def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
-    """Batches in an epoch of ``n`` examples (without length grouping)."""
-    return n // batch_size if drop_remainder else -(-n // batch_size)
-
-
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """The example order of one epoch: ``default_rng((seed, epoch)).permutation(n)`` or 0..n-1."""
-    if not shuffle:
-        return np.arange(n)
-    return np.random.default_rng((seed, epoch)).permutation(n)
-
-
-def batch_plan(enc: Encoded, batch_size: int, *, buckets: Sequence[int], shuffle: bool,
-               seed: int = 0, epoch: int = 0, drop_remainder: bool = False,
-               group_by_length: bool = False) -> list[tuple[np.ndarray, int]]:
-    """One epoch's batches as ``(example indices, padded length)``; a function of (seed, epoch).
-
-    By default consecutive examples of :func:`epoch_order` form a batch, padded to the bucket of
-    its longest example. With ``group_by_length`` the ordered examples are split by length bucket
-    and batched within a bucket (at most one short batch per bucket, so the count can exceed
-    :func:`num_batches`; use :func:`num_epoch_batches`), then the batch order is shuffled with
-    ``default_rng((seed, epoch, 1))``: less padding.
-    """
-    order = epoch_order(len(enc), seed, epoch, shuffle)
-    if group_by_length:
-        target = np.array([bucket_length(int(l), buckets) for l in enc.lengths[order]], dtype=int)
-        groups = [order[target == b] for b in sorted(set(target.tolist()))]
-    else:
-        groups = [order]
-    plan: list[tuple[np.ndarray, int]] = []
-    for group in groups:
-        stop = len(group) - len(group) % batch_size if drop_remainder else len(group)
-        for start in range(0, stop, batch_size):
-            idx = group[start:start + batch_size]
-            plan.append((idx, bucket_length(int(enc.lengths[idx].max()), buckets)))
-    if shuffle and group_by_length:
-        perm = np.random.default_rng((seed, epoch, 1)).permutation(len(plan))
-        plan = [plan[i] for i in perm]
-    return plan
-
-
-def num_epoch_batches(enc: Encoded, batch_size: int, *, buckets: Sequence[int],
-                      drop_remainder: bool = False, group_by_length: bool = False) -> int:
-    """Batches per epoch of :func:`iterate_batches` with the same arguments (any seed/epoch)."""
-    if not group_by_length:
-        return num_batches(len(enc), batch_size, drop_remainder)
-    return len(batch_plan(enc, batch_size, buckets=buckets, shuffle=False,
-                          drop_remainder=drop_remainder, group_by_length=True))
-
-
 def iterate_batches(
     enc: Encoded,
     batch_size: int,
@@ -320,22 +261,6 @@ def iterate_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     plan = batch_plan(enc, batch_size, buckets=buckets, shuffle=shuffle, seed=seed, epoch=epoch,
                       drop_remainder=drop_remainder, group_by_length=group_by_length)
-    for idx, length in plan[start_batch:]:
-        real = len(idx)
-        rows = np.concatenate([idx, np.repeat(idx[:1], batch_size - real)]) if real < batch_size else idx
-
-        def take(a: np.ndarray, fill: int = 0) -> np.ndarray:
-            out = a[rows, :length]
-            if out.shape[1] < length:  # the split is narrower than the bucket
-                out = np.pad(out, ((0, 0), (0, length - out.shape[1])), constant_values=fill)
-            return out
-
-        weights = np.zeros(batch_size, np.float32)
-        weights[:real] = 1.0
-        yield {
-            "input_ids": take(enc.input_ids, enc.pad_id),
-            "attention_mask": take(enc.attention_mask),
-            "token_type_ids": take(enc.token_type_ids),
-            "labels": enc.labels[rows],
-            "weights": weights,
-        }
+    columns = {"input_ids": (enc.input_ids, enc.pad_id), "attention_mask": (enc.attention_mask, 0),
+               "token_type_ids": (enc.token_type_ids, 0), "labels": (enc.labels, None)}
+    yield from padded_batches(columns, plan[start_batch:], batch_size)

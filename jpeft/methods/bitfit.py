@@ -72,8 +72,10 @@ def bias_paths(config: BitFitConfig, base: P.Params, info: ModelInfo) -> list[st
         candidates = [p for p in candidates if not is_layernorm(p)]
     if not candidates:
         raise ValueError(
-            "bitfit: the model has no bias outside the task head"
+            f"bitfit: the {info.family} model has no bias outside the task head"
             + ("" if config.include_layernorm else " and the LayerNorms (include_layernorm=False)")
+            + "; BitFit trains only biases, so it has nothing to train here: choose another method "
+            "(e.g. lora, ia3, an adapter) for this model"
         )
     if not config.pattern:
         return candidates

