@@ -3,10 +3,12 @@
     python -m experiments.sweep --methods=full,lora,ia3 --tasks=sst2,mrpc --out=results/glue
     python -m experiments.sweep --methods=lora --tasks=sst2 --extra="--max-steps=200"
     python -m experiments.sweep --methods=lora,lora@all_linear --tasks=sst2
+    python -m experiments.sweep --tasks=e2e --methods=full,lora,prefix,houlsby,freeze --out=results/e2e
 
 A method written ``METHOD@VARIANT`` adds ``--config=configs/variants/<METHOD>_<VARIANT>.toml``.
 
-Each cell runs ``python -m experiments.glue`` in its own process (its own memory and
+Each cell runs ``python -m experiments.glue`` (``experiments.e2e`` for the task ``e2e``, whose
+variants live in ``configs/e2e/variants``) in its own process (its own memory and
 compilation cache) with the recipe of ``configs/`` plus ``--extra`` flags, and reads back its
 ``summary.json``. Finished cells are skipped when the sweep is started again, so a sweep can be
 stopped and resumed. Results go to ``<out>/results.json`` and ``<out>/results.md``.
@@ -34,8 +36,10 @@ def run_cell(entry: str, task: str, run_dir: Path, extra: list[str]) -> dict[str
     summary = run_dir / "summary.json"
     if summary.is_file():
         return {**json.loads(summary.read_text()), "label": entry}
-    variant_flags = [f"--config={VARIANTS / f'{method}_{variant}.toml'}"] if variant else []
-    cmd = [sys.executable, "-m", "experiments.glue", f"--method={method}", f"--task={task}",
+    variants = VARIANTS.parent / "e2e" / "variants" if task == "e2e" else VARIANTS
+    variant_flags = [f"--config={variants / f'{method}_{variant}.toml'}"] if variant else []
+    experiment = ["experiments.e2e"] if task == "e2e" else ["experiments.glue", f"--task={task}"]
+    cmd = [sys.executable, "-m", *experiment, f"--method={method}",
            f"--output-dir={run_dir}", "--progress=false", *variant_flags, *extra]
     print("$", shlex.join(cmd), flush=True)
     log = run_dir.with_suffix(".log")
@@ -76,6 +80,23 @@ def write_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
     print("\n".join(lines))
 
 
+def write_e2e_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
+    """The E2E table: the five metrics (BLEU and ROUGE-L, METEOR, CIDEr as in the papers' tables:
+    BLEU on 0–100, the others as fractions), dev loss, trainable parameters and wall time."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"note": note, "cells": cells}, indent=2))
+    lines = ["| method | trainable params (%) | BLEU | NIST | METEOR | ROUGE-L | CIDEr | dev loss | wall |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        m = c["metrics"]
+        lines.append(f"| {c['label']} | {c['trainable_params']:,d} ({c['trainable_percent']:.2f}%) | "
+                     f"{m['BLEU']:.1f} | {m['NIST']:.2f} | {m['METEOR']:.3f} | {m['ROUGE_L']:.3f} | "
+                     f"{m['CIDEr']:.2f} | {c['dev_loss_start']:.3f} → {c['dev_loss']:.3f} | "
+                     f"{c['wall_s'] / 60:.1f} min |")
+    (out / "results.md").write_text(note + "\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def previous_cells(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """The cells of an earlier ``<out>/results.json``, keyed by (label, task)."""
     path = out / "results.json"
@@ -104,12 +125,22 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_cell(method, task, out / "runs" / f"{task}-{method}", extra)
             if summary is not None:
                 cells[summary["label"], summary["task"]] = summary
+                machine = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+                if task == "e2e":
+                    c = summary
+                    search = "greedy search" if c["num_beams"] == 1 else f"beam search ({c['num_beams']} beams)"
+                    note = (f"E2E NLG results of `python -m experiments.sweep --tasks=e2e` (cells merged over "
+                            f"runs; the last: `--methods={args.methods}` {args.extra}), {c['model']}, seed "
+                            f"{c['seed']}, {c['steps']} steps on {c['train_pairs']} training pairs, "
+                            f"{c['decoded_mrs']} {c['decode_split']} MRs decoded with {search}, one run per "
+                            f"cell, on {machine}.")
+                    write_e2e_table([v for v in cells.values() if v["task"] == "e2e"], out, note)
+                    continue
                 note = (f"GLUE dev results of `python -m experiments.sweep` (cells merged over runs; "
                         f"the last: `--methods={args.methods} --tasks={args.tasks}` {args.extra}), "
-                        f"all-MiniLM-L6-v2, seed 0, one run per cell, on "
-                        f"{platform.processor() or platform.machine()} "
-                        f"({os.cpu_count()} cores). Wall time per cell in brackets.")
-                write_table(list(cells.values()), out, note)
+                        f"all-MiniLM-L6-v2, seed 0, one run per cell, on {machine}. Wall time per "
+                        "cell in brackets.")
+                write_table([v for v in cells.values() if v["task"] != "e2e"], out, note)
     print(f"sweep done in {(time.time() - t0) / 60:.1f} min")
     return 0
 

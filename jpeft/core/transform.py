@@ -143,6 +143,10 @@ class Transform:
       finalize: ``delta -> delta`` kept after training (prefix tuning drops its MLP, diff pruning
         keeps its largest entries).
       stats: ``delta -> {name: float}`` reported after training (diff pruning's density).
+      between_steps: ``None``, or ``(delta, step, total_steps) -> delta`` called by the training
+        loop after every step (host side, outside jit) to rewrite the delta on a schedule (diff
+        pruning projects onto its target sparsity, then fine-tunes with the mask fixed); it
+        returns the very same object when it changes nothing.
       exclusive: refuses composition with any other method (``full``).
       adds_tokens: the method lengthens the sequence (prompt family), so a fresh delta changes
         the output.
@@ -174,6 +178,7 @@ class Transform:
     forward: Callable[..., Any] | None = None
     trains_head: bool = False
     new_params: Callable[[Delta], int] = lambda delta: _count(delta)
+    between_steps: Callable[[Delta, int, int], Delta] | None = None
 
     @property
     def mergeable(self) -> bool:
@@ -272,7 +277,23 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
         adds_tokens=any(t.adds_tokens for t in flat),
         parts=tuple(flat),
         new_params=lambda delta: sum(t.new_params(delta[t.name]) for t in flat),
+        between_steps=_between_steps_chain(flat),
     )
+
+
+def _between_steps_chain(flat: Sequence[Transform]) -> Callable[[Delta, int, int], Delta] | None:
+    """The parts' ``between_steps`` on their own sub-deltas (same object back when none changed)."""
+    active = [t for t in flat if t.between_steps is not None]
+    if not active:
+        return None
+
+    def between_steps(delta: Delta, step: int, total: int) -> Delta:
+        new = dict(delta)
+        for t in active:
+            new[t.name] = t.between_steps(delta[t.name], step, total)
+        return delta if all(new[t.name] is delta[t.name] for t in active) else new
+
+    return between_steps
 
 
 @contextmanager

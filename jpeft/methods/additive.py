@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from jpeft.core import paths as P
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform
+from jpeft.methods.lora import layer_index
 
 Params = Mapping[str, Any]
 Delta = Any
@@ -145,3 +146,14 @@ def additive(
         labels=lambda delta: label_tree(delta, label),
         new_params=lambda delta: 0,  # θ₀ + δ: no parameter beyond the base's
     )
+
+
+def embedding_module(info: ModelInfo, paths: list[str]) -> str:
+    """The shortest prefix of the embedding table's path that holds no layer: ``embeddings`` on
+    BERT (word, position and type tables and their LayerNorm), ``model/embed_tokens`` on Llama."""
+    parts = info.embedding_path.split("/")
+    for n in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:n])
+        if not any(layer_index(p) is not None for p in paths if p.startswith(prefix + "/")):
+            return prefix
+    return info.embedding_path

@@ -42,11 +42,16 @@ After training (the paper's magnitude projection onto the L0 ball):
   (exact zeros are not stored), as ``{path: {"indices": int32 flat indices (sorted), "values":
   float32, "shape": tuple}}``: the storage/export format (about ``8·k`` bytes);
 * :func:`densify` turns it back into a dense ``{path: d}`` tree;
+* **during training** (the paper's second stage), at step ``round(project_at · total_steps)``
+  the training loop's ``between_steps`` hook applies :func:`project`: ``w ← d`` on the kept entries
+  (0 elsewhere) and the gate logits become ``±HARD_LOGIT``, so every gate is exactly 1 (kept) or
+  0 (dropped) in training and evaluation, with zero gradient: the remaining steps fine-tune the
+  kept entries with the mask fixed, and the L0 penalty is a constant. ``project_at = 1`` skips
+  this stage (projection only at the end, which then changes the function);
 * the transform's ``finalize`` is ``{"w": densify(sparsify(delta, config.target_sparsity))}``: a
   finalized delta has **no** ``"logits"`` and behaves as a plain additive delta
-  (:mod:`jpeft.methods.additive`: ``θ = θ₀ + w``, no gates, no penalty). The projection changes the
-  function (that is the paper's post-hoc step; it then fine-tunes the kept entries with the mask
-  fixed, not done here);
+  (:mod:`jpeft.methods.additive`: ``θ = θ₀ + w``, no gates, no penalty). After the in-training
+  projection it computes exactly what the projected delta computes;
 * :func:`nonzero_fraction` reports the fraction of non-zero entries of ``d`` (of ``N``).
 
 **Mergeable**: ``merge = θ₀ + z_eval ⊙ w`` (exactly what evaluation computes), ``unmerge`` the
@@ -72,6 +77,7 @@ from jpeft.core.transform import ApplyContext, ModelInfo, Transform
 from jpeft.methods import additive as A
 
 EPS = 1e-6  # u ~ U(EPS, 1 - EPS) keeps log u and log(1 - u) finite
+HARD_LOGIT = 1e4  # |α| that makes a gate exactly 0 or 1 whatever the noise (|logit(u)| < 14)
 
 Sparse = dict[str, dict[str, Any]]
 
@@ -94,6 +100,12 @@ class DiffPruningConfig:
     target_sparsity: float = dataclasses.field(
         default=0.005, metadata={"help": "fraction of gated entries kept by finalize/sparsify (paper: 0.5%)"}
     )
+    project_at: float = dataclasses.field(
+        default=0.75,
+        metadata={"help": "fraction of the training steps after which the delta is projected onto "
+                          "target_sparsity and the kept entries are fine-tuned with the mask fixed "
+                          "(1: no in-training projection)"},
+    )
     beta: float = dataclasses.field(default=2.0 / 3.0, metadata={"help": "hard-concrete temperature"})
     gamma: float = dataclasses.field(
         default=-0.1, metadata={"help": "hard-concrete stretch lower bound (< 0)"}
@@ -114,6 +126,9 @@ class DiffPruningConfig:
                 f"diff_pruning.target_sparsity is the fraction of entries kept, in (0, 1]; "
                 f"got {self.target_sparsity}"
             )
+        if not 0.0 < self.project_at <= 1.0:
+            raise ValueError(f"diff_pruning.project_at is a fraction of the training steps in (0, 1]; "
+                             f"got {self.project_at}")
         if not self.beta > 0:
             raise ValueError(f"diff_pruning.beta (temperature) must be > 0, got {self.beta}")
         if not self.gamma < 0:
@@ -256,6 +271,30 @@ def densify(sparse: Sparse) -> dict[str, Any]:
     return P.unflatten(out)
 
 
+def project(delta: Any, config: DiffPruningConfig = DiffPruningConfig()) -> dict[str, Any]:
+    """The training delta projected onto ``config.target_sparsity``: ``w`` holds ``z_eval ⊙ w``
+    on the kept entries (:func:`sparsify`) and 0 elsewhere, and the gate logits are
+    ``+HARD_LOGIT`` on the kept entries and ``−HARD_LOGIT`` elsewhere (gates exactly 1 / 0,
+    sampled or not, with zero gradient). The evaluation output equals that of
+    ``finalize(delta)``."""
+    if "logits" not in delta:
+        raise ValueError("diff_pruning.project needs a training delta (with gate logits); this one "
+                         "is finalized")
+    sparse = sparsify(delta, config.target_sparsity, config)
+    ones = {p: {**e, "values": np.ones_like(e["values"])} for p, e in sparse.items()}
+    kept = P.flatten(densify(ones))
+    logits = {p: jnp.where(m > 0, HARD_LOGIT, -HARD_LOGIT).astype(jnp.float32) for p, m in kept.items()}
+    return {"w": densify(sparse), "logits": P.unflatten(logits)}
+
+
+def projection_step(config: DiffPruningConfig, total_steps: int) -> int | None:
+    """The step after which :func:`project` runs (``None``: never during training)."""
+    if config.project_at >= 1.0:
+        return None
+    step = max(1, int(round(config.project_at * total_steps)))
+    return step if step < total_steps else None
+
+
 def nonzero_fraction(delta: Any, config: DiffPruningConfig = DiffPruningConfig()) -> float:
     """Fraction of the gated entries where ``z_eval ⊙ w`` (``w`` when finalized) is non-zero."""
     flat = _flat_effective(delta, config)
@@ -268,7 +307,7 @@ def nonzero_fraction(delta: Any, config: DiffPruningConfig = DiffPruningConfig()
 def gated_paths(config: DiffPruningConfig, base: P.Params, info: ModelInfo) -> list[str]:
     """The leaves that get a difference (head excluded; embeddings unless ``config.embeddings``)."""
     is_head = A.head_matcher(info)
-    embeddings = info.embedding_path.split("/", 1)[0] + "/"
+    embeddings = A.embedding_module(info, P.paths(base)) + "/"
 
     def allowed(path: str, _: Any) -> bool:
         return not is_head(path) and (config.embeddings or not path.startswith(embeddings))
@@ -308,11 +347,17 @@ def diff_pruning(config: DiffPruningConfig = DiffPruningConfig(), *,
             return delta
         return {"w": densify(sparsify(delta, config.target_sparsity, config))}
 
+    def between_steps(delta: Any, step: int, total_steps: int) -> Any:
+        if "logits" not in delta or step != projection_step(config, total_steps):
+            return delta
+        return project(delta, config)
+
     return Transform(
         name=name,
         config=config,
         init=init,
         adapt_params=adapt_params,
+        between_steps=between_steps,
         penalty=penalty,
         merge=lambda params, delta: fold(params, delta, 1.0),
         unmerge=lambda params, delta: fold(params, delta, -1.0),

@@ -36,6 +36,7 @@ import dataclasses
 
 from jpeft.core import paths as P
 from jpeft.core.transform import ModelInfo, Transform
+from jpeft.methods import additive as A
 from jpeft.methods.additive import additive
 from jpeft.methods.lora import layer_index
 from jpeft.train.optim import base_labels
@@ -64,17 +65,6 @@ def _module_prefix(path: str) -> str:
     return path.split("/", 1)[0]
 
 
-def embedding_module(info: ModelInfo, paths: list[str]) -> str:
-    """The shortest prefix of the embedding table's path that holds no layer: ``embeddings`` on
-    BERT (word, position and type tables and their LayerNorm), ``model/embed_tokens`` on Llama."""
-    parts = info.embedding_path.split("/")
-    for n in range(1, len(parts) + 1):
-        prefix = "/".join(parts[:n])
-        if not any(layer_index(p) is not None for p in paths if p.startswith(prefix + "/")):
-            return prefix
-    return info.embedding_path
-
-
 def trained_paths(config: FreezeConfig, base: P.Params, info: ModelInfo) -> list[str]:
     """The base leaves this config trains (top layers, pooler, embeddings; never the head)."""
     num_layers = info.num_layers
@@ -84,7 +74,7 @@ def trained_paths(config: FreezeConfig, base: P.Params, info: ModelInfo) -> list
             f"choose 0 <= freeze.top <= {num_layers}"
         )
     first = num_layers - config.top
-    embeddings = embedding_module(info, P.paths(base))
+    embeddings = A.embedding_module(info, P.paths(base))
     chosen: list[str] = []
     layer_paths = 0
     for path in P.paths(base):

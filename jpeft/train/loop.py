@@ -90,6 +90,7 @@ def fit(
         for batch in batches(epoch, offset):
             state, metrics = trainer.train_step(state, trainer.frozen, trainer.shard_batch(batch))
             step += 1
+            state = trainer.between_steps(state, step)
             bar.update(1)
             if step % config.log_every == 0 or step == config.total_steps:
                 pending.append((step, metrics))

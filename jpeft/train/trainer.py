@@ -267,6 +267,21 @@ class Trainer:
         """The task loss of ``batch`` in evaluation mode (no dropout, no penalty)."""
         return self.loss(self._eval_step(state, frozen, batch), batch)
 
+    def between_steps(self, state: TrainState, step: int) -> TrainState:
+        """``state`` (after ``step`` steps, counted on the host) with the delta rewritten by
+        ``transform.between_steps`` (if the method has one and it changes something at this
+        step); the optimizer state is kept."""
+        hook = self.transform.between_steps
+        if hook is None:
+            return state
+        delta = state.trainable["delta"]
+        new = hook(delta, step, self.total_steps)
+        if new is delta:
+            return state
+        if self.state_sharding is not None:
+            new = jax.device_put(new, self.state_sharding.trainable["delta"])
+        return state._replace(trainable={**state.trainable, "delta": new})
+
     def learning_rate(self, step: int) -> float:
         from jpeft.train.optim import learning_rate_schedule
 

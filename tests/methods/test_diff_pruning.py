@@ -21,6 +21,8 @@ from jpeft.methods.diff_pruning import (
     hard_concrete,
     nonzero_fraction,
     open_probability,
+    project,
+    projection_step,
     sparsify,
 )
 from jpeft.methods.lora import LoraConfig, lora
@@ -325,6 +327,58 @@ def test_compose_with_lora_and_train_lowers_the_expected_l0():
     assert np.any(w)
     final = trainer.transform.finalize(state.trainable["delta"])
     assert set(final["diff_pruning"]) == {"w"} and set(final["lora"]) == set(state.trainable["delta"]["lora"])
+
+
+def test_projection_stage_fixes_the_mask_and_keeps_training(tmp_path):
+    """The loop's between_steps hook projects at round(project_at·T): from then on exactly the
+    target fraction of entries is non-zero, the kept entries still train, the penalty is
+    constant, and finalize() does not change the output."""
+    from jpeft.train.logging import MetricsLog
+    from jpeft.train.loop import LoopConfig, fit
+    from jpeft.train.optim import OptimConfig
+    from jpeft.train.trainer import Trainer
+
+    model, params = tiny_bert()
+    batch = tiny_batch()
+    cfg = DiffPruningConfig(target_sparsity=0.05, project_at=0.5, init_logit=3.0)
+    t = compose(diff_pruning(cfg), lora(LoraConfig(r=2)))
+    total = 6
+    assert projection_step(cfg, total) == 3
+    optim = OptimConfig(lr=1e-2, warmup_ratio=0.0, schedule="constant", group_lr={"gates": 10.0})
+    trainer = Trainer(model, t, params, total_steps=total, optim=optim)
+    seen = []
+
+    def batches(epoch, start):
+        for _ in range(start, total):
+            yield batch
+
+    def evaluate(trainer, state):
+        return {"loss": 0.0}
+
+    def on_step(state, evaluated):
+        delta = state.trainable["delta"][NAME]
+        seen.append((nonzero_fraction(delta, cfg), jax.tree_util.tree_map(np.asarray, delta["w"])))
+
+    state = trainer.init_state(jax.random.key(0))
+    with MetricsLog(tmp_path / "m.jsonl") as log:
+        state, _, _ = fit(trainer, state, batches, evaluate, LoopConfig(total, total, 1, 0, False), log,
+                          on_step=on_step)
+    density = [d for d, _ in seen]
+    assert all(d > 0.5 for d in density[:2]), density  # before the projection: dense
+    assert all(d == density[2] and abs(d - 0.05) < 1e-3 for d in density[2:]), density  # after: the target
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(seen[-1][1]),
+                                                 jax.tree_util.tree_leaves(seen[2][1]))]
+    assert max(moved) > 0  # the kept entries keep training
+    delta = state.trainable["delta"]
+    assert np.isclose(float(trainer.transform.penalty(delta, ApplyContext())), cfg.l0_weight * density[-1], atol=1e-6)
+    final = trainer.transform.finalize(delta)
+    base = trainer.params(state)
+    np.testing.assert_allclose(np.asarray(_adapted(model, t, base, final, batch)),
+                               np.asarray(_adapted(model, t, base, delta, batch)), atol=1e-5)
+    with pytest.raises(ValueError, match="finalized"):
+        project(final[NAME], cfg)
+    with pytest.raises(ValueError, match="project_at"):
+        DiffPruningConfig(project_at=0.0)
 
 
 @pytest.mark.real
