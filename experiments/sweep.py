@@ -98,11 +98,20 @@ def write_e2e_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
 
 
 def previous_cells(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """The cells of an earlier ``<out>/results.json``, keyed by (label, task)."""
+    """The cells of an earlier ``<out>/results.json`` and of every finished run in
+    ``<out>/runs/<task>-<label>/summary.json`` (these win), keyed by (label, task)."""
     path = out / "results.json"
-    if not path.is_file():
-        return {}
-    return {(c["label"], c["task"]): c for c in json.loads(path.read_text())["cells"]}
+    cells = {}
+    if path.is_file():
+        cells = {(c["label"], c["task"]): c for c in json.loads(path.read_text())["cells"]}
+    for summary in sorted((out / "runs").glob("*/summary.json")):
+        data = json.loads(summary.read_text())
+        prefix = f"{data['task']}-"
+        name = summary.parent.name
+        if name.startswith(prefix):
+            label = name[len(prefix):]
+            cells[label, data["task"]] = {**data, "label": label}
+    return cells
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,8 +124,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", default=True, action=argparse.BooleanOptionalAction,
                         help="keep the cells already in <out>/results.json (a rerun cell replaces its old "
                              "value); --no-merge writes only this invocation's cells")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="run nothing: rewrite <out>/results.{md,json} from the cells on disk")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.rebuild:
+        cells = list(previous_cells(out).values())
+        machine = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+        note = json.loads((out / "results.json").read_text())["note"] if (out / "results.json").is_file() \
+            else f"Results rebuilt from {out}/runs on {machine}."
+        glue = [c for c in cells if c["task"] != "e2e"]
+        e2e = [c for c in cells if c["task"] == "e2e"]
+        if e2e:
+            write_e2e_table(e2e, out, note)
+        if glue:
+            write_table(glue, out, note)
+        return 0
     extra = shlex.split(args.extra)
     cells = previous_cells(out) if args.merge else {}
     t0 = time.time()
@@ -124,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods.split(","):
             summary = run_cell(method, task, out / "runs" / f"{task}-{method}", extra)
             if summary is not None:
+                if args.merge:  # other sweeps may have written cells meanwhile
+                    cells.update(previous_cells(out))
                 cells[summary["label"], summary["task"]] = summary
                 machine = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
                 if task == "e2e":

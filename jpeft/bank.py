@@ -197,6 +197,13 @@ def bank(transform: Transform, size: int, *, heads: bool = True, name: str | Non
             out.update({f"{i}.{k}": v for k, v in transform.stats(d).items()})
         return out
 
+    def between_steps(delta: Delta, step: int, total: int) -> Delta:
+        slots = unstack(delta[ADAPTERS])
+        new = [transform.between_steps(d, step, total) for d in slots]
+        if all(n is d for n, d in zip(new, slots)):
+            return delta
+        return {ADAPTERS: stack(new), BASE: delta[BASE]}
+
     return Transform(
         name=name or f"bank[{transform.name}]",
         config=config,
@@ -209,6 +216,7 @@ def bank(transform: Transform, size: int, *, heads: bool = True, name: str | Non
         forward=forward,
         trains_head=heads,
         parts=(),
+        between_steps=between_steps if transform.between_steps is not None else None,
     )
 
 
