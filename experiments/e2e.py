@@ -112,6 +112,7 @@ def run(cfg: Any) -> dict[str, Any]:
     import numpy as np
 
     from jpeft.config import to_dict
+    from jpeft.core import paths as P
     from jpeft.data import e2e as D
     from jpeft.data.batching import num_epoch_batches
     from jpeft.generate import generate
@@ -239,6 +240,9 @@ def run(cfg: Any) -> dict[str, Any]:
                    "tokens_per_s": round(generated_tokens / max(decode_s, 1e-9), 1),
                    "note": "includes the compilation of each new prompt width"},
         "trainable_params": counts.trainable,
+        # what adapter/ keeps: the finalized delta (prefix tuning: P without its MLP) and the
+        # trained base leaves
+        "stored_params": P.count_params(kept) + P.count_params(state.trainable["base"]),
         "total_params": counts.total,
         "trainable_percent": counts.percent,
         "steps": int(state.step),

@@ -81,15 +81,16 @@ def write_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
 
 
 def write_e2e_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
-    """The E2E table: the five metrics (BLEU and ROUGE-L, METEOR, CIDEr as in the papers' tables:
-    BLEU on 0–100, the others as fractions), dev loss, trainable parameters and wall time."""
+    """The E2E table: the five metrics (BLEU on 0–100, the others as the scorers return them),
+    dev loss before → after, parameters trained and stored (the adapter after finalize), wall time."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"note": note, "cells": cells}, indent=2))
-    lines = ["| method | trainable params (%) | BLEU | NIST | METEOR | ROUGE-L | CIDEr | dev loss | wall |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | trained params (%) | stored params | BLEU | NIST | METEOR | ROUGE-L | CIDEr | dev loss | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         m = c["metrics"]
-        lines.append(f"| {c['label']} | {c['trainable_params']:,d} ({c['trainable_percent']:.2f}%) | "
+        stored = f"{c['stored_params']:,d}" if "stored_params" in c else "–"
+        lines.append(f"| {c['label']} | {c['trainable_params']:,d} ({c['trainable_percent']:.2f}%) | {stored} | "
                      f"{m['BLEU']:.1f} | {m['NIST']:.2f} | {m['METEOR']:.3f} | {m['ROUGE_L']:.3f} | "
                      f"{m['CIDEr']:.2f} | {c['dev_loss_start']:.3f} → {c['dev_loss']:.3f} | "
                      f"{c['wall_s'] / 60:.1f} min |")
