@@ -13,7 +13,7 @@ evaluated during training; after training the finalized delta decodes the first
 cache, and the outputs are scored against all references of each MR (:mod:`jpeft.nlg_metrics`).
 
 The default recipe trains 300 steps of batch 8 (2,400 of the 42,061 training pairs) and decodes
-100 test MRs: it runs in under 30 minutes on a 2-core CPU. ``--full-recipe`` sets the papers'
+100 test MRs: 17–33 minutes per method on a 2-core CPU shared with other jobs. ``--full-recipe`` sets the papers'
 budget (5 epochs, every test MR, beam search with 5 beams); it takes days on such a CPU.
 
 Settings are layered: the defaults below < ``configs/e2e/<method>.toml`` for each part of the
