@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step [--configs=full,lora,...] [--sides=jpeft,peft] [--steps=8]
                                     [--rounds=3] [--batch=32] [--length=128] [--out=benchmarks/results]
+                                    [--matmul-dtype=float32|bfloat16]
 
 MiniLM (all-MiniLM-L6-v2) with a 2-class head, batch ``B`` × length ``T`` of fixed random token
 ids, AdamW. Every (configuration, side) runs in its own process (so its peak resident memory is
@@ -18,7 +19,12 @@ GEMM in the same run. Configurations:
   (m=64; PEFT has no bottleneck adapters, jpeft side only), ``bitfit`` (biases and head; in
   PyTorch by ``requires_grad`` on the biases), ``inference`` (the base model's forward pass).
 
-Writes ``train_step.json`` and ``train_step.md``.
+``--matmul-dtype=bfloat16`` compares mixed precision on both sides: jpeft with the model's
+``matmul_dtype="bfloat16"`` (bf16 operands, float32 accumulation, forward and backward; weights,
+activations and optimizer state float32), PyTorch under ``torch.autocast("cpu", torch.bfloat16)``
+(the same contract: bf16 matmuls, float32 master weights).
+
+Writes ``train_step.json`` and ``train_step.md`` (``train_step_bf16.*`` for bfloat16).
 """
 
 from __future__ import annotations
@@ -85,7 +91,7 @@ def _jpeft_method(config: str):
     return build(spec, configs)
 
 
-def worker_jpeft(config: str, steps: int, batch: int, length: int) -> dict[str, Any]:
+def worker_jpeft(config: str, steps: int, batch: int, length: int, matmul_dtype: str) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
@@ -94,7 +100,7 @@ def worker_jpeft(config: str, steps: int, batch: int, length: int) -> dict[str, 
     from jpeft.train.optim import OptimConfig
     from jpeft.train.trainer import Trainer
 
-    model, base = from_pretrained(num_labels=2)
+    model, base = from_pretrained(num_labels=2, matmul_dtype=None if matmul_dtype == "float32" else matmul_dtype)
     ids, mask, types, labels = (jnp.asarray(x) for x in _batch_arrays(batch, length))
     t0 = time.perf_counter()
     if config == "inference":
@@ -128,7 +134,9 @@ def worker_jpeft(config: str, steps: int, batch: int, length: int) -> dict[str, 
             "trainable": P.count_params(state.trainable), "peak_rss_mb": _peak_rss_mb()}
 
 
-def worker_peft(config: str, steps: int, batch: int, length: int) -> dict[str, Any]:
+def worker_peft(config: str, steps: int, batch: int, length: int, matmul_dtype: str) -> dict[str, Any]:
+    import contextlib
+
     import torch
     import transformers
 
@@ -139,10 +147,12 @@ def worker_peft(config: str, steps: int, batch: int, length: int) -> dict[str, A
     path = str(resolve_model_dir("sentence-transformers/all-MiniLM-L6-v2"))
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     ids, mask, types, labels = (torch.as_tensor(x).long() for x in _batch_arrays(batch, length))
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if matmul_dtype == "bfloat16"
+                else contextlib.nullcontext())
     if config == "inference":
         model.eval()
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             model(input_ids=ids, attention_mask=mask, token_type_ids=types)
             compile_s = time.perf_counter() - t0
             times = []
@@ -174,7 +184,8 @@ def worker_peft(config: str, steps: int, batch: int, length: int) -> dict[str, A
     opt = torch.optim.AdamW(params, lr=LR)
 
     def step():
-        out = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+        with autocast:
+            out = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -195,14 +206,14 @@ def worker_peft(config: str, steps: int, batch: int, length: int) -> dict[str, A
 # ----------------------------------------------------------------------------------------------
 # driver
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
-    """float32 GEMM throughput of this machine (jitted jnp.dot, best of ``reps``)."""
+def matmul_peak_gflops(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
+    """GEMM throughput of this machine in ``dtype`` (float32 accumulation; jitted, best of ``reps``)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     jax.block_until_ready(dot(a, b))
     best = float("inf")
     for _ in range(reps):
@@ -212,9 +223,11 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def _run_worker(side: str, config: str, steps: int, batch: int, length: int) -> dict[str, Any]:
+def _run_worker(side: str, config: str, steps: int, batch: int, length: int, matmul_dtype: str
+                ) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", side, "--configs", config,
-           "--steps", str(steps), "--batch", str(batch), "--length", str(length)]
+           "--steps", str(steps), "--batch", str(batch), "--length", str(length),
+           "--matmul-dtype", matmul_dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -285,30 +298,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="bfloat16: bf16 matmuls with float32 accumulation on both sides (autocast in PyTorch)")
     parser.add_argument("--worker", choices=["jpeft", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         fn = worker_jpeft if args.worker == "jpeft" else worker_peft
-        print("RESULT " + json.dumps(fn(args.configs, args.steps, args.batch, args.length)), flush=True)
+        result = fn(args.configs, args.steps, args.batch, args.length, args.matmul_dtype)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
     configs = args.configs.split(",")
     sides = args.sides.split(",")
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
         raise SystemExit(f"unknown --configs {bad}; choose from {CONFIGS}")
-    PEAK[0] = peak = matmul_peak_gflops()
-    print(f"float32 matmul peak (2048² GEMM): {peak:.1f} GFLOP/s", flush=True)
+    PEAK[0] = peak = matmul_peak_gflops(dtype=args.matmul_dtype)
+    print(f"{args.matmul_dtype} matmul peak (2048² GEMM): {peak:.1f} GFLOP/s", flush=True)
     raw: dict[str, dict[str, list[dict]]] = {c: {} for c in configs}
     for rnd in range(args.rounds):
         for config in configs:
             for side in (sides if rnd % 2 == 0 else sides[::-1]):  # alternate who goes first
                 if side == "peft" and config in NO_PEFT:
                     continue
-                result = _run_worker(side, config, args.steps, args.batch, args.length)
+                result = _run_worker(side, config, args.steps, args.batch, args.length, args.matmul_dtype)
                 raw[config].setdefault(side, []).append(result)
                 print(f"round {rnd} {config:9s} {side:5s} median {statistics.median(result['times']):.3f} s "
                       f"(compile {result['compile_s']:.1f} s, rss {result['peak_rss_mb']:.0f} MB)", flush=True)
-    peak_after = matmul_peak_gflops()
+    peak_after = matmul_peak_gflops(dtype=args.matmul_dtype)
     rows = summarize(raw, max(peak, peak_after), args.batch, args.length)
     PEAK[0] = max(peak, peak_after)
     md = table(rows)
@@ -326,12 +342,14 @@ def main(argv: list[str] | None = None) -> int:
             "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "peft": peft_version, "python": platform.python_version()},
             "command": "python -m benchmarks.train_step " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "matmul_dtype": args.matmul_dtype,
             "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": args.batch, "length": args.length,
             "matmul_peak_gflops": [peak, peak_after]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_step.json").write_text(json.dumps({**meta, "rows": rows, "raw": raw}, indent=2) + "\n")
-    (out / "train_step.md").write_text(md + "\n")
+    stem = "train_step" if args.matmul_dtype == "float32" else "train_step_bf16"
+    (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows, "raw": raw}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(md + "\n")
     return 0
 
 

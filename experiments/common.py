@@ -53,6 +53,7 @@ def training_fields(*, method: str = "lora", model: str, epochs: float = 1.0, ba
         ("mesh", str | None, f(default=None, metadata={"help": "device mesh, e.g. 'data=4,fsdp=2' (default: all devices on data when there are several)"})),
         ("remat", bool, f(default=False, metadata={"help": "rematerialise each transformer layer (recompute activations in the backward pass: less memory, more compute)"})),
         ("base_dtype", str, f(default="float32", metadata={"help": "dtype of the frozen base and of the model's compute: float32 or bfloat16 (the delta, trained base leaves, gradients and optimizer state stay float32)"})),
+        ("matmul_dtype", str, f(default="float32", metadata={"help": "operand dtype of the transformer's matmuls: float32, or bfloat16 (bf16 products accumulated in float32, forward and backward; uses AMX on recent x86 CPUs and tensor cores on GPUs)"})),
         ("save_every", int, f(default=0, metadata={"help": "checkpoint every N steps (0: at each evaluation and at the end; -1: never)"})),
         ("keep_checkpoints", int, f(default=2, metadata={"help": "how many recent checkpoints to keep"})),
         ("resume", bool, f(default=True, metadata={"help": "continue from the run directory's latest checkpoint if there is one"})),
@@ -132,6 +133,13 @@ def method_configs(transform: Any, spec: str) -> dict[str, Any]:
 
     names = parse_spec(spec)
     return dict(transform.config) if len(names) > 1 else {names[0]: transform.config}
+
+
+def model_matmul_dtype(matmul_dtype: str) -> str | None:
+    """The model config's ``matmul_dtype`` for the CLI's ``--matmul-dtype``."""
+    if matmul_dtype not in BASE_DTYPES:
+        raise ValueError(f"--matmul-dtype={matmul_dtype!r}; choose one of {', '.join(BASE_DTYPES)}")
+    return None if matmul_dtype == "float32" else matmul_dtype
 
 
 def check_base_dtype(dtype: str) -> None:

@@ -45,6 +45,7 @@ from experiments.common import (
     finalize_state,
     make_config_class,
     method_layers,
+    model_matmul_dtype,
     optim_config,
     parse_experiment_args,
     run_mesh,
@@ -99,7 +100,8 @@ def load_model(cfg: Any) -> tuple[Any, Any, Any]:
     """``(model, params, tokenizer)`` for ``cfg.model`` (folder, Hub id or GGUF file)."""
     from jpeft.models import auto_from_pretrained, auto_tokenizer
 
-    model, base = auto_from_pretrained(cfg.model, remat=cfg.remat)
+    model, base = auto_from_pretrained(cfg.model, remat=cfg.remat,
+                                       matmul_dtype=model_matmul_dtype(cfg.matmul_dtype))
     if not hasattr(model, "init_cache"):
         raise ValueError(f"--model={cfg.model} is a {type(model).__name__}; the E2E experiment needs a "
                          "decoder LM (Llama family or GPT-2)")
@@ -254,6 +256,7 @@ def run(cfg: Any) -> dict[str, Any]:
         "method_stats": transform.stats(kept),
         "seed": cfg.seed,
         "base_dtype": cfg.base_dtype,
+        "matmul_dtype": cfg.matmul_dtype,
         "jax_backend": jax.default_backend(),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

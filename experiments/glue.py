@@ -36,6 +36,7 @@ from experiments.common import (  # noqa: F401  (cast_frozen_base is part of thi
     make_config_class,
     method_configs,
     method_layers,
+    model_matmul_dtype,
     optim_config,
     parse_experiment_args,
     run_mesh,
@@ -133,7 +134,7 @@ def run(cfg: Any) -> dict[str, Any]:
     buckets = tuple(cfg.buckets) or G.default_buckets(cfg.max_length)
 
     model, base = bert.from_pretrained(model_dir, num_labels=task.num_labels, seed=cfg.seed,
-                                       remat=cfg.remat)
+                                       remat=cfg.remat, matmul_dtype=model_matmul_dtype(cfg.matmul_dtype))
     if cfg.base_dtype != "float32":
         from jpeft.train.trainer import trainable_base_paths
 
@@ -215,6 +216,7 @@ def run(cfg: Any) -> dict[str, Any]:
         "seed": cfg.seed,
         "base_dtype": cfg.base_dtype,
         "remat": cfg.remat,
+        "matmul_dtype": cfg.matmul_dtype,
         "process_count": jax.process_count(),
         "jax_backend": jax.default_backend(),
     }

@@ -217,6 +217,7 @@ def bank(transform: Transform, size: int, *, heads: bool = True, name: str | Non
         trains_head=heads,
         parts=(),
         between_steps=between_steps if transform.between_steps is not None else None,
+        stage_starts=transform.stage_starts,
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
+from typing import Any
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -55,8 +56,11 @@ def bleu_nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) ->
     return {"BLEU": float(bleu.score), "NIST": float(nist)}
 
 
-def coco_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """METEOR, ROUGE-L and CIDEr from ``pycocoevalcap`` after its PTB tokeniser (needs Java)."""
+def coco_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]], *,
+                per_item: bool = False) -> dict[str, Any]:
+    """METEOR, ROUGE-L and CIDEr from ``pycocoevalcap`` after its PTB tokeniser (needs Java):
+    corpus scores, or with ``per_item`` the list of each input's scores (CIDEr's n-gram weights
+    still come from the whole corpus of references)."""
     if shutil.which("java") is None:
         raise RuntimeError("METEOR and the PTB tokenizer of pycocoevalcap are Java programs and no "
                            "`java` is on the PATH; install a Java runtime (e.g. apt install "
@@ -72,9 +76,11 @@ def coco_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
     res = tokenizer.tokenize({i: [{"caption": h}] for i, h in enumerate(hypotheses)})
     # An empty hypothesis tokenises to "": the scorers need one (possibly empty) string per input.
     res = {i: caps or [""] for i, caps in res.items()}
-    out = {"METEOR": float(Meteor().compute_score(gts, res)[0])}
-    out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    scorers = {"METEOR": Meteor(), "ROUGE_L": Rouge(), "CIDEr": Cider()}
+    out: dict[str, Any] = {}
+    for name, scorer in scorers.items():
+        corpus, items = scorer.compute_score(gts, res)
+        out[name] = [float(x) for x in items] if per_item else float(corpus)
     return out
 
 

@@ -44,3 +44,22 @@ def perturb(tree, seed: int = 1, scale: float = 0.1):
     keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
     noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
     return jax.tree_util.tree_unflatten(treedef, noisy)
+
+
+def train_tiny(model, transform, params, steps: int = 8, lr: float = 2e-2):
+    """``steps`` constant-lr steps on one fixed tiny batch: ``(state, losses)``; asserts that the
+    losses are finite and fall by more than 0.05."""
+    from jpeft.train.optim import OptimConfig
+    from jpeft.train.trainer import Trainer
+
+    trainer = Trainer(model, transform, params, total_steps=steps,
+                      optim=OptimConfig(lr=lr, warmup_ratio=0.0, schedule="constant"))
+    state = trainer.init_state(jax.random.key(0))
+    batch = tiny_batch(batch=8, seed=2)
+    losses = []
+    for _ in range(steps):
+        state, metrics = trainer.train_step(state, trainer.frozen, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[0] - 0.05, losses
+    return state, losses

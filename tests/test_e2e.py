@@ -140,20 +140,28 @@ def test_bleu_and_nist_known_values():
 
 @needs_java
 def test_coco_metrics_known_values():
-    from jpeft.nlg_metrics import coco_scores, e2e_scores
+    """One scoring call (each starts the Java scorers), read item by item."""
+    from jpeft.nlg_metrics import bleu_nist, coco_scores
 
     refs = [["the vaults is a pub near cafe adriatic"], ["blue spice serves thai food"]]
-    perfect = coco_scores([r[0] for r in refs], refs)
-    assert perfect["METEOR"] == pytest.approx(1.0) and perfect["ROUGE_L"] == pytest.approx(1.0)
+    perfect = [r[0] for r in refs]
+    worse = ["the vaults is a pub", "blue spice is a restaurant"]
+    unrelated = ["zzz qqq", "xxx yyy"]
     # ROUGE-L with β = 1.2: LCS 3 of 4 tokens both ways -> P = R = 0.75 -> F = 0.75
-    rouge = coco_scores(["a b c d"], [["a b x d"]])["ROUGE_L"]
-    assert rouge == pytest.approx(0.75)
-    worse = e2e_scores(["the vaults is a pub", "blue spice is a restaurant"], refs)
-    best = e2e_scores([r[0] for r in refs], refs)
-    for name in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"):
-        assert best[name] > worse[name] > 0, name
-    unrelated = coco_scores(["zzz qqq", "xxx yyy"], refs)
-    assert unrelated["ROUGE_L"] == 0 and unrelated["CIDEr"] == 0
+    hyps = perfect + ["a b c d"] + worse + unrelated
+    scores = coco_scores(hyps, refs + [["a b x d"]] + refs + refs, per_item=True)
+    assert all(len(v) == len(hyps) for v in scores.values())
+    assert scores["METEOR"][:2] == pytest.approx([1.0, 1.0]) and scores["ROUGE_L"][:2] == pytest.approx([1.0, 1.0])
+    assert scores["ROUGE_L"][2] == pytest.approx(0.75)
+    for name, items in scores.items():
+        for best, lower in ((0, 3), (1, 4)):
+            assert items[best] > items[lower] > 0, (name, items)
+    assert scores["ROUGE_L"][5:] == [0.0, 0.0] and scores["CIDEr"][5:] == [0.0, 0.0]
+    corpus = coco_scores(perfect, refs)
+    assert corpus["METEOR"] == pytest.approx(1.0) and corpus["ROUGE_L"] == pytest.approx(1.0)
+    best_bn, worse_bn = bleu_nist(perfect, refs), bleu_nist(worse, refs)
+    for name in ("BLEU", "NIST"):
+        assert best_bn[name] > worse_bn[name] > 0, name
 
 
 # -- methods on decoders ------------------------------------------------------------------------

@@ -122,6 +122,10 @@ def _no_stats(delta: Delta) -> dict[str, float]:
     return {}
 
 
+def _no_stages(total_steps: int) -> tuple[int, ...]:
+    return ()
+
+
 def _count(tree: Any) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "size"))
 
@@ -147,6 +151,9 @@ class Transform:
         loop after every step (host side, outside jit) to rewrite the delta on a schedule (diff
         pruning projects onto its target sparsity, then fine-tunes with the mask fixed); it
         returns the very same object when it changes nothing.
+      stage_starts: ``total_steps -> steps`` at which a new training stage begins (diff
+        pruning's fine-tuning after the projection); the learning-rate schedule restarts there,
+        with its warm-up and decay over the stage.
       exclusive: refuses composition with any other method (``full``).
       adds_tokens: the method lengthens the sequence (prompt family), so a fresh delta changes
         the output.
@@ -179,6 +186,7 @@ class Transform:
     trains_head: bool = False
     new_params: Callable[[Delta], int] = lambda delta: _count(delta)
     between_steps: Callable[[Delta, int, int], Delta] | None = None
+    stage_starts: Callable[[int], tuple[int, ...]] = _no_stages
 
     @property
     def mergeable(self) -> bool:
@@ -278,6 +286,7 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
         parts=tuple(flat),
         new_params=lambda delta: sum(t.new_params(delta[t.name]) for t in flat),
         between_steps=_between_steps_chain(flat),
+        stage_starts=lambda total: tuple(sorted({s for t in flat for s in t.stage_starts(total)})),
     )
 
 

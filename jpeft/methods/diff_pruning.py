@@ -46,7 +46,10 @@ After training (the paper's magnitude projection onto the L0 ball):
   the training loop's ``between_steps`` hook applies :func:`project`: ``w ← d`` on the kept entries
   (0 elsewhere) and the gate logits become ``±HARD_LOGIT``, so every gate is exactly 1 (kept) or
   0 (dropped) in training and evaluation, with zero gradient: the remaining steps fine-tune the
-  kept entries with the mask fixed, and the L0 penalty is a constant. ``project_at = 1`` skips
+  kept entries with the mask fixed, and the L0 penalty is a constant. The projection starts a
+  new training stage (``Transform.stage_starts``): the learning-rate schedule restarts there
+  with its own warm-up and decay, since the projected model has to re-learn what the dropped
+  entries carried. ``project_at = 1`` skips
   this stage (projection only at the end, which then changes the function);
 * the transform's ``finalize`` is ``{"w": densify(sparsify(delta, config.target_sparsity))}``: a
   finalized delta has **no** ``"logits"`` and behaves as a plain additive delta
@@ -358,6 +361,7 @@ def diff_pruning(config: DiffPruningConfig = DiffPruningConfig(), *,
         init=init,
         adapt_params=adapt_params,
         between_steps=between_steps,
+        stage_starts=lambda total: tuple(s for s in [projection_step(config, total)] if s is not None),
         penalty=penalty,
         merge=lambda params, delta: fold(params, delta, 1.0),
         unmerge=lambda params, delta: fold(params, delta, -1.0),

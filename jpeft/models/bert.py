@@ -23,7 +23,13 @@ import numpy as np
 from jpeft.core.dropout import Dropout
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
-from jpeft.models.common import activation, config_from_hf
+from jpeft.models.common import (
+    activation,
+    check_matmul_dtype,
+    config_from_hf,
+    dense_dot_general,
+    matmul_einsum,
+)
 from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, FFN_HIDDEN, FFN_OUT, Tap
 
 Array = jax.Array
@@ -50,7 +56,11 @@ class BertConfig:
     num_labels: int = 2
     head: str = "classification"
     dtype: str = "float32"
+    matmul_dtype: str | None = None
     remat: bool = False
+
+    def __post_init__(self) -> None:
+        check_matmul_dtype(self.matmul_dtype)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -60,6 +70,11 @@ class BertConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def dot_general(self):
+        """The encoder's ``nn.Dense`` matmul (:func:`dense_dot_general` of ``matmul_dtype``)."""
+        return dense_dot_general(self.matmul_dtype)
 
     @property
     def is_roberta(self) -> bool:
@@ -119,17 +134,18 @@ class SelfAttention(nn.Module):
         b, t, _ = h.shape
         heads, dh = cfg.num_attention_heads, cfg.head_dim
         dense = lambda name: nn.Dense(cfg.hidden_size, kernel_init=nn.initializers.normal(0.02),
-                                     dtype=cfg.compute_dtype, name=name)
+                                     dtype=cfg.compute_dtype, dot_general=cfg.dot_general, name=name)
         q = dense("query")(h).reshape(b, t, heads, dh)
         k = dense("key")(h).reshape(b, t, heads, dh)
         v = dense("value")(h).reshape(b, t, heads, dh)
         k, v, mask = Tap(ATTN_KV, self.layer, name="kv_tap")(k, v, mask)
         # Softmax in float32 whatever the compute dtype.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(dh).astype(np.float32)
+        scores = matmul_einsum("bqhd,bkhd->bhqk", q, k, cfg.matmul_dtype).astype(jnp.float32)
+        scores = scores / np.sqrt(dh).astype(np.float32)
         scores = jnp.where(mask[:, None, None, :] > 0, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        ctx = matmul_einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, cfg.matmul_dtype)
         return ctx.reshape(b, t, heads * dh)
 
 
@@ -144,7 +160,7 @@ class ResidualOutput(nn.Module):
     def __call__(self, x, residual, deterministic: bool):
         cfg = self.config
         x = nn.Dense(cfg.hidden_size, kernel_init=nn.initializers.normal(0.02), dtype=cfg.compute_dtype,
-                     name="dense")(x)
+                     dot_general=cfg.dot_general, name="dense")(x)
         x = Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         x = Tap(self.tap_kind, self.layer, name="tap")(x)
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name="LayerNorm")(x + residual)
@@ -168,7 +184,7 @@ class Intermediate(nn.Module):
     def __call__(self, h):
         cfg = self.config
         x = nn.Dense(cfg.intermediate_size, kernel_init=nn.initializers.normal(0.02),
-                     dtype=cfg.compute_dtype, name="dense")(h)
+                     dtype=cfg.compute_dtype, dot_general=cfg.dot_general, name="dense")(h)
         return Tap(FFN_HIDDEN, self.layer, name="tap")(activation(cfg.hidden_act)(x))
 
 
@@ -241,7 +257,8 @@ class BertModel(nn.Module):
     logits ``(B, num_labels)`` (head ``classification``; always float32) or the sequence output
     ``(B,T',D)`` (head ``none``; in ``config.dtype``). ``T' = T`` unless a transform prepends
     tokens. ``config.dtype`` is the encoder's compute dtype (``"bfloat16"``: a bf16 base);
-    ``config.remat`` rematerialises each layer (see :class:`Encoder`).
+    ``config.remat`` rematerialises each layer (see :class:`Encoder`); ``config.matmul_dtype``
+    (``"bfloat16"``) multiplies in bf16 with float32 accumulation (:func:`mixed_einsum`).
     """
 
     config: BertConfig

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -37,3 +39,129 @@ def config_from_hf(cls: type, hf: dict[str, Any], overrides: dict[str, Any]) -> 
     kwargs = {k: v for k, v in hf.items() if k in names}
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed-precision matmuls: operands in a low-precision dtype, accumulation and result in float32.
+
+MATMUL_DTYPES = (None, "bfloat16")
+
+
+def check_matmul_dtype(matmul_dtype: str | None) -> None:
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ValueError(f"matmul_dtype={matmul_dtype!r}; choose one of {MATMUL_DTYPES} (None: "
+                         "multiply in the operands' own dtype)")
+
+
+def _einsum_operands(spec: str) -> tuple[str, str, str]:
+    if "..." in spec:
+        raise ValueError(f"mixed_einsum takes explicit indices, got {spec!r}")
+    inputs, _, out = spec.replace(" ", "").partition("->")
+    a, _, b = inputs.partition(",")
+    if not out or not b or "," in b:
+        raise ValueError(f"mixed_einsum takes 'A,B->C' with two operands and an output, got {spec!r}")
+    for name, term, others in (("first", a, b + out), ("second", b, a + out), ("output", out, a + b)):
+        missing = set(term) - set(others)
+        if missing:
+            raise ValueError(f"mixed_einsum {spec!r}: the {name} term's indices {sorted(missing)} appear "
+                             "nowhere else; only matmul-like contractions are supported")
+    return a, b, out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def mixed_einsum(spec: str, a: jax.Array, b: jax.Array, operand_dtype: Any) -> jax.Array:
+    """``einsum(spec, a, b)`` with both operands cast to ``operand_dtype`` (e.g. bfloat16) and the
+    products accumulated and returned in float32, in the forward and in the backward pass.
+
+    The backward pass casts the float32 cotangent ``g`` to ``operand_dtype`` too, so all three
+    contractions (``C = A·B``, ``dA = g·Bᵀ``, ``dB = Aᵀ·g``) use the low-precision units (AMX
+    on x86, tensor cores on GPU), as PyTorch's autocast does. The saved residuals are the
+    low-precision operands. ``spec`` must be matmul-like (every index in at least two terms)."""
+    return _canonical_einsum(spec, a.astype(operand_dtype), b.astype(operand_dtype))
+
+
+def _canonical_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum(spec, a, b)`` in float32 as one (batched) GEMM ``(G,M,K)·(G,K,N)``: the operands are
+    transposed and reshaped to that form first. XLA:CPU runs low-precision dots with float32
+    results only in this form (other dimension layouts fall back to a path without bf16)."""
+    ta, tb, tc = _einsum_operands(spec)
+    size = {**dict(zip(ta, a.shape)), **dict(zip(tb, b.shape))}
+    batch = [c for c in tc if c in ta and c in tb]
+    rows = [c for c in tc if c in ta and c not in tb]
+    cols = [c for c in tc if c in tb and c not in ta]
+    inner = [c for c in ta if c in tb and c not in tc]
+    prod = lambda cs: int(np.prod([size[c] for c in cs], dtype=np.int64))
+    lead = (prod(batch),) if batch else ()
+    a3 = jnp.transpose(a, [ta.index(c) for c in batch + rows + inner]).reshape(
+        *lead, prod(rows), prod(inner))
+    b3 = jnp.transpose(b, [tb.index(c) for c in batch + inner + cols]).reshape(
+        *lead, prod(inner), prod(cols))
+    dims = (((a3.ndim - 1,), (b3.ndim - 2,)), ((0,), (0,)) if batch else ((), ()))
+    out = jax.lax.dot_general(a3, b3, dims, preferred_element_type=jnp.float32)
+    out = out.reshape([size[c] for c in batch + rows + cols])
+    return jnp.transpose(out, [(batch + rows + cols).index(c) for c in tc])
+
+
+def _contract_last(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum(spec, a, b)``: as one ``dot_general`` on the operands as they are when both
+    contract over their trailing dimensions with the batch dimensions leading (``g·Wᵀ`` in the
+    backward pass of ``x·W``: XLA:CPU keeps such a low-precision dot), else as
+    :func:`_canonical_einsum`."""
+    ta, tb, tc = _einsum_operands(spec)
+    batch = [c for c in tc if c in ta and c in tb]
+    inner = [c for c in ta if c in tb and c not in tc]
+    nb, nk = len(batch), len(inner)
+    if (list(ta[:nb]) == batch and list(tb[:nb]) == batch and nk
+            and list(ta[len(ta) - nk:]) == inner and list(tb[len(tb) - nk:]) == inner):
+        dims = ((tuple(range(a.ndim - nk, a.ndim)), tuple(range(b.ndim - nk, b.ndim))),
+                (tuple(range(nb)), tuple(range(nb))))
+        out = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+        natural = batch + [c for c in ta if c not in tb] + [c for c in tb if c not in ta]
+        return jnp.transpose(out, [natural.index(c) for c in tc])
+    return _canonical_einsum(spec, a, b)
+
+
+def _mixed_einsum_fwd(spec, a, b, operand_dtype):
+    a_low, b_low = a.astype(operand_dtype), b.astype(operand_dtype)
+    out = _canonical_einsum(spec, a_low, b_low)
+    return out, (a_low, b_low, jnp.zeros((), a.dtype), jnp.zeros((), b.dtype))
+
+
+def _mixed_einsum_bwd(spec, operand_dtype, residuals, g):
+    a_low, b_low, a_like, b_like = residuals
+    ta, tb, tc = _einsum_operands(spec)
+    g_low = g.astype(operand_dtype)
+    da = _contract_last(f"{tc},{tb}->{ta}", g_low, b_low)
+    db = _contract_last(f"{ta},{tc}->{tb}", a_low, g_low)
+    return da.astype(a_like.dtype), db.astype(b_like.dtype)
+
+
+mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+def matmul_einsum(spec: str, a: jax.Array, b: jax.Array, matmul_dtype: str | None) -> jax.Array:
+    """``einsum(spec, a, b)``; with ``matmul_dtype`` set, :func:`mixed_einsum` in that dtype and
+    the result cast back to the operands' dtype (the model's compute dtype)."""
+    if matmul_dtype is None:
+        return jnp.einsum(spec, a, b)
+    return mixed_einsum(spec, a, b, jnp.dtype(matmul_dtype)).astype(jnp.result_type(a, b))
+
+
+@functools.lru_cache(maxsize=None)
+def dense_dot_general(matmul_dtype: str | None) -> Callable[..., jax.Array] | None:
+    """A ``dot_general`` for ``nn.Dense(dot_general=...)`` that multiplies in ``matmul_dtype``
+    (``x (…,K) · W (K,N)`` by :func:`mixed_einsum`); ``None`` (Flax's default) when unset.
+    Cached, so that equal configs give equal (hashable) module attributes."""
+    check_matmul_dtype(matmul_dtype)
+    if matmul_dtype is None:
+        return None
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+        if tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or lhs_batch or rhs_batch \
+                or rhs.ndim != 2:
+            raise ValueError(f"matmul_dtype supports Dense's x(...,K)·W(K,N) only, got {dimension_numbers}")
+        out = matmul_einsum("mk,kn->mn", lhs.reshape(-1, lhs.shape[-1]), rhs, matmul_dtype)
+        return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
+
+    return dot_general

@@ -35,7 +35,7 @@ import numpy as np
 from jpeft.core.dropout import Dropout
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
-from jpeft.models.common import activation, config_from_hf
+from jpeft.models.common import activation, check_matmul_dtype, config_from_hf, dense_dot_general
 from jpeft.models.llama import (
     Cache,
     advance_cache,
@@ -70,7 +70,11 @@ class GPT2Config:
     tie_word_embeddings: bool = True
     model_type: str = "gpt2"
     dtype: str = "float32"
+    matmul_dtype: str | None = None  # operand dtype of the matmuls (float32 accumulation); None: dtype
     remat: bool = False  # rematerialise each block (nn.remat) to save activation memory
+
+    def __post_init__(self) -> None:
+        check_matmul_dtype(self.matmul_dtype)
 
     @property
     def head_dim(self) -> int:
@@ -102,7 +106,8 @@ class GPT2Attention(nn.Module):
         b, t, d = h.shape
         heads, dh = cfg.n_head, cfg.head_dim
         init = nn.initializers.normal(cfg.initializer_range)
-        qkv = nn.Dense(3 * d, kernel_init=init, name="c_attn")(h)
+        dot_general = dense_dot_general(cfg.matmul_dtype)
+        qkv = nn.Dense(3 * d, kernel_init=init, dot_general=dot_general, name="c_attn")(h)
         q, k, v = (x.reshape(b, t, heads, dh) for x in jnp.split(qkv, 3, axis=-1))
         k, v, layer_cache = write_cache(layer_cache, k, v, start)
         s_real = k.shape[1]
@@ -113,8 +118,8 @@ class GPT2Attention(nn.Module):
         drop = None
         if cfg.attn_pdrop > 0.0 and not deterministic:
             drop = lambda p: Dropout(cfg.attn_pdrop)(p, deterministic=False)
-        ctx = causal_attention(q, k, v, mask, start, s_real, scale, drop)
-        out = nn.Dense(d, kernel_init=init, name="c_proj")(ctx)
+        ctx = causal_attention(q, k, v, mask, start, s_real, scale, drop, cfg.matmul_dtype)
+        out = nn.Dense(d, kernel_init=init, dot_general=dot_general, name="c_proj")(ctx)
         out = Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
         return Tap(ATTN_OUT, self.layer, name="out_tap")(out), layer_cache
 
@@ -127,9 +132,11 @@ class GPT2MLP(nn.Module):
     def __call__(self, x, deterministic: bool):
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
-        hidden = activation(cfg.activation_function)(nn.Dense(cfg.inner, kernel_init=init, name="c_fc")(x))
+        fc = nn.Dense(cfg.inner, kernel_init=init, dot_general=dense_dot_general(cfg.matmul_dtype), name="c_fc")
+        hidden = activation(cfg.activation_function)(fc(x))
         hidden = Tap(FFN_HIDDEN, self.layer, name="hidden_tap")(hidden)
-        out = nn.Dense(cfg.n_embd, kernel_init=init, name="c_proj")(hidden)
+        out = nn.Dense(cfg.n_embd, kernel_init=init, dot_general=dense_dot_general(cfg.matmul_dtype),
+                       name="c_proj")(hidden)
         out = Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
         return Tap(FFN_OUT, self.layer, name="out_tap")(out)
 

@@ -55,7 +55,7 @@ from jax import lax
 from jpeft.core.dropout import Dropout
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
-from jpeft.models.common import activation
+from jpeft.models.common import activation, check_matmul_dtype, dense_dot_general, matmul_einsum
 from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, FFN_HIDDEN, FFN_OUT, Tap
 
 Array = jax.Array
@@ -93,9 +93,11 @@ class LlamaConfig:
     pad_token_id: int | None = None
     model_type: str = "llama"
     dtype: str = "float32"
+    matmul_dtype: str | None = None  # operand dtype of the matmuls (float32 accumulation); None: dtype
     remat: bool = False  # rematerialise each decoder layer (nn.remat) to save activation memory
 
     def __post_init__(self) -> None:
+        check_matmul_dtype(self.matmul_dtype)
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type {self.rope_type!r} is not supported; supported: {list(ROPE_TYPES)}")
         if self.num_attention_heads % self.kv_heads:
@@ -235,7 +237,7 @@ def advance_cache(cache: Cache, layers: list[dict[str, Array]], key_mask: Array,
 
 
 def causal_attention(q: Array, k: Array, v: Array, key_mask: Array, start: Array | int, s_real: int,
-                     scale: float, dropout=None) -> Array:
+                     scale: float, dropout=None, matmul_dtype: str | None = None) -> Array:
     """Grouped-query causal attention.
 
     ``q (B,T,H,Dh)``, ``k, v (B,S,Hkv,Dh)`` with ``H`` a multiple of ``Hkv`` (query head ``h``
@@ -256,12 +258,12 @@ def causal_attention(q: Array, k: Array, v: Array, key_mask: Array, start: Array
         causal = jnp.concatenate([jnp.ones((t, extra), bool), causal], axis=1)
     allowed = causal[None, :, :] & (key_mask[:, None, :] > 0)  # (B,T,S)
     qg = q.reshape(b, t, hkv, h // hkv, dh)
-    scores = jnp.einsum("bthgd,bshd->bhgts", qg, k).astype(jnp.float32) * scale
+    scores = matmul_einsum("bthgd,bshd->bhgts", qg, k, matmul_dtype).astype(jnp.float32) * scale
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
         probs = dropout(probs)
-    ctx = jnp.einsum("bhgts,bshd->bthgd", probs.astype(v.dtype), v)
+    ctx = matmul_einsum("bhgts,bshd->bthgd", probs.astype(v.dtype), v, matmul_dtype)
     return ctx.reshape(b, t, h * dh)
 
 
@@ -294,7 +296,8 @@ class LlamaAttention(nn.Module):
         b, t, _ = h.shape
         heads, kv, dh = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
         init = nn.initializers.normal(cfg.initializer_range)
-        dense = lambda n, name: nn.Dense(n, use_bias=cfg.attention_bias, kernel_init=init, name=name)
+        dense = lambda n, name: nn.Dense(n, use_bias=cfg.attention_bias, kernel_init=init,
+                                         dot_general=dense_dot_general(cfg.matmul_dtype), name=name)
         q = dense(heads * dh, "q_proj")(h).reshape(b, t, heads, dh)
         k = dense(kv * dh, "k_proj")(h).reshape(b, t, kv, dh)
         v = dense(kv * dh, "v_proj")(h).reshape(b, t, kv, dh)
@@ -305,7 +308,7 @@ class LlamaAttention(nn.Module):
         drop = None
         if cfg.attention_dropout > 0.0 and not deterministic:
             drop = lambda p: Dropout(cfg.attention_dropout)(p, deterministic=False)
-        ctx = causal_attention(q, k, v, mask, start, s_real, 1.0 / math.sqrt(dh), drop)
+        ctx = causal_attention(q, k, v, mask, start, s_real, 1.0 / math.sqrt(dh), drop, cfg.matmul_dtype)
         out = dense(cfg.hidden_size, "o_proj")(ctx)
         return Tap(ATTN_OUT, self.layer, name="out_tap")(out), layer_cache
 
@@ -318,7 +321,8 @@ class LlamaMLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
-        dense = lambda n, name: nn.Dense(n, use_bias=cfg.mlp_bias, kernel_init=init, name=name)
+        dense = lambda n, name: nn.Dense(n, use_bias=cfg.mlp_bias, kernel_init=init,
+                                         dot_general=dense_dot_general(cfg.matmul_dtype), name=name)
         gate = dense(cfg.intermediate_size, "gate_proj")(x)
         up = dense(cfg.intermediate_size, "up_proj")(x)
         hidden = Tap(FFN_HIDDEN, self.layer, name="hidden_tap")(activation(cfg.hidden_act)(gate) * up)

@@ -10,6 +10,7 @@ Each group is an AdamW with its own learning-rate multiplier and weight decay; a
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -40,9 +41,20 @@ class OptimConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
 
-def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Warmup to ``lr`` then linear/cosine decay to 0 over ``total_steps``."""
+def learning_rate_schedule(config: OptimConfig, total_steps: int,
+                           stage_starts: Sequence[int] = ()) -> optax.Schedule:
+    """Warmup to ``lr`` then linear/cosine decay to 0 over ``total_steps``; with ``stage_starts``
+    (steps in ``(0, total_steps)``), the same shape over each stage, restarting at every start."""
     total_steps = max(int(total_steps), 1)
+    starts = sorted({int(s) for s in stage_starts if 0 < int(s) < total_steps})
+    if starts:
+        bounds = [0, *starts, total_steps]
+        stages = [_stage_schedule(config, b - a) for a, b in zip(bounds, bounds[1:])]
+        return optax.join_schedules(stages, starts)
+    return _stage_schedule(config, total_steps)
+
+
+def _stage_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
     warmup = int(round(config.warmup_ratio * total_steps))
     if config.schedule == "constant":
         decay: optax.Schedule = optax.constant_schedule(config.lr)
@@ -64,9 +76,11 @@ def base_labels(flat_base: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def make_optimizer(config: OptimConfig, labels: Any, total_steps: int) -> optax.GradientTransformation:
-    """``optax.multi_transform`` of AdamW groups for the label tree ``labels``."""
-    schedule = learning_rate_schedule(config, total_steps)
+def make_optimizer(config: OptimConfig, labels: Any, total_steps: int,
+                   stage_starts: Sequence[int] = ()) -> optax.GradientTransformation:
+    """``optax.multi_transform`` of AdamW groups for the label tree ``labels`` (the learning
+    rate follows :func:`learning_rate_schedule`)."""
+    schedule = learning_rate_schedule(config, total_steps, stage_starts)
     groups = sorted(set(jax.tree_util.tree_leaves(labels)))
     transforms: dict[str, optax.GradientTransformation] = {}
     for group in groups:

@@ -191,7 +191,8 @@ class Trainer:
                 "base": P.unflatten(base_labels(P.flatten(trainable["base"])))}
 
     def optimizer(self, trainable: dict[str, Any]) -> optax.GradientTransformation:
-        return make_optimizer(self.optim_config, self.labels(trainable), self.total_steps)
+        return make_optimizer(self.optim_config, self.labels(trainable), self.total_steps,
+                              self.transform.stage_starts(self.total_steps))
 
     def init_state(self, rng: jax.Array) -> TrainState:
         """A fresh delta (from ``rng``), the trainable base leaves, and optimizer state. On a mesh
@@ -285,7 +286,9 @@ class Trainer:
     def learning_rate(self, step: int) -> float:
         from jpeft.train.optim import learning_rate_schedule
 
-        return float(learning_rate_schedule(self.optim_config, self.total_steps)(step))
+        schedule = learning_rate_schedule(self.optim_config, self.total_steps,
+                                          self.transform.stage_starts(self.total_steps))
+        return float(schedule(step))
 
     def compilations(self) -> dict[str, int]:
         """How many times each step has been compiled (one per distinct batch shape)."""

@@ -381,6 +381,22 @@ def test_projection_stage_fixes_the_mask_and_keeps_training(tmp_path):
         DiffPruningConfig(project_at=0.0)
 
 
+def test_projection_starts_a_new_learning_rate_stage():
+    """The fine-tuning after the projection gets its own warm-up and decay (composed or not)."""
+    from jpeft.train.optim import OptimConfig
+    from jpeft.train.trainer import Trainer
+
+    model, params = tiny_bert()
+    cfg = DiffPruningConfig(project_at=0.75)
+    assert diff_pruning(cfg).stage_starts(800) == (600,)
+    assert diff_pruning(DiffPruningConfig(project_at=1.0)).stage_starts(800) == ()
+    t = compose(lora(LoraConfig(r=2)), diff_pruning(cfg))
+    assert t.stage_starts(800) == (600,)
+    trainer = Trainer(model, t, params, total_steps=800, optim=OptimConfig(lr=1.0, warmup_ratio=0.1))
+    lr = [trainer.learning_rate(s) for s in (599, 600, 620, 800)]
+    assert lr[0] < 0.02 and lr[1] == 0.0 and lr[2] == pytest.approx(1.0) and lr[3] == pytest.approx(0.0), lr
+
+
 @pytest.mark.real
 def test_minilm_count(minilm_dir):
     """w and α for every non-embedding, non-head weight of MiniLM: 2 × 10,794,624 + 770."""

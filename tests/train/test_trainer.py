@@ -100,6 +100,11 @@ def test_schedule_and_labels():
     sched = learning_rate_schedule(OptimConfig(lr=1.0, warmup_ratio=0.1), 100)
     assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(1.0)
     assert float(sched(55)) == pytest.approx(0.5, abs=1e-6) and float(sched(100)) == pytest.approx(0.0)
+    staged = learning_rate_schedule(OptimConfig(lr=1.0, warmup_ratio=0.1), 100, stage_starts=(60, 0, 500))
+    # stage 1: warm-up 6, decay to 0 at 60; stage 2: warm-up 4 from 60, decay to 0 at 100
+    assert float(staged(6)) == pytest.approx(1.0) and float(staged(60)) == 0.0
+    assert float(staged(64)) == pytest.approx(1.0) and float(staged(82)) == pytest.approx(0.5, abs=1e-6)
+    assert float(staged(100)) == pytest.approx(0.0)
     labels = base_labels({"a/LayerNorm/scale": 0, "a/dense/bias": 0, "a/dense/kernel": 0})
     assert labels == {"a/LayerNorm/scale": "no_decay", "a/dense/bias": "no_decay",
                       "a/dense/kernel": "default"}

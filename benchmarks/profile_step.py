@@ -1,0 +1,127 @@
+"""Where the time of a jpeft train step goes: a JAX profiler trace, summed by XLA operation.
+
+    python -m benchmarks.profile_step [--config=lora] [--matmul-dtype=float32|bfloat16]
+                                      [--steps=2] [--batch=32] [--length=128] [--out=benchmarks/results]
+
+MiniLM with a 2-class head, the same fixed batch and AdamW step as ``benchmarks.train_step``.
+After compilation, ``--steps`` steps run under ``jax.profiler.trace`` (Perfetto JSON); the
+executed XLA thunks are summed per step and grouped by what they compute, read from the compiled
+HLO's ``op_name`` metadata: matmul fusions (``ynn_fusion``/``dot``), dropout's random bits and
+masks, the GELU, softmax, LayerNorm, dtype conversions, materialised broadcasts, copies and
+transposes, and the rest. Writes
+``profile_<config>_<dtype>.json`` (every operation with its time and HLO op name) and prints the
+grouped table. The operations of one step run on the machine's cores in parallel, so their sum
+can exceed the step's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import run_meta
+from benchmarks.train_step import _batch_arrays, _jpeft_method
+
+# (group, regex searched in "<thunk name> <op_name>"), first match wins.
+GROUPS = [
+    ("dropout (random bits, masks)", r"Dropout|threefry|random_bits|shift_right_logical"),
+    ("matmuls (dot / ynn fusions)", r"^(ynn_fusion|dot)"),
+    ("GELU", r"erf|gelu|intermediate/(mul|add|integer_pow)"),
+    ("softmax and attention mask", r"softmax|reduce_max|exp|/where|select_n"),
+    ("LayerNorm", r"LayerNorm"),
+    ("dtype conversions", r"convert"),
+    ("optimizer (AdamW)", r"adam|optax|sqrt|clip"),
+    ("materialised broadcasts", r"^wrapped_broadcast"),
+    ("copies and transposes", r"^(copy|transpose|bitcast)"),
+]
+
+
+def _hlo_op_names(hlo_text: str) -> dict[str, str]:
+    out = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = .*?op_name=\"([^\"]+)\"", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from jpeft.models.bert import from_pretrained
+    from jpeft.train.optim import OptimConfig
+    from jpeft.train.trainer import Trainer
+
+    model, base = from_pretrained(num_labels=2, matmul_dtype=None if matmul_dtype == "float32" else matmul_dtype)
+    ids, mask, types, labels = (jnp.asarray(x) for x in _batch_arrays(batch, length))
+    data = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels,
+            "weights": jnp.ones((batch,), jnp.float32)}
+    trainer = Trainer(model, _jpeft_method(config), base,
+                      optim=OptimConfig(lr=1e-4, warmup_ratio=0.0, clip_norm=0.0), total_steps=10_000)
+    state = trainer.init_state(jax.random.key(0))
+    names = _hlo_op_names(trainer.train_step.lower(state, trainer.frozen, data).compile().as_text())
+    state, metrics = trainer.train_step(state, trainer.frozen, data)
+    jax.block_until_ready(metrics)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        t0 = time.perf_counter()
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(steps):
+                state, metrics = trainer.train_step(state, trainer.frozen, data)
+                jax.block_until_ready(metrics["loss"])
+        wall = (time.perf_counter() - t0) / steps
+        trace = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
+        with gzip.open(trace) as fh:
+            events = json.load(fh)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    per_op: collections.Counter[str] = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and "dur" in e and not name.startswith(("ThunkExecutor", "$", "Slinky", "end:")) \
+                and (name in names or re.match(r"^[a-z_]+(\.\d+)?$", name)):
+            per_op[name] += e["dur"] / 1e3 / steps  # ms per step
+    groups: collections.Counter[str] = collections.Counter()
+    for name, ms in per_op.items():
+        key = f"{name} {names.get(name, '')}"
+        group = next((g for g, pattern in GROUPS if re.search(pattern, key)), "other")
+        groups[group] += ms
+    return {"config": config, "matmul_dtype": matmul_dtype, "wall_ms_per_step": wall * 1e3,
+            "groups_ms": dict(groups.most_common()),
+            "ops": [{"op": n, "ms": round(ms, 3), "hlo": names.get(n, "")} for n, ms in per_op.most_common()]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="lora")
+    parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    result = profile(args.config, args.matmul_dtype, args.steps, args.batch, args.length)
+    total = sum(result["groups_ms"].values())
+    print(f"{args.config}, {args.matmul_dtype} matmuls: {result['wall_ms_per_step']:.0f} ms per step (wall), "
+          f"{total:.0f} ms of operations")
+    print("| group | ms per step | share |\n|---|---|---|")
+    for group, ms in result["groups_ms"].items():
+        print(f"| {group} | {ms:.0f} | {100 * ms / total:.0f}% |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = run_meta("python -m benchmarks.profile_step " + " ".join(argv if argv is not None else sys.argv[1:]))
+    (out / f"profile_{args.config}_{args.matmul_dtype}.json").write_text(
+        json.dumps({**meta, **result}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
