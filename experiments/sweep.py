@@ -28,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = Path(__file__).resolve().parents[1] / "configs" / "variants"
+GLUE_RECIPES = (
+    "Recipes: the task files in `configs/tasks/` (800 steps of batch 32 on SST-2; 5 epochs on MRPC, "
+    "580 steps) and the method files `configs/<method>.toml` (learning rates and sizes); "
+    "`METHOD@VARIANT` adds `configs/variants/<method>_<variant>.toml`. Wall times depend on what "
+    "else shared the 2 cores and are not comparable with one another. A dash: not run yet.")
 
 
 def run_cell(entry: str, task: str, run_dir: Path, extra: list[str]) -> dict[str, Any] | None:
@@ -76,7 +81,7 @@ def write_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
             c = by.get((m, t))
             row.append(f"{_fmt_metrics(c['metrics'])} ({c['wall_s'] / 60:.1f} min)" if c else "–")
         lines.append("| " + " | ".join(row) + " |")
-    (out / "results.md").write_text(note + "\n\n" + "\n".join(lines) + "\n")
+    (out / "results.md").write_text(note + "\n\n" + "\n".join(lines) + "\n\n" + GLUE_RECIPES + "\n")
     print("\n".join(lines))
 
 
@@ -94,7 +99,7 @@ def write_e2e_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
                      f"{m['BLEU']:.1f} | {m['NIST']:.2f} | {m['METEOR']:.3f} | {m['ROUGE_L']:.3f} | "
                      f"{m['CIDEr']:.2f} | {c['dev_loss_start']:.3f} → {c['dev_loss']:.3f} | "
                      f"{c['wall_s'] / 60:.1f} min |")
-    (out / "results.md").write_text(note + "\n\n" + "\n".join(lines) + "\n")
+    (out / "results.md").write_text(note + "\n\n" + "\n".join(lines) + "\n\n" + GLUE_RECIPES + "\n")
     print("\n".join(lines))
 
 
