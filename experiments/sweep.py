@@ -81,7 +81,8 @@ def write_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
             c = by.get((m, t))
             row.append(f"{_fmt_metrics(c['metrics'])} ({c['wall_s'] / 60:.1f} min)" if c else "–")
         lines.append("| " + " | ".join(row) + " |")
-    (out / "results.md").write_text(note + "\n\n" + "\n".join(lines) + "\n\n" + GLUE_RECIPES + "\n")
+    body = "\n".join(lines)
+    (out / "results.md").write_text(f"{note}\n\n{body}\n\n{GLUE_RECIPES}\n")
     print("\n".join(lines))
 
 
@@ -99,7 +100,8 @@ def write_e2e_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
                      f"{m['BLEU']:.1f} | {m['NIST']:.2f} | {m['METEOR']:.3f} | {m['ROUGE_L']:.3f} | "
                      f"{m['CIDEr']:.2f} | {c['dev_loss_start']:.3f} → {c['dev_loss']:.3f} | "
                      f"{c['wall_s'] / 60:.1f} min |")
-    (out / "results.md").write_text(note + "\n\n" + "\n".join(lines) + "\n\n" + GLUE_RECIPES + "\n")
+    body = "\n".join(lines)
+    (out / "results.md").write_text(f"{note}\n\n{body}\n\n{GLUE_RECIPES}\n")
     print("\n".join(lines))
 
 
