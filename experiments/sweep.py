@@ -101,7 +101,7 @@ def write_e2e_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
                      f"{m['CIDEr']:.2f} | {c['dev_loss_start']:.3f} → {c['dev_loss']:.3f} | "
                      f"{c['wall_s'] / 60:.1f} min |")
     body = "\n".join(lines)
-    (out / "results.md").write_text(f"{note}\n\n{body}\n\n{GLUE_RECIPES}\n")
+    (out / "results.md").write_text(f"{note}\n\n{body}\n")
     print("\n".join(lines))
 
 
