@@ -65,7 +65,9 @@ def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int)
     from jpeft.train.optim import OptimConfig
     from jpeft.train.trainer import Trainer
 
-    model, base = from_pretrained(num_labels=2, matmul_dtype=None if matmul_dtype == "float32" else matmul_dtype)
+    from experiments.common import model_matmul_dtype
+
+    model, base = from_pretrained(num_labels=2, matmul_dtype=model_matmul_dtype(matmul_dtype))
     ids, mask, types, labels = (jnp.asarray(x) for x in _batch_arrays(batch, length))
     data = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels,
             "weights": jnp.ones((batch,), jnp.float32)}

@@ -100,7 +100,9 @@ def worker_jpeft(config: str, steps: int, batch: int, length: int, matmul_dtype:
     from jpeft.train.optim import OptimConfig
     from jpeft.train.trainer import Trainer
 
-    model, base = from_pretrained(num_labels=2, matmul_dtype=None if matmul_dtype == "float32" else matmul_dtype)
+    from experiments.common import model_matmul_dtype
+
+    model, base = from_pretrained(num_labels=2, matmul_dtype=model_matmul_dtype(matmul_dtype))
     ids, mask, types, labels = (jnp.asarray(x) for x in _batch_arrays(batch, length))
     t0 = time.perf_counter()
     if config == "inference":
