@@ -95,12 +95,11 @@ def worker_jpeft(config: str, steps: int, batch: int, length: int, matmul_dtype:
     import jax
     import jax.numpy as jnp
 
+    from experiments.common import model_matmul_dtype
     from jpeft.core import paths as P
     from jpeft.models.bert import from_pretrained
     from jpeft.train.optim import OptimConfig
     from jpeft.train.trainer import Trainer
-
-    from experiments.common import model_matmul_dtype
 
     model, base = from_pretrained(num_labels=2, matmul_dtype=model_matmul_dtype(matmul_dtype))
     ids, mask, types, labels = (jnp.asarray(x) for x in _batch_arrays(batch, length))
