@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,12 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """``python -m MODULE ARGS`` as the run was invoked (``argv`` None: the process's own arguments)."""
+    args = argv if argv is not None else sys.argv[1:]
+    return " ".join(["python -m", module, *args])
 
 
 def run_meta(command: str, **versions: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import run_meta
+from benchmarks.common import command_line, run_meta
 from jpeft.core.transform import apply
 from jpeft.generate import generate
 from jpeft.methods import build
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         rows.append(row)
 
-    meta = run_meta(f"python -m benchmarks.decode {' '.join(argv if argv is not None else sys.argv[1:])}".strip())
+    meta = run_meta(command_line("benchmarks.decode", argv))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import run_meta
+from benchmarks.common import command_line, run_meta
 from jpeft.core.transform import apply, merge
 from jpeft.methods import (
     AdapterConfig,
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = run_meta("python -m benchmarks.inference " + " ".join(argv or []))
+    meta = run_meta(command_line("benchmarks.inference", argv))
     (out / "inference.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     (out / "inference.md").write_text(md + "\n")
     return 0

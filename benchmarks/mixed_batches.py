@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import run_meta
+from benchmarks.common import command_line, run_meta
 from jpeft import bank as B
 from jpeft.core.transform import ApplyContext, apply
 from jpeft.methods import build
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = run_meta("python -m benchmarks.mixed_batches " + " ".join(argv or []))
+    meta = run_meta(command_line("benchmarks.mixed_batches", argv))
     (out / "mixed_batches.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     (out / "mixed_batches.md").write_text(md + "\n")
     return 0

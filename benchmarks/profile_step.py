@@ -23,13 +23,12 @@ import glob
 import gzip
 import json
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import run_meta
+from benchmarks.common import command_line, run_meta
 from benchmarks.train_step import _batch_arrays, _jpeft_method
 
 TOP_OPS = 60  # the slowest operations kept in the JSON
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {group} | {ms:.0f} | {100 * ms / total:.0f}% |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = run_meta("python -m benchmarks.profile_step " + " ".join(argv if argv is not None else sys.argv[1:]))
+    meta = run_meta(command_line("benchmarks.profile_step", argv))
     (out / f"profile_{args.config}_{args.matmul_dtype}.json").write_text(
         json.dumps({**meta, **result}, indent=2) + "\n")
     return 0

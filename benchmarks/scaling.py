@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import cpu_name, run_meta
+from benchmarks.common import command_line, cpu_name, run_meta
 from jpeft.methods import LoraConfig, build
 from jpeft.models.bert import from_pretrained
 from jpeft.train.optim import OptimConfig
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     fig.suptitle(f"MiniLM train step, {cpu_name()} ({os.cpu_count()} cores)")
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=100)
-    meta = run_meta("python -m benchmarks.scaling " + " ".join(argv or []))
+    meta = run_meta(command_line("benchmarks.scaling", argv))
     (out / "scaling.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     (out / "scaling.md").write_text(md + "\n")
     return 0

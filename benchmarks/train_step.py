@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import cpu_name
+from benchmarks.common import command_line, cpu_name
 
 CONFIGS = ["full", "lora", "lora_all", "ia3", "prefix", "prompt", "houlsby", "bitfit", "inference"]
 NO_PEFT = {"houlsby"}  # Hugging Face PEFT has no bottleneck adapters
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
             "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "peft": peft_version, "python": platform.python_version()},
-            "command": "python -m benchmarks.train_step " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": command_line("benchmarks.train_step", argv),
             "matmul_dtype": args.matmul_dtype,
             "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": args.batch, "length": args.length,
             "matmul_peak_gflops": [peak, peak_after]}
