@@ -27,7 +27,7 @@ def command_line(module: str, argv: list[str] | None) -> str:
     return " ".join(["python -m", module, *args])
 
 
-def run_meta(command: str, **versions: str) -> dict[str, Any]:
+def run_meta(command: str, **versions: str | None) -> dict[str, Any]:
     """Machine, versions (jax plus ``versions``), command, date and ``XLA_FLAGS`` of a run."""
     import jax
 

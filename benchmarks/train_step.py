@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, cpu_name
+from benchmarks.common import command_line, run_meta
 
 CONFIGS = ["full", "lora", "lora_all", "ia3", "prefix", "prompt", "houlsby", "bitfit", "inference"]
 NO_PEFT = {"houlsby"}  # Hugging Face PEFT has no bottleneck adapters
@@ -330,7 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     PEAK[0] = max(peak, peak_after)
     md = table(rows)
     print(md)
-    import jax
     import torch
     import transformers
 
@@ -339,12 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
-    meta = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
-            "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft_version, "python": platform.python_version()},
-            "command": command_line("benchmarks.train_step", argv),
-            "matmul_dtype": args.matmul_dtype,
-            "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": args.batch, "length": args.length,
+    meta = {**run_meta(command_line("benchmarks.train_step", argv), torch=torch.__version__,
+                       transformers=transformers.__version__, peft=peft_version),
+            "matmul_dtype": args.matmul_dtype, "batch": args.batch, "length": args.length,
             "matmul_peak_gflops": [peak, peak_after]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
