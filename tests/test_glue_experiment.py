@@ -32,6 +32,26 @@ def test_config_layers_and_cli_precedence():
     assert full.lr == 5e-5
 
 
+def test_every_shipped_config_parses_for_every_task():
+    """Each ``configs/<method>.toml`` (with its ``[tasks.<task>]`` tables) is valid for every
+    task file in ``configs/tasks``; a per-task table changes only that task."""
+    from pathlib import Path
+
+    root = Path(E.__file__).resolve().parents[1] / "configs"
+    methods = sorted(p.stem for p in root.glob("*.toml"))
+    tasks = sorted(p.stem for p in (root / "tasks").glob("*.toml"))
+    assert "lora" in methods and "mrpc" in tasks
+    for method in methods:
+        for task in tasks:
+            cfg = E.parse_args([f"--method={method}", f"--task={task}"])
+            assert (cfg.method, cfg.task) == (method, task)
+    assert E.parse_args(["--method=prefix", "--task=mrpc"]).group_lr == {"prefix": 0.1}
+    assert E.parse_args(["--method=prefix", "--task=sst2"]).group_lr == {"prefix": 0.5}
+    assert E.parse_args(["--method=prefix", "--task=mrpc"]).epochs == 10.0
+    assert E.parse_args(["--method=ptuning", "--task=mrpc"]).epochs == 10.0
+    assert E.parse_args(["--method=ptuning2", "--task=mrpc"]).epochs == 5.0
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--method=lorax"], "known methods"),
     (["--task=imagenet"], "known tasks"),
