@@ -48,7 +48,6 @@ def test_every_shipped_config_parses_for_every_task():
     assert E.parse_args(["--method=prefix", "--task=mrpc"]).group_lr == {"prefix": 0.1}
     assert E.parse_args(["--method=prefix", "--task=sst2"]).group_lr == {"prefix": 0.5}
     assert E.parse_args(["--method=prefix", "--task=mrpc"]).epochs == 10.0
-    assert E.parse_args(["--method=ptuning", "--task=mrpc"]).epochs == 10.0
     assert E.parse_args(["--method=ptuning2", "--task=mrpc"]).epochs == 5.0
 
 
