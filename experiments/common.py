@@ -82,12 +82,24 @@ def scan_flag(argv: Sequence[str], flag: str, default: str) -> str:
     return value
 
 
-def method_layers(method: str, config_dir: Path, task_key: str | None = None) -> list[tuple[str, dict]]:
+def _sets_flag(argv: Sequence[str], key: str) -> bool:
+    """Whether ``argv`` sets the top-level setting ``key`` (``--key`` / ``--key=``, dashes or underscores)."""
+    names = {f"--{key}", f"--{key.replace('_', '-')}"}
+    return any(a.split("=", 1)[0] in names for a in argv)
+
+
+def method_layers(method: str, config_dir: Path, task_key: str | None = None,
+                  argv: Sequence[str] = ()) -> list[tuple[str, dict]]:
     """The TOML layers of ``config_dir``: ``tasks/<task_key>.toml`` (if any), then
-    ``<name>.toml`` for each part of ``method`` and its ``[tasks.<task_key>]`` table."""
+    ``<name>.toml`` for each part of ``method`` and its ``[tasks.<task_key>]`` table.
+
+    In a combination a later part's top-level setting (``lr``, ``weight_decay``…) replaces an
+    earlier part's; where two parts disagree and ``argv`` does not set it, a note on stderr names
+    both values (pass the flag, e.g. ``--lr``, to choose)."""
     from jpeft.methods import parse_spec
 
     layers: list[tuple[str, dict]] = []
+    top_level: dict[str, tuple[str, Any]] = {}
     if task_key is not None:
         task_file = config_dir / "tasks" / f"{task_key}.toml"
         if task_file.is_file():
@@ -98,6 +110,14 @@ def method_layers(method: str, config_dir: Path, task_key: str | None = None) ->
             continue
         data = tomllib.loads(path.read_text())
         per_task = data.pop("tasks", {})
+        for key, value in data.items():
+            if not isinstance(value, dict):
+                if key in top_level and top_level[key][1] != value and not _sets_flag(argv, key):
+                    earlier, old_value = top_level[key]
+                    print(f"note: {key} = {value!r} from {path.name} replaces {old_value!r} from {earlier} "
+                          f"(in '{method}' the last part's setting wins; pass --{key.replace('_', '-')} "
+                          "to choose)", file=sys.stderr)
+                top_level[key] = (path.name, value)
         layers.append((str(path), data))
         if task_key is not None and task_key in per_task:
             layers.append((f"{path} [tasks.{task_key}]", per_task[task_key]))

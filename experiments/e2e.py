@@ -89,7 +89,7 @@ def e2e_buckets(max_length: int) -> tuple[int, ...]:
 def parse_args(argv: Sequence[str] | None = None) -> Any:
     cfg = parse_experiment_args(
         make_config_class("E2EConfig", e2e_fields()), argv,
-        lambda a: method_layers(scan_flag(a, "method", "lora"), E2E_CONFIG_DIR),
+        lambda a: method_layers(scan_flag(a, "method", "lora"), E2E_CONFIG_DIR, argv=a),
         prog="python -m experiments.e2e", description=__doc__.split("\n\n")[0])
     if cfg.full_recipe:
         cfg = dataclasses.replace(cfg, **FULL_RECIPE)

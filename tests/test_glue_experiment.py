@@ -25,11 +25,11 @@ def test_config_layers_and_cli_precedence():
     cfg = E.parse_args([])
     assert (cfg.method, cfg.task) == ("lora", "sst2")
     assert cfg.lr == 1e-3 and cfg.lora.alpha == 16.0  # configs/lora.toml
-    assert cfg.max_steps == 800  # configs/tasks/sst2.toml
+    assert cfg.max_steps == 1600  # configs/lora.toml [tasks.sst2] over configs/tasks/sst2.toml
     cfg = E.parse_args(["--task=mrpc", "--lr=3e-4", "--lora.r=16", "--max-steps", "7"])
     assert cfg.epochs == 5.0 and cfg.lr == 3e-4 and cfg.lora.r == 16 and cfg.max_steps == 7
     full = E.parse_args(["--method=full"])
-    assert full.lr == 5e-5
+    assert full.lr == 5e-5 and full.max_steps == 800  # configs/tasks/sst2.toml
 
 
 def test_every_shipped_config_parses_for_every_task():
@@ -49,7 +49,20 @@ def test_every_shipped_config_parses_for_every_task():
     assert prefix_mrpc.group_lr == {"prefix": 0.1} and prefix_mrpc.epochs == 10.0
     assert E.parse_args(["--method=prefix", "--task=sst2"]).group_lr == {"prefix": 0.5}
     assert E.parse_args(["--method=ptuning2", "--task=mrpc"]).epochs == 5.0
+    assert E.parse_args(["--method=lora", "--task=mrpc"]).max_steps is None
 
+
+
+def test_a_combination_names_the_settings_its_parts_disagree_on(capsys):
+    """``lora+freeze``: freeze.toml's lr (5e-5) replaces lora.toml's (1e-3), and stderr says so."""
+    cfg = E.parse_args(["--method=lora+freeze"])
+    assert cfg.lr == 5e-5
+    err = capsys.readouterr().err
+    assert "lr = 5e-05 from freeze.toml replaces 0.001 from lora.toml" in err and "--lr" in err
+    assert E.parse_args(["--method=lora+freeze", "--lr=1e-3"]).lr == 1e-3
+    E.parse_args(["--method=lora"])
+    E.parse_args(["--method=lora+bitfit"])  # both files set lr 1e-3 and weight decay 0.01
+    assert "note:" not in capsys.readouterr().err
 
 @pytest.mark.parametrize("argv, needle", [
     (["--method=lorax"], "known methods"),
@@ -70,24 +83,30 @@ def test_missing_task_file_is_a_clear_error(tmp_path, capsys):
     assert "RTE/train.tsv" in err and "--data-dir" in err and "nyu-mll/glue" in err
 
 
-@pytest.mark.real
-def test_short_lora_run_beats_majority_on_sst2(tmp_path, minilm_dir):
+def short_lora_run(out, task_dir: str, task: str, steps: int) -> tuple[dict, list[dict]]:
+    """``(summary, metrics lines)`` of a LoRA run of ``steps`` steps at length 64 on the real
+    data (skips the test when it is absent)."""
     from jpeft.data.glue import default_data_dir
 
-    if not (default_data_dir() / "SST-2" / "train.tsv").is_file():
+    if not (default_data_dir() / task_dir / "train.tsv").is_file():
         pytest.skip("real GLUE data not found")
-    out = tmp_path / "run"
-    code = E.main(["--method=lora", "--task=sst2", "--max-steps=150", "--max-length=64",
+    code = E.main(["--method=lora", f"--task={task}", f"--max-steps={steps}", "--max-length=64",
                    "--eval-every=1000", "--progress=false", f"--output-dir={out}"])
     assert code == 0
-    summary = json.loads((out / "summary.json").read_text())
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "summary.json").read_text()), lines
+
+
+@pytest.mark.real
+def test_short_lora_run_beats_majority_on_sst2(tmp_path, minilm_dir):
+    out = tmp_path / "run"
+    summary, lines = short_lora_run(out, "SST-2", "sst2", 150)
     for key in ("task", "method", "metrics", "trainable_params", "total_params", "steps", "wall_s"):
         assert key in summary
     assert summary["trainable_params"] == 74_498 and summary["steps"] == 150
     majority = summary["majority_baseline"]["accuracy"]
     assert summary["metrics"]["accuracy"] > majority + 0.15, summary
     assert summary["compilations"]["train_step"] <= 3  # buckets 16, 32 and 64
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(l["split"] == "train" for l in lines) == 150
     assert (out / "curves.png").stat().st_size > 1000
     # the inference export loads onto the base in one call and holds the trained delta and head
@@ -103,3 +122,42 @@ def test_short_lora_run_beats_majority_on_sst2(tmp_path, minilm_dir):
     head = [p for p in P.paths(params) if p.startswith("head/")]
     assert any(not np.array_equal(P.flatten(params)[p], P.flatten(base)[p]) for p in head)
     assert all(float(np.abs(b).max()) > 0 for b in jax.tree_util.tree_leaves(delta))  # trained B != 0
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_regression_head_starts_at_the_label_mean(model_type):
+    """The regression output bias is the only leaf changed; the output moves by exactly the value."""
+    import jax.numpy as jnp
+
+    from jpeft.core import paths as P
+    from tests.helpers import tiny_batch, tiny_bert
+
+    model, base = tiny_bert(num_labels=1, model_type=model_type)
+    started = E.start_regression_head_at(base, model.info().head_patterns, 2.5)
+    changed = [p for p, v in P.flatten(started).items() if not np.array_equal(v, P.flatten(base)[p])]
+    assert changed == [f"head/{'out_proj' if model_type == 'roberta' else 'classifier'}/bias"]
+    batch = tiny_batch(num_labels=1)
+    before = model.apply({"params": base}, batch["input_ids"], batch["attention_mask"],
+                         batch["token_type_ids"], deterministic=True)
+    after = model.apply({"params": started}, batch["input_ids"], batch["attention_mask"],
+                        batch["token_type_ids"], deterministic=True)
+    np.testing.assert_allclose(after - before, jnp.full_like(before, 2.5 - float(P.flatten(base)[changed[0]][0])),
+                               atol=1e-5)
+
+
+def test_regression_head_refuses_a_classification_head():
+    from tests.helpers import tiny_bert
+
+    model, base = tiny_bert(num_labels=3)
+    with pytest.raises(ValueError, match="one regression output bias of shape"):
+        E.start_regression_head_at(base, model.info().head_patterns, 1.0)
+
+
+@pytest.mark.real
+def test_stsb_run_starts_at_the_label_variance(tmp_path, minilm_dir):
+    """With the head's bias at the label mean the first MSE is about the label variance (2.3 on
+    STS-B train), not mean² + variance (9.6) as with a zero bias."""
+    summary, lines = short_lora_run(tmp_path / "run", "STS-B", "stsb", 4)
+    first = next(l for l in lines if l["split"] == "train")
+    assert 0.8 < first["loss"] < 5.0, first
+    assert set(summary["metrics"]) == {"pearson", "spearmanr"}
