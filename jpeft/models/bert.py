@@ -402,18 +402,22 @@ def from_pretrained(
     config = BertConfig.from_hf(hub.read_config(model_dir), num_labels=num_labels, head=head,
                                 **config_overrides)
     model = BertModel(config)
-    fresh = flatten(jax.device_get(init_params(model, jax.random.key(seed))))
+    key = jax.random.key(seed)
+    shapes = flatten(jax.eval_shape(lambda k: init_params(model, k), key))
     loaded = params_from_state_dict(hub.read_safetensors(model_dir))
+    missing = [path for path in shapes if path not in loaded]
+    for path in missing:
+        if not path.startswith(("head/", "pooler/")):
+            raise KeyError(f"{model_dir}: checkpoint lacks {path}; is it a {config.model_type} model?")
+    # Only the missing leaves are drawn (XLA drops the rest of the init), with the values the
+    # full init would give them: Flax derives each parameter's key from its path.
+    fresh = jax.device_get(jax.jit(lambda k: {p: flatten(init_params(model, k))[p] for p in missing})(key))
     params: dict[str, Any] = {}
-    for path, init_value in fresh.items():
-        value = loaded.get(path)
+    for path, shape in shapes.items():
+        value = loaded.pop(path, None)  # each host copy is freed once its device copy exists
         if value is None:
-            if not path.startswith(("head/", "pooler/")):
-                raise KeyError(f"{model_dir}: checkpoint lacks {path}; is it a {config.model_type} model?")
-            value = np.asarray(init_value)
-            if path.endswith("bias"):
-                value = np.zeros_like(value)
-        elif value.shape != init_value.shape:
-            raise ValueError(f"{path}: checkpoint shape {value.shape} != model shape {init_value.shape}")
+            value = np.zeros(shape.shape, np.float32) if path.endswith("bias") else np.asarray(fresh[path])
+        elif value.shape != shape.shape:
+            raise ValueError(f"{path}: checkpoint shape {value.shape} != model shape {shape.shape}")
         params[path] = jnp.asarray(value, dtype=jnp.dtype(config.dtype))
     return model, unflatten(params)

@@ -332,6 +332,11 @@ def test_from_pretrained_default_loads_minilm(minilm_torch):
         if not path.startswith("head/"):
             np.testing.assert_array_equal(np.asarray(value), converted[path], err_msg=path)
     np.testing.assert_array_equal(np.asarray(flat["head/classifier/bias"]), 0.0)
+    # the head kernel is what the whole model's random init gives it (up to XLA's rounding)
+    np.testing.assert_allclose(np.asarray(flat["head/classifier/kernel"]),
+                               flatten(init_params(model, jax.random.key(0)))["head/classifier/kernel"],
+                               rtol=0, atol=1e-7)
+    assert float(np.std(np.asarray(flat["head/classifier/kernel"]))) == pytest.approx(0.02, rel=0.2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,6 +388,19 @@ def test_unknown_model_name_fails_fast_with_hint(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="--model") as info:
         from_pretrained(name)
     assert name in str(info.value)
+
+
+def test_checkpoint_missing_an_encoder_weight_is_refused(tmp_path):
+    """Only the head and the pooler may be absent; any other missing leaf names itself."""
+    from safetensors.numpy import save_file
+
+    hf_model = tiny_hf_model(tiny_hf_config("bert"))
+    state = {k: v.numpy() for k, v in hf_model.state_dict().items()
+             if k != "bert.encoder.layer.1.output.dense.weight"}
+    _write_config(tmp_path)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match="lacks encoder/layer_1/output/dense/kernel"):
+        from_pretrained(tmp_path)
 
 
 def test_non_bert_model_type_refused(tmp_path):
