@@ -140,6 +140,8 @@ def run(cfg: Any) -> dict[str, Any]:
     t_start = time.perf_counter()
     task = G.get_task(cfg.task)
     build_method(cfg)  # refuse a bad method spec or config before loading anything
+    if cfg.regression_bias not in ("label_mean", "zero"):
+        raise ValueError(f"--regression-bias={cfg.regression_bias!r}; choose 'label_mean' or 'zero'")
     check_base_dtype(cfg.base_dtype)
     out_dir = Path(cfg.output_dir or f"runs/{task.name}-{cfg.method}-s{cfg.seed}")
     multi = jax.process_count() > 1
@@ -161,8 +163,6 @@ def run(cfg: Any) -> dict[str, Any]:
 
     model, base = bert.from_pretrained(model_dir, num_labels=task.num_labels, seed=cfg.seed,
                                        remat=cfg.remat, matmul_dtype=model_matmul_dtype(cfg.matmul_dtype))
-    if cfg.regression_bias not in ("label_mean", "zero"):
-        raise ValueError(f"--regression-bias={cfg.regression_bias!r}; choose 'label_mean' or 'zero'")
     if task.is_regression and cfg.regression_bias == "label_mean":
         base = start_regression_head_at(base, model.info().head_patterns, float(train.labels.mean()))
     if cfg.base_dtype != "float32":

@@ -161,3 +161,9 @@ def test_stsb_run_starts_at_the_label_variance(tmp_path, minilm_dir):
     first = next(l for l in lines if l["split"] == "train")
     assert 0.8 < first["loss"] < 5.0, first
     assert set(summary["metrics"]) == {"pearson", "spearmanr"}
+
+
+def test_bad_regression_bias_is_refused_before_loading(tmp_path, capsys):
+    code = E.main(["--task=stsb", "--regression-bias=median", f"--output-dir={tmp_path / 'run'}"])
+    assert code == 2 and "choose 'label_mean' or 'zero'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
