@@ -71,7 +71,7 @@ def make_config_class(name: str, fields: list[Field]) -> type:
     return dataclasses.make_dataclass(name, fields, frozen=True)
 
 
-def scan_flag(argv: Sequence[str], flag: str, default: str) -> str:
+def scan_flag(argv: Sequence[str], flag: str, default: str | None) -> str | None:
     """The value of ``--flag`` in ``argv`` before full parsing (to pick config files)."""
     value = default
     for i, arg in enumerate(argv):
@@ -80,12 +80,6 @@ def scan_flag(argv: Sequence[str], flag: str, default: str) -> str:
         elif arg.startswith(f"--{flag}="):
             value = arg.split("=", 1)[1]
     return value
-
-
-def _sets_flag(argv: Sequence[str], key: str) -> bool:
-    """Whether ``argv`` sets the top-level setting ``key`` (``--key`` / ``--key=``, dashes or underscores)."""
-    names = {f"--{key}", f"--{key.replace('_', '-')}"}
-    return any(a.split("=", 1)[0] in names for a in argv)
 
 
 def method_layers(method: str, config_dir: Path, task_key: str | None = None,
@@ -112,7 +106,8 @@ def method_layers(method: str, config_dir: Path, task_key: str | None = None,
         per_task = data.pop("tasks", {})
         for key, value in data.items():
             if not isinstance(value, dict):
-                if key in top_level and top_level[key][1] != value and not _sets_flag(argv, key):
+                if key in top_level and top_level[key][1] != value and not any(
+                        scan_flag(argv, flag, None) is not None for flag in {key, key.replace('_', '-')}):
                     earlier, old_value = top_level[key]
                     print(f"note: {key} = {value!r} from {path.name} replaces {old_value!r} from {earlier} "
                           f"(in '{method}' the last part's setting wins; pass --{key.replace('_', '-')} "
