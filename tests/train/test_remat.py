@@ -78,9 +78,9 @@ def test_remat_dropout_rng(bert):
     batch = tiny_batch(batch=4)
     rmodel = _remat(model)
     _, a = _trainer_grads(rmodel, params, "lora", batch, jax.random.key(1))
-    _, b = _trainer_grads(rmodel, params, "lora", batch, jax.random.key(2))
+    others = [_trainer_grads(rmodel, params, "lora", batch, jax.random.key(k))[1] for k in (2, 3)]
     _, c = _trainer_grads(model, params, "lora", batch, jax.random.key(1))
-    assert abs(a - b) > 1e-4
+    assert max(abs(a - b) for b in others) > 1e-4  # one other key may land close by chance
     assert abs(a - c) <= LOSS_TOL
 
 
