@@ -1,9 +1,10 @@
 """Where the time of a jpeft train step goes: a JAX profiler trace, summed by XLA operation.
 
-    python -m benchmarks.profile_step [--config=lora] [--matmul-dtype=float32|bfloat16]
+    python -m benchmarks.profile_step [--config=lora|inference|...] [--matmul-dtype=float32|bfloat16]
                                       [--steps=2] [--batch=32] [--length=128] [--out=benchmarks/results]
 
-MiniLM with a 2-class head, the same fixed batch and AdamW step as ``benchmarks.train_step``.
+MiniLM with a 2-class head, the same fixed batch and AdamW step as ``benchmarks.train_step``
+(``--config=inference``: the base model's forward pass instead).
 After compilation, ``--steps`` steps run under ``jax.profiler.trace`` (Perfetto JSON); the
 executed XLA thunks are summed per step and grouped by what they compute, read from the compiled
 HLO's ``op_name`` metadata: matmul fusions (``ynn_fusion``/``dot``), dropout's random bits and
@@ -67,20 +68,29 @@ def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int)
 
     model, base = from_pretrained(num_labels=2, matmul_dtype=model_matmul_dtype(matmul_dtype))
     ids, mask, types, labels = (jnp.asarray(x) for x in _batch_arrays(batch, length))
-    data = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels,
-            "weights": jnp.ones((batch,), jnp.float32)}
-    trainer = Trainer(model, _jpeft_method(config), base,
-                      optim=OptimConfig(lr=1e-4, warmup_ratio=0.0, clip_norm=0.0), total_steps=10_000)
-    state = trainer.init_state(jax.random.key(0))
-    names = _hlo_op_names(trainer.train_step.lower(state, trainer.frozen, data).compile().as_text())
-    state, metrics = trainer.train_step(state, trainer.frozen, data)
-    jax.block_until_ready(metrics)
+    if config == "inference":  # the base model's forward pass, as in benchmarks.train_step
+        fwd = jax.jit(lambda p, i, m, t: model.apply({"params": p}, i, m, t, deterministic=True))
+        names = _hlo_op_names(fwd.lower(base, ids, mask, types).compile().as_text())
+
+        def step() -> None:
+            jax.block_until_ready(fwd(base, ids, mask, types))
+    else:
+        data = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels,
+                "weights": jnp.ones((batch,), jnp.float32)}
+        trainer = Trainer(model, _jpeft_method(config), base,
+                          optim=OptimConfig(lr=1e-4, warmup_ratio=0.0, clip_norm=0.0), total_steps=10_000)
+        box = [trainer.init_state(jax.random.key(0))]
+        names = _hlo_op_names(trainer.train_step.lower(box[0], trainer.frozen, data).compile().as_text())
+
+        def step() -> None:
+            box[0], metrics = trainer.train_step(box[0], trainer.frozen, data)
+            jax.block_until_ready(metrics["loss"])
+    step()
     with tempfile.TemporaryDirectory() as trace_dir:
         t0 = time.perf_counter()
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(steps):
-                state, metrics = trainer.train_step(state, trainer.frozen, data)
-                jax.block_until_ready(metrics["loss"])
+                step()
         wall = (time.perf_counter() - t0) / steps
         trace = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
         with gzip.open(trace) as fh:
@@ -105,7 +115,8 @@ def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="lora")
+    parser.add_argument("--config", default="lora",
+                        help="a benchmarks.train_step configuration; 'inference': the base model's forward pass")
     parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)

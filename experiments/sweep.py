@@ -30,7 +30,8 @@ from typing import Any
 VARIANTS = Path(__file__).resolve().parents[1] / "configs" / "variants"
 GLUE_RECIPES = (
     "Recipes: the task files in `configs/tasks/` (800 steps of batch 32 on SST-2; 5 epochs on MRPC, "
-    "580 steps; 3 epochs on CoLA, 807 steps; 3 epochs on STS-B, 543 steps) and the method files "
+    "580 steps; 5 epochs on RTE, 405 steps; 3 epochs on CoLA, 807 steps; 3 epochs on STS-B, 543 "
+    "steps) and the method files "
     "`configs/<method>.toml` (learning rates and sizes, and their `[tasks.<task>]` overrides: LoRA "
     "trains 1,600 steps on SST-2, prefix tuning 10 epochs on MRPC); "
     "`METHOD@VARIANT` adds `configs/variants/<method>_<variant>.toml`. Wall times depend on what "
