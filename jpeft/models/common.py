@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 def gelu_erf(x: jax.Array) -> jax.Array:
     """Exact GELU as PyTorch writes it, ``x · (1 + erf(x/√2)) / 2``. Equal to
     ``jax.nn.gelu(x, approximate=False)`` (which goes through ``erfc``) within float32 rounding,
