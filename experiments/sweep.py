@@ -33,7 +33,8 @@ GLUE_RECIPES = (
     "580 steps; 5 epochs on RTE, 405 steps; 3 epochs on CoLA, 807 steps; 3 epochs on STS-B, 543 "
     "steps) and the method files "
     "`configs/<method>.toml` (learning rates and sizes, and their `[tasks.<task>]` overrides: LoRA "
-    "trains 1,600 steps on SST-2, prefix tuning 10 epochs on MRPC); "
+    "trains 1,600 steps on SST-2, prefix tuning 10 epochs on MRPC, P-tuning's head at lr 1e-2 on "
+    "MRPC); "
     "`METHOD@VARIANT` adds `configs/variants/<method>_<variant>.toml`. Wall times depend on what "
     "else shared the 2 cores and are not comparable with one another. A dash: not run yet.")
 
