@@ -45,7 +45,7 @@ def training_fields(*, method: str = "lora", model: str, epochs: float = 1.0, ba
         ("warmup_ratio", float, f(default=0.06, metadata={"help": "linear warmup fraction of the steps"})),
         ("schedule", str, f(default="linear", metadata={"help": "linear, cosine or constant"})),
         ("clip_norm", float, f(default=1.0, metadata={"help": "gradient clipping by global norm (0: off)"})),
-        ("group_lr", dict[str, float], f(default_factory=dict, metadata={"help": "lr multiplier per parameter group"})),
+        ("group_lr", dict[str, float], f(default_factory=dict, metadata={"help": "lr multiplier per parameter group (head: the task head)"})),
         ("group_weight_decay", dict[str, float], f(default_factory=dict, metadata={"help": "weight decay per parameter group"})),
         ("eval_every", int, f(default=0, metadata={"help": "evaluate every N steps (0: 4 times per run)"})),
         ("log_every", int, f(default=1, metadata={"help": "log training metrics every N steps"})),

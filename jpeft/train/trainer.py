@@ -153,6 +153,7 @@ class Trainer:
         self.loss = loss
         self.model_inputs = tuple(model_inputs)
         self.base_trainable_paths = trainable_base_paths(transform, base, self.info, train_head)
+        self.head_paths = frozenset(head_paths(base, self.info))
         trainable_flat, frozen_flat = P.partition(base, self.base_trainable_paths)
         self.frozen: dict[str, Any] = frozen_flat
         self._initial_base = trainable_flat
@@ -188,7 +189,7 @@ class Trainer:
     # -- state --------------------------------------------------------------------------------
     def labels(self, trainable: dict[str, Any]) -> dict[str, Any]:
         return {"delta": self.transform.labels(trainable["delta"]),
-                "base": P.unflatten(base_labels(P.flatten(trainable["base"])))}
+                "base": P.unflatten(base_labels(P.flatten(trainable["base"]), self.head_paths))}
 
     def optimizer(self, trainable: dict[str, Any]) -> optax.GradientTransformation:
         return make_optimizer(self.optim_config, self.labels(trainable), self.total_steps,

@@ -9,7 +9,7 @@ import pytest
 from jpeft.core import paths as P
 from jpeft.methods.full import full
 from jpeft.methods.lora import LoraConfig, lora
-from jpeft.train.optim import OptimConfig, base_labels, learning_rate_schedule
+from jpeft.train.optim import OptimConfig, base_labels, learning_rate_schedule, make_optimizer
 from jpeft.train.trainer import Trainer, regression_loss
 from tests.helpers import tiny_batch, tiny_bert
 
@@ -111,6 +111,44 @@ def test_schedule_and_labels():
     with pytest.raises(ValueError, match="unknown groups"):
         model, params = tiny_bert()
         Trainer(model, lora(), params, optim=OptimConfig(group_lr={"nope": 2.0}))
+
+
+def test_head_group_reaches_the_whole_task_head():
+    """The task head is its own group: ``head`` (kernels) and ``head_no_decay`` (biases), which
+    takes ``head``'s multiplier; ``group_lr={"head": 0}`` leaves both unchanged while the other
+    trainable leaves move, and the head's bias is not decayed."""
+    labels = base_labels({"head/dense/kernel": 0, "head/dense/bias": 0, "a/dense/kernel": 0},
+                         head={"head/dense/kernel", "head/dense/bias"})
+    assert labels == {"head/dense/kernel": "head", "head/dense/bias": "head_no_decay",
+                      "a/dense/kernel": "default"}
+    from jpeft.methods import build
+
+    model, params = tiny_bert()
+    for spec, group_lr in [("full", {"head": 0.0}), ("lora", {"head": 0.0, "head_no_decay": 0.0})]:
+        trainer = Trainer(model, build(spec), params, total_steps=2,
+                          optim=OptimConfig(lr=1e-2, warmup_ratio=0.0, group_lr=group_lr))
+        state = trainer.init_state(jax.random.key(0))
+        flat = P.flatten(trainer.labels(state.trainable)["base"])
+        head = {path for path, label in flat.items() if label.startswith("head")}
+        assert head and all(path.startswith("head/") for path in head), head
+        before = jax.tree_util.tree_map(np.array, state.trainable)
+        state, _ = trainer.train_step(state, trainer.frozen, tiny_batch())
+        moved = {path for path, leaf in P.flatten(state.trainable["base"]).items()
+                 if not np.array_equal(leaf, P.flatten(before["base"])[path])}
+        assert not moved & head, (spec, moved & head)
+        delta_moved = not all(np.array_equal(a, b) for a, b in zip(
+            jax.tree_util.tree_leaves(state.trainable["delta"]), jax.tree_util.tree_leaves(before["delta"])))
+        assert moved or delta_moved, spec
+    # with a multiplier of 2 the head trains, with weight decay on kernels only
+    tx_config = OptimConfig(lr=1.0, weight_decay=0.5, warmup_ratio=0.0, schedule="constant",
+                            group_lr={"head": 2.0})
+    tree = {"k": jnp.ones(3), "b": jnp.ones(3)}
+    tx = make_optimizer(tx_config, {"k": "head", "b": "head_no_decay"}, 10)
+    updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, tree), tx.init(tree), tree)
+    np.testing.assert_allclose(updates["k"], -2.0 * 0.5 * np.ones(3), rtol=1e-6)  # decay only
+    np.testing.assert_allclose(updates["b"], np.zeros(3), atol=0)
+    with pytest.raises(ValueError, match="groups here: .*'head'"):
+        make_optimizer(OptimConfig(group_lr={"heads": 2.0}), {"k": "head_no_decay"}, 10)
 
 
 @pytest.mark.parametrize("spec,extra", [("bitfit", "none"), ("freeze", "none"), ("lora", "delta"),
