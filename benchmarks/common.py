@@ -28,10 +28,14 @@ def command_line(module: str, argv: list[str] | None) -> str:
 
 
 def run_meta(command: str, **versions: str | None) -> dict[str, Any]:
-    """Machine, versions (jax plus ``versions``), command, date and ``XLA_FLAGS`` of a run."""
+    """Machine, versions (jax plus ``versions``), command, date, ``XLA_FLAGS`` and the compiler
+    options of the trainer's jitted steps of a run."""
     import jax
+
+    from jpeft.train.trainer import default_compiler_options
 
     return {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
             "versions": {"jax": jax.__version__, "python": platform.python_version(), **versions},
             "command": command, "date": time.strftime("%Y-%m-%d"),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "train_step_compiler_options": default_compiler_options()}

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jpeft.core import paths as P
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform
 from jpeft.methods.lora import layer_index
+from jpeft.models.common import linear
 from jpeft.models.taps import ATTN_OUT, FFN_OUT, is_tap
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -117,9 +118,9 @@ def adapter_forward(h: jax.Array, params: dict[str, Any], activation: str) -> ja
     down, up = params["down"], params["up"]
     chex.assert_axis_dimension(h, -1, down["kernel"].shape[-2])
     dtype = h.dtype
-    z = h @ down["kernel"].astype(dtype) + down["bias"].astype(dtype)
+    z = linear(h, down["kernel"].astype(dtype)) + down["bias"].astype(dtype)
     z = ACTIVATIONS[activation](z)
-    return h + (z @ up["kernel"].astype(dtype) + up["bias"].astype(dtype))
+    return h + (linear(z, up["kernel"].astype(dtype)) + up["bias"].astype(dtype))
 
 
 def _layers(config: AdapterConfig, info: ModelInfo) -> list[int]:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jpeft.core import paths as P
 from jpeft.core.dropout import dropout
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, dense_interceptor
+from jpeft.models.common import linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +139,7 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
             y = dense(x)
             if ctx.train and config.dropout > 0.0 and ctx.rng is not None:
                 x = dropout(ctx.key(name, path), x, config.dropout)
-            update = (x @ a.astype(x.dtype)) @ b.astype(x.dtype)
+            update = linear(linear(x, a.astype(x.dtype)), b.astype(x.dtype))
             return y + (scale * update).astype(y.dtype)
 
         return [dense_interceptor(lookup, adapt)]

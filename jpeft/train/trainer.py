@@ -11,6 +11,7 @@ The base tree is split once into
 state only for the trainable tree. ``train_step(state, frozen, batch)`` is jitted with the state
 donated; its compiled versions are one per distinct batch shape (see :meth:`Trainer.compilations`).
 ``eval_step`` returns the model's output, ``eval_loss`` the loss, both in evaluation mode.
+The steps compile with :func:`default_compiler_options` unless ``compiler_options`` is given.
 The model is called as ``model(**{k: batch[k] for k in model_inputs})``; the trainer has no
 method- or model-specific branch.
 """
@@ -18,6 +19,8 @@ method- or model-specific branch.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -33,6 +36,25 @@ from jpeft.train.optim import OptimConfig, base_labels, make_optimizer
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[jax.Array, Batch], jax.Array]
+
+
+# XLA:CPU options of the jitted steps (see default_compiler_options).
+CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def default_compiler_options() -> dict[str, Any]:
+    """The XLA options the train and eval steps compile with unless told otherwise.
+
+    On the CPU backend, XLA's YNNPACK library fusions are off (``CPU_COMPILER_OPTIONS``): the
+    dots run as XLA:CPU's own GEMMs, unfused with the element-wise work around them. Measured on
+    MiniLM train steps (batch 32 × 128, 2-core Xeon, interleaved runs, ``benchmarks.train_step``
+    worker), this is 1-10% faster for full fine-tuning, LoRA, LoRA on all linear layers and
+    BitFit. Nothing is set on other backends, or when ``XLA_FLAGS`` already names the option
+    (the environment then decides)."""
+    if jax.default_backend() != "cpu":
+        return {}
+    flags = os.environ.get("XLA_FLAGS", "")
+    return {k: v for k, v in CPU_COMPILER_OPTIONS.items() if f"--{k}" not in flags}
 
 
 class TrainState(NamedTuple):
@@ -146,6 +168,7 @@ class Trainer:
         mesh: Any = None,
         shard_rules: Sequence[tuple[str, Any]] = (),
         min_shard_size: int = 2**16,
+        compiler_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.transform = transform
@@ -162,11 +185,14 @@ class Trainer:
         abstract = jax.eval_shape(self._fresh_trainable, jax.random.key(0))
         self._tx = self.optimizer(abstract)
         self.mesh = mesh
+        self.compiler_options = dict(default_compiler_options() if compiler_options is None
+                                     else compiler_options)
+        jit = functools.partial(jax.jit, compiler_options=self.compiler_options or None)
         if mesh is None:
             self.state_sharding = None
-            self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
-            self.eval_step = jax.jit(self._eval_step)
-            self.eval_loss = jax.jit(self._eval_loss)
+            self.train_step = jit(self._train_step, donate_argnums=(0,))
+            self.eval_step = jit(self._eval_step)
+            self.eval_loss = jit(self._eval_loss)
         else:
             from jpeft.train import sharding as S
 
@@ -175,14 +201,14 @@ class Trainer:
             self.frozen = jax.device_put(self.frozen, frozen_sharding)
             self.state_sharding = shard(jax.eval_shape(self._fresh_state, jax.random.key(0)))
             self.batch_sharding = S.batch_sharding(mesh)
-            self.train_step = jax.jit(
+            self.train_step = jit(
                 self._train_step, donate_argnums=(0,),
                 in_shardings=(self.state_sharding, frozen_sharding, self.batch_sharding),
                 out_shardings=(self.state_sharding, S.replicated(mesh)))
-            self.eval_step = jax.jit(
+            self.eval_step = jit(
                 self._eval_step, in_shardings=(self.state_sharding, frozen_sharding, self.batch_sharding),
                 out_shardings=self.batch_sharding)
-            self.eval_loss = jax.jit(
+            self.eval_loss = jit(
                 self._eval_loss, in_shardings=(self.state_sharding, frozen_sharding, self.batch_sharding),
                 out_shardings=S.replicated(mesh))
 

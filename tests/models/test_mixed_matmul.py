@@ -10,6 +10,7 @@ float32, as the bf16 base does (tests/train/test_base_dtype.py), and train.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import pytest
 from jpeft.methods import build
 from jpeft.models import gpt2, llama
 from jpeft.models.bert import BertConfig, BertModel
-from jpeft.models.common import dense_dot_general, matmul_einsum, mixed_einsum
+from jpeft.models.common import dense_dot_general, linear, matmul_einsum, mixed_einsum
 from tests.helpers import tiny_batch, tiny_bert, train_tiny
 
 BF16 = jnp.dtype(jnp.bfloat16)
@@ -72,8 +73,36 @@ def test_matmul_einsum_without_dtype_is_plain_einsum():
     a, b, _ = _operands("bqhd,bkhd->bhqk")
     np.testing.assert_array_equal(matmul_einsum("bqhd,bkhd->bhqk", a, b, None),
                                   jnp.einsum("bqhd,bkhd->bhqk", a, b))
-    assert dense_dot_general(None) is None
-    assert dense_dot_general("bfloat16") is dense_dot_general("bfloat16")  # hashable, cached
+    assert dense_dot_general(None) is dense_dot_general(None)  # hashable, cached
+    assert dense_dot_general("bfloat16") is dense_dot_general("bfloat16")
+
+
+def test_float32_dense_is_one_2d_gemm_without_a_transposed_cotangent():
+    """``linear`` and the float32 Dense matmul equal ``x @ w`` in value and gradient, and the
+    compiled gradient multiplies the cotangent as it is: no transposed copy (N, B·T) of it,
+    which XLA:CPU writes for the 3-D contraction."""
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x, w = jax.random.normal(kx, (4, 6, 16)), jax.random.normal(kw, (16, 40))
+    g = jax.random.normal(kg, (4, 6, 40))
+    dims = (((2,), (0,)), ((), ()))
+    dense = dense_dot_general(None)
+    three_d = lambda u, v: jax.lax.dot_general(u, v, dims)
+    ref, vjp_ref = jax.vjp(three_d, x, w)
+    for f in (linear, lambda u, v: dense(u, v, dims)):
+        out, vjp = jax.vjp(f, x, w)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+        for got, want in zip(vjp(g), vjp_ref(g)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    def transposed_cotangents(f):
+        grad = jax.jit(jax.grad(lambda u, v: jnp.sum(jnp.tanh(f(u, v))), argnums=(0, 1)))
+        return re.findall(r"f32\[40,(?:24|4,6)\]", grad.lower(x, w).compile().as_text())
+
+    assert transposed_cotangents(three_d)  # the form the helper avoids (so this test can fail)
+    assert not transposed_cotangents(linear)
+    assert not transposed_cotangents(lambda u, v: dense(u, v, dims))
+    with pytest.raises(ValueError, match="x\\(...,K\\)·W\\(K,N\\) only"):
+        dense(x, w, (((1,), (0,)), ((), ())))
 
 
 def test_bad_input_is_refused():
