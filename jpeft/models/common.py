@@ -59,7 +59,8 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     and XLA:CPU first writes a transposed copy ``gᵀ (N, B·T)`` (a strided pass over the largest
     tensor of the layer, fused with whatever produced ``g``), then multiplies. On 2-D operands
     the transposed GEMM ``xᵀ·g`` runs on ``x`` and ``g`` as they are. On MiniLM's feed-forward
-    block (batch 32 × 128) this makes forward + backward 10-25% faster."""
+    block (batch 32 × 128, LoRA or full gradients) forward + backward ran 11-29% faster in
+    an interleaved micro-benchmark on a 2-core Xeon."""
     out = x.reshape(-1, x.shape[-1]) @ w
     return out.reshape(*x.shape[:-1], w.shape[-1])
 
