@@ -29,10 +29,10 @@ def command_line(module: str, argv: list[str] | None) -> str:
 
 def run_meta(command: str, **versions: str | None) -> dict[str, Any]:
     """Machine, versions (jax plus ``versions``), command, date, ``XLA_FLAGS`` and the compiler
-    options of the trainer's jitted steps of a run."""
+    options jpeft's jitted steps and predictors compile with (``jpeft.core.compile``)."""
     import jax
 
-    from jpeft.train.trainer import default_compiler_options
+    from jpeft.core.compile import default_compiler_options
 
     return {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
             "versions": {"jax": jax.__version__, "python": platform.python_version(), **versions},

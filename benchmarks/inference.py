@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import command_line, run_meta
+from jpeft.core.compile import jit
 from jpeft.core.transform import apply, merge
 from jpeft.methods import (
     AdapterConfig,
@@ -51,12 +52,12 @@ MERGEABLE = ("lora", "ia3")
 
 def build_cases(model, base):
     """name -> (jitted fn, args)."""
-    base_fwd = jax.jit(lambda p, *x: model.apply({"params": p}, *x))
+    base_fwd = jit(lambda p, *x: model.apply({"params": p}, *x))
     cases = {"base": (base_fwd, base)}
     for name, (spec, configs) in SPECS.items():
         t = build(spec, configs)
         delta = perturb(t.init(jax.random.key(0), base, model.info()), scale=0.01)
-        fwd = jax.jit(lambda p, d, *x, t=t: apply(model, t, p, d, *x))
+        fwd = jit(lambda p, d, *x, t=t: apply(model, t, p, d, *x))
         cases[f"{name} (unmerged)" if name in MERGEABLE else name] = (fwd, base, delta)
         if name in MERGEABLE:
             cases[f"{name} (merged)"] = (base_fwd, merge(t, base, delta))

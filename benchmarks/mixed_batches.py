@@ -29,6 +29,7 @@ import numpy as np
 
 from benchmarks.common import command_line, run_meta
 from jpeft import bank as B
+from jpeft.core.compile import jit
 from jpeft.core.transform import ApplyContext, apply
 from jpeft.methods import build
 from jpeft.models.bert import BertConfig, BertModel, init_params
@@ -55,7 +56,7 @@ def run(methods: list[str], ks: list[int], batch: int, length: int, reps: int) -
     rows = []
     for spec in methods:
         inner = build(spec)
-        single = jax.jit(lambda d, i, m, t, inner=inner: apply(model, inner, base, d, i, m, t))
+        single = jit(lambda d, i, m, t, inner=inner: apply(model, inner, base, d, i, m, t))
         for k in ks:
             if batch % k:
                 raise SystemExit(f"--batch={batch} must be a multiple of every K (got K={k})")
@@ -63,7 +64,7 @@ def run(methods: list[str], ks: list[int], batch: int, length: int, reps: int) -
             bank_delta = method.init(jax.random.key(1), base, model.info())
             deltas = B.unstack(bank_delta["adapters"])
             index = jnp.asarray(np.repeat(np.arange(k), batch // k), jnp.int32)
-            mixed = jax.jit(lambda d, i, m, t, x, method=method: apply(
+            mixed = jit(lambda d, i, m, t, x, method=method: apply(
                 model, method, base, d, i, m, t, ctx=ApplyContext(adapter_index=x)))
             per = batch // k
 

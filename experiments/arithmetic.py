@@ -58,14 +58,14 @@ def combinations(cfg_a: Any, delta_a: Any, cfg_b: Any, delta_b: Any) -> dict[str
 
 def evaluate(model: Any, transform: Any, params: Any, delta: Any, task: Any, dev: Any,
              batch_size: int = 128) -> dict[str, float]:
-    import jax
     import numpy as np
 
+    from jpeft.core.compile import jit
     from jpeft.core.transform import apply
     from jpeft.data import glue as G
     from jpeft.metrics import glue_metrics
 
-    fwd = jax.jit(lambda p, d, i, m, t: apply(model, transform, p, d, i, m, t))
+    fwd = jit(lambda p, d, i, m, t: apply(model, transform, p, d, i, m, t))
     outputs, labels = [], []
     for batch in G.iterate_batches(dev, batch_size, buckets=G.default_buckets(128), shuffle=False):
         keep = np.asarray(batch["weights"]) > 0

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.core import paths as P
+from jpeft.core.compile import jit
 from jpeft.core.transform import (
     ApplyContext,
     Delta,
@@ -268,7 +269,7 @@ def predictor(model: Any, method: Transform, base: Params,
         ctx = ApplyContext(adapter_index=batch["adapter_index"])
         return apply(model, method, base, bank_delta, *(batch[k] for k in model_inputs if k in batch), ctx=ctx)
 
-    return jax.jit(run)
+    return jit(run)
 
 
 __all__ = ["BankConfig", "bank", "bank_size", "from_tasks", "load_bank", "predictor", "select", "stack",

@@ -152,6 +152,7 @@ def test_hot_swap_reuses_the_compiled_function():
     second = serve(other, batch)
     assert serve._cache_size() == 1
     assert float(jnp.abs(first - second).max()) > 1e-3
+    assert "__ynn_fusion" not in serve.lower(delta, batch).compile().as_text()  # jpeft.core.compile's options
 
 
 def test_load_bank_from_saved_adapters(tmp_path):

@@ -11,7 +11,8 @@ The base tree is split once into
 state only for the trainable tree. ``train_step(state, frozen, batch)`` is jitted with the state
 donated; its compiled versions are one per distinct batch shape (see :meth:`Trainer.compilations`).
 ``eval_step`` returns the model's output, ``eval_loss`` the loss, both in evaluation mode.
-The steps compile with :func:`default_compiler_options` unless ``compiler_options`` is given.
+The steps compile with ``jpeft.core.compile.default_compiler_options()`` unless
+``compiler_options`` is given.
 The model is called as ``model(**{k: batch[k] for k in model_inputs})``; the trainer has no
 method- or model-specific branch.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -31,30 +31,12 @@ import jax.numpy as jnp
 import optax
 
 from jpeft.core import paths as P
+from jpeft.core.compile import default_compiler_options
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, apply
 from jpeft.train.optim import OptimConfig, base_labels, make_optimizer
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[jax.Array, Batch], jax.Array]
-
-
-# XLA:CPU options of the jitted steps (see default_compiler_options).
-CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def default_compiler_options() -> dict[str, Any]:
-    """The XLA options the train and eval steps compile with unless told otherwise.
-
-    On the CPU backend, XLA's YNNPACK library fusions are off (``CPU_COMPILER_OPTIONS``): the
-    dots run as XLA:CPU's own GEMMs, unfused with the element-wise work around them. Measured on
-    MiniLM train steps (batch 32 × 128, 2-core Xeon, interleaved runs, ``benchmarks.train_step``
-    worker), this is 1-10% faster for full fine-tuning, LoRA, LoRA on all linear layers and
-    BitFit. Nothing is set on other backends, or when ``XLA_FLAGS`` already names the option
-    (the environment then decides)."""
-    if jax.default_backend() != "cpu":
-        return {}
-    flags = os.environ.get("XLA_FLAGS", "")
-    return {k: v for k, v in CPU_COMPILER_OPTIONS.items() if f"--{k}" not in flags}
 
 
 class TrainState(NamedTuple):

@@ -168,10 +168,10 @@ def test_total_count_is_the_adapted_models(spec, extra):
     assert counts.trainable == P.count_params(state.trainable)
 
 
-def test_compiler_options_default_and_override(monkeypatch):
+def test_compiler_options_default_and_override():
     """On CPU the steps compile without YNNPACK library fusions unless told otherwise; the
-    options reach the compiled step, and XLA_FLAGS naming the option wins over the default."""
-    from jpeft.train.trainer import CPU_COMPILER_OPTIONS, default_compiler_options
+    options reach the compiled step (the XLA_FLAGS precedence: tests/core/test_compile.py)."""
+    from jpeft.core.compile import CPU_COMPILER_OPTIONS
 
     assert jax.default_backend() == "cpu"
     model, params = tiny_bert()
@@ -187,8 +187,3 @@ def test_compiler_options_default_and_override(monkeypatch):
     xla_own = Trainer(model, lora(LoraConfig(r=2)), params, total_steps=2, compiler_options={})
     assert xla_own.compiler_options == {}
     assert "__ynn_fusion" in compiled_text(xla_own)
-
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-    assert default_compiler_options() == {}
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    assert default_compiler_options() == CPU_COMPILER_OPTIONS
