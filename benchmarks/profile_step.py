@@ -13,7 +13,8 @@ transposes, and the rest. Writes
 ``profile_<config>_<dtype>.json`` (the groups, and the 60 slowest operations with their time and
 HLO op name) and prints the
 grouped table. The operations of one step run on the machine's cores in parallel, so their sum
-can exceed the step's wall time.
+can exceed the step's wall time; an asynchronous operation (XLA:CPU's large dots) counts from its
+start to its ``end:`` event.
 """
 
 from __future__ import annotations
@@ -57,6 +58,25 @@ def _hlo_op_names(hlo_text: str) -> dict[str, str]:
     return out
 
 
+def _op_spans(events: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """(operation, ms) for every executed XLA thunk of a trace. An asynchronous thunk (XLA:CPU
+    runs its large dots that way) records a short event when it starts and an ``end: <name>``
+    event when it completes; its time is the span from one to the other (so it includes any
+    wait for a free core while other thunks run)."""
+    pending: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    spans: list[tuple[str, float]] = []
+    for e in sorted((e for e in events if e.get("ph") == "X" and "dur" in e), key=lambda e: e["ts"]):
+        name = e.get("name", "")
+        if name.startswith("end: "):
+            if pending[name[5:]]:
+                start = pending[name[5:]].pop(0)
+                spans[start["_index"]] = (name[5:], (e["ts"] + e["dur"] - start["ts"]) / 1e3)
+        elif not name.startswith(("ThunkExecutor", "$", "Slinky")):
+            pending[name].append({**e, "_index": len(spans)})
+            spans.append((name, e["dur"] / 1e3))
+    return spans
+
+
 def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
@@ -98,11 +118,9 @@ def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int)
             events = json.load(fh)
     events = events["traceEvents"] if isinstance(events, dict) else events
     per_op: collections.Counter[str] = collections.Counter()
-    for e in events:
-        name = e.get("name", "")
-        if e.get("ph") == "X" and "dur" in e and not name.startswith(("ThunkExecutor", "$", "Slinky", "end:")) \
-                and (name in names or re.match(r"^[a-z_]+(\.\d+)?$", name)):
-            per_op[name] += e["dur"] / 1e3 / steps  # ms per step
+    for name, ms in _op_spans(events):
+        if name in names or re.match(r"^[a-z_]+(\.\d+)?$", name):
+            per_op[name] += ms / steps  # ms per step
     groups: collections.Counter[str] = collections.Counter()
     for name, ms in per_op.items():
         key = f"{name} {names.get(name, '')}"

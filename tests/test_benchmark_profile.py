@@ -19,3 +19,17 @@ def test_profile_groups_the_traced_operations(minilm_dir, config):
     ops = " ".join(op["hlo"] for op in result["top_ops"])
     assert "query/dot_general" in ops
     assert ("transpose(jvp(" in ops) == (config != "inference")  # only the train step has a backward pass
+
+
+def test_an_asynchronous_operation_counts_from_its_start_to_its_end_event():
+    from benchmarks.profile_step import _op_spans
+
+    events = [
+        {"ph": "X", "name": "dot_general.1", "ts": 0.0, "dur": 10.0},          # async start
+        {"ph": "X", "name": "fusion.2", "ts": 20.0, "dur": 500.0},             # synchronous
+        {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0.0, "dur": 9e9},  # not an operation
+        {"ph": "X", "name": "end: dot_general.1", "ts": 3000.0, "dur": 1.0},
+        {"ph": "X", "name": "dot_general.1", "ts": 5000.0, "dur": 2000.0},    # next step, no end event
+        {"ph": "i", "name": "marker", "ts": 1.0},
+    ]
+    assert _op_spans(events) == [("dot_general.1", 3.001), ("fusion.2", 0.5), ("dot_general.1", 2.0)]
