@@ -2,7 +2,8 @@
 
 A checkpoint step holds two items, written atomically by ``orbax.checkpoint.CheckpointManager``
 (into a temporary directory renamed on completion, so a kill during a save leaves the previous
-step intact):
+step intact; a step beyond ``max_to_keep`` is renamed into ``_deleted/`` before it is deleted, so a
+kill during that deletion leaves no half-deleted step either):
 
 * ``state``: the :class:`~jpeft.train.trainer.TrainState` — the delta, the trained base leaves
   (the task head ...), their optimizer state, the step and the PRNG key. Never a frozen weight.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.core import paths as P
+
+
+TRASH = "_deleted"  # subdirectory that old steps are renamed into before they are deleted
 
 
 class CheckpointError(RuntimeError):
@@ -69,11 +74,18 @@ class CheckpointManager:
 
         self._ocp = ocp
         self.directory = Path(directory).resolve()
+        # A step beyond max_to_keep is first renamed into TRASH (one atomic rename), then the
+        # trash is emptied: a kill while deleting cannot leave a half-deleted step in place.
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 todelete_subdir=TRASH),
             item_names=("state", "meta"),
         )
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        shutil.rmtree(self.directory / TRASH, ignore_errors=True)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -96,6 +108,7 @@ class CheckpointManager:
             force=True,
         )
         self._manager.wait_until_finished()
+        self._empty_trash()
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._step(step)

@@ -129,3 +129,29 @@ def test_sigkill_at_any_moment_leaves_complete_steps(tmp_path, delay):
         restored, meta = manager.restore(like, step=step)
         assert meta["step"] == step and int(restored.step) == step
         np.testing.assert_array_equal(np.asarray(restored.trainable["delta"]["w"][:3]), [step] * 3)
+
+
+def test_old_steps_are_renamed_away_before_deletion(tmp_path):
+    """Steps beyond max_to_keep leave the root in one rename (into _deleted/, then emptied): a
+    half-deleted step (a kill during deletion) sits in the trash, never among the steps."""
+    import jax.numpy as jnp
+
+    from jpeft.checkpoint.orbax_ckpt import TRASH
+    from jpeft.train.trainer import TrainState
+
+    def state(step):
+        return TrainState(jnp.asarray(step), {"delta": {"w": jnp.full((8,), float(step))}, "base": {}}, (),
+                          jax.random.key(0))
+
+    manager = CheckpointManager(tmp_path, max_to_keep=2)
+    for step in (1, 2, 3, 4):
+        manager.save(step, state(step), {"step": step})
+    assert manager.all_steps() == [3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "4"]
+    half_deleted = tmp_path / TRASH / "2" / "state"  # what a kill during the deletion leaves
+    half_deleted.mkdir(parents=True)
+    (half_deleted / "_METADATA").write_text("{}")
+    reopened = CheckpointManager(tmp_path, max_to_keep=2)
+    assert reopened.all_steps() == [3, 4] and not (tmp_path / TRASH).exists()
+    restored, meta = reopened.restore(state(0))
+    assert meta["step"] == 4 and float(restored.trainable["delta"]["w"][0]) == 4.0
