@@ -32,6 +32,7 @@ import optax
 
 from jpeft.core import paths as P
 from jpeft.core.compile import default_compiler_options
+from jpeft.core.compile import jit as compiled_jit
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, apply
 from jpeft.train.optim import OptimConfig, base_labels, make_optimizer
 
@@ -169,7 +170,7 @@ class Trainer:
         self.mesh = mesh
         self.compiler_options = dict(default_compiler_options() if compiler_options is None
                                      else compiler_options)
-        jit = functools.partial(jax.jit, compiler_options=self.compiler_options or None)
+        jit = functools.partial(compiled_jit, compiler_options=self.compiler_options)
         if mesh is None:
             self.state_sharding = None
             self.train_step = jit(self._train_step, donate_argnums=(0,))
