@@ -90,7 +90,8 @@ def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int)
     model, base = from_pretrained(num_labels=2, matmul_dtype=model_matmul_dtype(matmul_dtype))
     ids, mask, types, labels = (jnp.asarray(x) for x in _batch_arrays(batch, length))
     if config == "inference":  # the base model's forward pass, as in benchmarks.train_step
-        fwd = jit(lambda p, i, m, t: model.apply({"params": p}, i, m, t, deterministic=True))
+        fwd = jit(lambda p, i, m, t: model.apply({"params": p}, i, m, t, deterministic=True),
+                  matmul_dtype=model.info().matmul_dtype)
         names = _hlo_op_names(fwd.lower(base, ids, mask, types).compile().as_text())
 
         def step() -> None:

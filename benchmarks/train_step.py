@@ -105,7 +105,8 @@ def worker_jpeft(config: str, steps: int, batch: int, length: int, matmul_dtype:
     ids, mask, types, labels = (jnp.asarray(x) for x in _batch_arrays(batch, length))
     t0 = time.perf_counter()
     if config == "inference":
-        fwd = jit(lambda p, i, m, t: model.apply({"params": p}, i, m, t, deterministic=True))
+        fwd = jit(lambda p, i, m, t: model.apply({"params": p}, i, m, t, deterministic=True),
+                  matmul_dtype=model.info().matmul_dtype)
         jax.block_until_ready(fwd(base, ids, mask, types))
         compile_s = time.perf_counter() - t0
         flops = fwd.lower(base, ids, mask, types).compile().cost_analysis().get("flops", 0.0)

@@ -65,7 +65,8 @@ def evaluate(model: Any, transform: Any, params: Any, delta: Any, task: Any, dev
     from jpeft.data import glue as G
     from jpeft.metrics import glue_metrics
 
-    fwd = jit(lambda p, d, i, m, t: apply(model, transform, p, d, i, m, t))
+    fwd = jit(lambda p, d, i, m, t: apply(model, transform, p, d, i, m, t),
+              matmul_dtype=model.info().matmul_dtype)
     outputs, labels = [], []
     for batch in G.iterate_batches(dev, batch_size, buckets=G.default_buckets(128), shuffle=False):
         keep = np.asarray(batch["weights"]) > 0

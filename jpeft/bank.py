@@ -269,7 +269,7 @@ def predictor(model: Any, method: Transform, base: Params,
         ctx = ApplyContext(adapter_index=batch["adapter_index"])
         return apply(model, method, base, bank_delta, *(batch[k] for k in model_inputs if k in batch), ctx=ctx)
 
-    return jit(run)
+    return jit(run, matmul_dtype=model.info().matmul_dtype)
 
 
 __all__ = ["BankConfig", "bank", "bank_size", "from_tasks", "load_bank", "predictor", "select", "stack",

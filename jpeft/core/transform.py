@@ -59,6 +59,7 @@ class ModelInfo:
     embedding_path: str = "embeddings/word_embeddings/embedding"
     head_patterns: tuple[str, ...] = ()
     has_bias: bool = True
+    matmul_dtype: str | None = None  # operand dtype of the matmuls (None: the compute dtype)
 
     @property
     def kv_heads(self) -> int:

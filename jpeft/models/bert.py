@@ -309,6 +309,7 @@ class BertModel(nn.Module):
             vocab_size=cfg.vocab_size,
             embedding_path="embeddings/word_embeddings/embedding",
             head_patterns=head,
+            matmul_dtype=cfg.matmul_dtype,
         )
 
 

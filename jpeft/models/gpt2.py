@@ -240,6 +240,7 @@ class GPT2LMHeadModel(nn.Module):
             embedding_path="transformer/wte/embedding",
             head_patterns=(),
             has_bias=True,
+            matmul_dtype=cfg.matmul_dtype,
         )
 
 

@@ -432,6 +432,7 @@ class LlamaForCausalLM(nn.Module):
             embedding_path="model/embed_tokens/embedding",
             head_patterns=(),
             has_bias=cfg.attention_bias or cfg.mlp_bias,
+            matmul_dtype=cfg.matmul_dtype,
         )
 
 

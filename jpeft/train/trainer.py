@@ -11,7 +11,7 @@ The base tree is split once into
 state only for the trainable tree. ``train_step(state, frozen, batch)`` is jitted with the state
 donated; its compiled versions are one per distinct batch shape (see :meth:`Trainer.compilations`).
 ``eval_step`` returns the model's output, ``eval_loss`` the loss, both in evaluation mode.
-The steps compile with ``jpeft.core.compile.default_compiler_options()`` unless
+The steps compile with ``jpeft.core.compile.default_compiler_options(model.info().matmul_dtype)`` unless
 ``compiler_options`` is given.
 The model is called as ``model(**{k: batch[k] for k in model_inputs})``; the trainer has no
 method- or model-specific branch.
@@ -168,8 +168,8 @@ class Trainer:
         abstract = jax.eval_shape(self._fresh_trainable, jax.random.key(0))
         self._tx = self.optimizer(abstract)
         self.mesh = mesh
-        self.compiler_options = dict(default_compiler_options() if compiler_options is None
-                                     else compiler_options)
+        self.compiler_options = dict(default_compiler_options(self.info.matmul_dtype)
+                                     if compiler_options is None else compiler_options)
         jit = functools.partial(compiled_jit, compiler_options=self.compiler_options)
         if mesh is None:
             self.state_sharding = None

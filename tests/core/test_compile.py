@@ -42,3 +42,21 @@ def test_xla_flags_naming_the_option_wins(monkeypatch):
     assert default_compiler_options() == {}
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     assert default_compiler_options() == CPU_COMPILER_OPTIONS
+
+
+def test_bf16_matmuls_keep_xla_defaults(monkeypatch):
+    """XLA:CPU's own GEMMs have no AMX bf16 kernel, YNNPACK's dots do: a model with bf16 matmuls
+    compiles with XLA's defaults, YNNPACK dots included."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert default_compiler_options("bfloat16") == {}
+    assert default_compiler_options("float32") == default_compiler_options() == CPU_COMPILER_OPTIONS
+    x, w1, w2 = (a.astype(jnp.bfloat16) for a in _args())
+
+    def mixed(x, w1, w2):
+        h = jnp.tanh(jnp.dot(x, w1, preferred_element_type=jnp.float32))
+        return jnp.dot(h.astype(jnp.bfloat16), w2, preferred_element_type=jnp.float32)
+
+    bf16, f32_defaults = jit(mixed, matmul_dtype="bfloat16"), jit(mixed)
+    assert "__ynn_fusion" in bf16.lower(x, w1, w2).compile().as_text()
+    assert "__ynn_fusion" not in f32_defaults.lower(x, w1, w2).compile().as_text()
+    np.testing.assert_allclose(bf16(x, w1, w2), f32_defaults(x, w1, w2), rtol=2e-2, atol=2e-2)

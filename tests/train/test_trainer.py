@@ -1,6 +1,8 @@
 """The jitted trainer: frozen base untouched, optimizer state only for trainable leaves,
 determinism, bounded compilations, learning."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,3 +189,6 @@ def test_compiler_options_default_and_override():
     xla_own = Trainer(model, lora(LoraConfig(r=2)), params, total_steps=2, compiler_options={})
     assert xla_own.compiler_options == {}
     assert "__ynn_fusion" in compiled_text(xla_own)
+    # A model with bf16 matmuls keeps XLA's defaults (YNNPACK's dots have the AMX bf16 kernels).
+    bf16_model = type(model)(dataclasses.replace(model.config, matmul_dtype="bfloat16"))
+    assert Trainer(bf16_model, lora(LoraConfig(r=2)), params, total_steps=2).compiler_options == {}
