@@ -59,7 +59,7 @@ class ModelInfo:
     embedding_path: str = "embeddings/word_embeddings/embedding"
     head_patterns: tuple[str, ...] = ()
     has_bias: bool = True
-    matmul_dtype: str | None = None  # operand dtype of the matmuls (None: the compute dtype)
+    matmul_dtype: str | None = None  # the config's: matmul operand dtype, float32 accumulation
 
     @property
     def kv_heads(self) -> int:
