@@ -9,8 +9,8 @@ forward pass 18-22% faster at batch 32, level at batch 8 and 8% slower at batch 
 
 Models whose matmuls take bf16 operands (``matmul_dtype="bfloat16"``) keep XLA's defaults:
 XLA:CPU's own GEMMs have no bf16 kernel that uses the CPU's AMX units, YNNPACK's do. Without
-them, on the same machine, the bf16 LoRA step took 1.88 s instead of 1.34 s and the bf16 forward
-pass 747 ms instead of 421 ms. A bf16 base (``dtype="bfloat16"``: bf16 operands accumulated in
+them, on the same machine, the bf16 LoRA step took 2.17 s instead of 1.55 s and the bf16 forward
+pass 0.83 s instead of 0.44 s. A bf16 base (``dtype="bfloat16"``: bf16 operands accumulated in
 bf16) runs faster with them off (forward pass 0.80 against 0.95 s, LoRA step 2.19 against 2.63 s),
 so it keeps the float32 choice: the option follows ``matmul_dtype`` alone. The figures:
 ``python -m benchmarks.compiler_options``.
