@@ -12,8 +12,9 @@ other round, so that drift on a shared machine falls on all variants alike). Rep
 and p10-p90 per call and the number of YNNPACK fusions in the compiled program.
 
 ``--base-dtype=bfloat16`` casts the frozen base to bf16 and computes in bf16, as the GLUE CLI's
-``--base-dtype`` does. Default variants: ``jpeft`` (jpeft's default for the model), ``xla`` (XLA's own defaults, ``{}``),
-``ynn_off`` (every YNNPACK fusion off) and ``ynn_dots`` (YNNPACK for single dots only). Writes
+``--base-dtype`` does. Default variants: ``jpeft`` (jpeft's default for the model), ``xla``
+(XLA's own defaults, ``{}``), ``ynn_off`` (every YNNPACK fusion off) and ``ynn_dots`` (YNNPACK for
+single dots only). Writes
 ``compiler_options_<matmul dtype>[_base_<base dtype>].json`` and ``.md``.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -55,8 +57,6 @@ def time_round_robin(calls: Mapping[str, Callable[[], Any]], reps: int,
                      clock: Callable[[], float] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each of ``calls``, called in turn ``reps`` times (one untimed warm-up
     call each first); odd rounds run the calls in reverse order."""
-    import time
-
     clock = clock or time.perf_counter
     for call in calls.values():
         call()
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="inference,lora,full")
     parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--base-dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--variants", default="", help="NAME=JSON;... (default: jpeft, xla, ynn_off, ynn_dots)")
+    parser.add_argument("--variants", default="",
+                        help="NAME=JSON;... (default: jpeft, xla, ynn_off, ynn_dots)")
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
@@ -137,14 +138,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{config:9s} {name:9s} {statistics.median(ts):.3f} s  ({fusions[name]} YNNPACK fusions)",
                   flush=True)
         del calls
-    md = [f"{args.matmul_dtype} matmuls, {args.base_dtype} base, batch {args.batch} × {args.length}, median (p10–p90) of "
-          f"{args.reps} interleaved calls", "",
+    md = [f"{args.matmul_dtype} matmuls, {args.base_dtype} base, batch {args.batch} × {args.length}, "
+          f"median (p10–p90) of {args.reps} interleaved calls", "",
           "| config | variant | options | s per call | YNNPACK fusions |", "|---|---|---|---|---|"]
     md += [f"| {r['config']} | {r['variant']} | `{json.dumps(r['options'])}` | {r['median_s']:.3f} "
            f"({r['p10_s']:.3f}–{r['p90_s']:.3f}) | {r['ynn_fusions']} |" for r in rows]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"compiler_options_{args.matmul_dtype}" + ("" if args.base_dtype == "float32" else f"_base_{args.base_dtype}")
+    stem = f"compiler_options_{args.matmul_dtype}"
+    if args.base_dtype != "float32":
+        stem += f"_base_{args.base_dtype}"
     meta = run_meta(command_line("benchmarks.compiler_options", argv))
     (out / f"{stem}.json").write_text(json.dumps({**meta, "batch": args.batch, "length": args.length,
                                                   "rows": rows}, indent=2) + "\n")

@@ -11,8 +11,8 @@ The base tree is split once into
 state only for the trainable tree. ``train_step(state, frozen, batch)`` is jitted with the state
 donated; its compiled versions are one per distinct batch shape (see :meth:`Trainer.compilations`).
 ``eval_step`` returns the model's output, ``eval_loss`` the loss, both in evaluation mode.
-The steps compile with ``jpeft.core.compile.default_compiler_options(model.info().matmul_dtype)`` unless
-``compiler_options`` is given.
+The steps compile with ``jpeft.core.compile.default_compiler_options(model.info().matmul_dtype)``
+unless ``compiler_options`` is given.
 The model is called as ``model(**{k: batch[k] for k in model_inputs})``; the trainer has no
 method- or model-specific branch.
 """
