@@ -5,6 +5,9 @@
     python -m experiments.sweep --methods=lora,lora@all_linear --tasks=sst2
     python -m experiments.sweep --tasks=e2e --methods=full,lora,prefix,houlsby,freeze --out=results/e2e
 
+    python -m experiments.sweep --seeds=0,1,2 --methods=lora,houlsby --tasks=mrpc,rte
+    python -m experiments.sweep --rebuild --out=results/glue
+
 A method written ``METHOD@VARIANT`` adds ``--config=configs/variants/<METHOD>_<VARIANT>.toml``.
 
 Each cell runs ``python -m experiments.glue`` (``experiments.e2e`` for the task ``e2e``, whose
@@ -12,6 +15,14 @@ variants live in ``configs/e2e/variants``) in its own process (its own memory an
 compilation cache) with the recipe of ``configs/`` plus ``--extra`` flags, and reads back its
 ``summary.json``. Finished cells are skipped when the sweep is started again, so a sweep can be
 stopped and resumed. Results go to ``<out>/results.json`` and ``<out>/results.md``.
+
+With ``--seeds=0,1,2`` every cell runs once per seed (seed-major: every cell at the first seed,
+then the next seed), each in ``<out>/runs/<task>-<method>-s<seed>/``, and the table gives the mean
+± the sample standard deviation over the seeds with the number of seeds per cell. The run's
+recipe (its ``config.json``) is stored in its ``summary.json`` under ``"config"``, so
+``--rebuild`` rewrites the table from the stored summaries alone. A finished run's
+``checkpoints/`` folder is deleted (``--no-prune-checkpoints`` keeps it); an unfinished run keeps
+it and resumes from it. The exit code is 1 when a run failed (the table still shows the rest).
 """
 
 from __future__ import annotations
@@ -21,9 +32,12 @@ import json
 import os
 import platform
 import shlex
+import shutil
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,55 +53,161 @@ GLUE_RECIPES = (
     "else shared the 2 cores and are not comparable with one another. A dash: not run yet.")
 
 
-def run_cell(entry: str, task: str, run_dir: Path, extra: list[str]) -> dict[str, Any] | None:
-    """Run (or read back) one cell; ``entry`` is ``METHOD`` or ``METHOD@VARIANT``."""
+SEEDED_RECIPES = (
+    "Recipes: `configs/tasks/<task>.toml` and `configs/<method>.toml` with its `[tasks.<task>]` "
+    "table (each file cites the paper its settings come from); every run's full recipe is the "
+    "`config` of its `runs/<task>-<method>-s<seed>/summary.json`. The final evaluation is reported "
+    "(no best-checkpoint selection). A dagger: the cell's seeds ran with different recipes. Wall "
+    "time: mean per run; it depends on what else shared the 2 cores.")
+# A run's recipe without what differs between its seeds or does not change the result.
+NOT_RECIPE = ("seed", "output_dir", "progress", "data_dir", "resume", "log_every", "eval_every",
+              "save_every", "keep_checkpoints", "allow_base_mismatch")
+Runner = Callable[[list[str], Path], int]
+# The seeded table's row order (other labels follow, sorted).
+ROW_ORDER = ("full", "lora", "lora@all_linear", "ia3", "bitfit", "houlsby", "pfeiffer", "prefix",
+             "ptuning2", "prompt", "ptuning", "freeze", "diff_pruning")
+
+
+def _run_logged(cmd: list[str], log: Path) -> int:
+    with log.open("w") as fh:
+        return subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def run_name(task: str, label: str, seed: int | None = None) -> str:
+    """The run folder's name: ``<task>-<label>``, with ``-s<seed>`` in a seeded sweep."""
+    return f"{task}-{label}" if seed is None else f"{task}-{label}-s{seed}"
+
+
+def check_name(name: str, what: str) -> None:
+    """Refuse a method or task name that would leave the run or config folder."""
+    if not name or "/" in name or "\\" in name or ".." in name:
+        raise ValueError(f"{what} {name!r}: names may not be empty or contain '/', '\\' or '..' "
+                         "(they become file and folder names)")
+
+
+def _with_recipe(run_dir: Path) -> dict[str, Any]:
+    """The run's summary, with its ``config.json`` stored in it as ``"config"`` (once)."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text())
+    config = run_dir / "config.json"
+    if "config" not in summary and config.is_file():
+        summary["config"] = json.loads(config.read_text())
+        path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_cell(entry: str, task: str, run_dir: Path, extra: list[str], seed: int | None = None,
+             runner: Runner = _run_logged, prune: bool = False) -> dict[str, Any] | None:
+    """Run (or read back) one cell; ``entry`` is ``METHOD`` or ``METHOD@VARIANT``; ``seed`` adds
+    ``--seed``. ``prune`` deletes the finished run's ``checkpoints/``."""
     method, _, variant = entry.partition("@")
     summary = run_dir / "summary.json"
-    if summary.is_file():
-        return {**json.loads(summary.read_text()), "label": entry}
-    variants = VARIANTS.parent / "e2e" / "variants" if task == "e2e" else VARIANTS
-    variant_flags = [f"--config={variants / f'{method}_{variant}.toml'}"] if variant else []
-    experiment = ["experiments.e2e"] if task == "e2e" else ["experiments.glue", f"--task={task}"]
-    cmd = [sys.executable, "-m", *experiment, f"--method={method}",
-           f"--output-dir={run_dir}", "--progress=false", *variant_flags, *extra]
-    print("$", shlex.join(cmd), flush=True)
-    log = run_dir.with_suffix(".log")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as fh:
-        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    if code != 0 or not summary.is_file():
-        print(f"  failed (exit {code}); see {log}", flush=True)
-        return None
-    return {**json.loads(summary.read_text()), "label": entry}
+    if not summary.is_file():
+        variants = VARIANTS.parent / "e2e" / "variants" if task == "e2e" else VARIANTS
+        variant_flags = [f"--config={variants / f'{method}_{variant}.toml'}"] if variant else []
+        experiment = ["experiments.e2e"] if task == "e2e" else ["experiments.glue", f"--task={task}"]
+        seed_flag = [] if seed is None else [f"--seed={seed}"]
+        cmd = [sys.executable, "-m", *experiment, f"--method={method}", f"--output-dir={run_dir}",
+               "--progress=false", *seed_flag, *variant_flags, *extra]
+        print("$", shlex.join(cmd), flush=True)
+        log = run_dir.with_suffix(".log")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        code = runner(cmd, log)
+        if code != 0 or not summary.is_file():
+            print(f"  failed (exit {code}); see {log}", flush=True)
+            return None
+    if prune:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return {**_with_recipe(run_dir), "label": entry}
 
 
 def _fmt_metrics(metrics: dict[str, float]) -> str:
     return " / ".join(f"{100 * v:.1f}" for v in metrics.values())
 
 
-def write_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"note": note, "cells": cells}, indent=2))
-    tasks = sorted({c["task"] for c in cells})
-    methods = list(dict.fromkeys(c["label"] for c in cells))
-    by = {(c["label"], c["task"]): c for c in cells}
+def _table_rows(by: dict[tuple[str, str], dict[str, Any]], fmt: Callable[[dict[str, Any]], str]) -> list[str]:
+    """The GLUE table's lines (header, majority class, one row per method) for the cells ``by``
+    (label, task); ``fmt`` writes one cell."""
+    tasks = sorted({t for _, t in by})
+    methods = list(dict.fromkeys(m for m, _ in by))
+    first = {t: by[next(m for m in methods if (m, t) in by), t] for t in tasks}
     header = "| method | trainable params (%) | " + " | ".join(
-        f"{t} ({'/'.join(by[next(m for m in methods if (m, t) in by), t]['metrics'])})" for t in tasks
-    ) + " |"
+        f"{t} ({'/'.join(first[t]['metrics'])})" for t in tasks) + " |"
     lines = [header, "|" + "---|" * (len(tasks) + 2)]
-    majority = {t: by[next(m for m in methods if (m, t) in by), t].get("majority_baseline", {})
-                for t in tasks}
+    majority = {t: first[t].get("majority_baseline", {}) for t in tasks}
     lines.append("| majority class | – | " + " | ".join(_fmt_metrics(majority[t]) for t in tasks) + " |")
     for m in methods:
         any_cell = next(by[m, t] for t in tasks if (m, t) in by)
         row = [m, f"{any_cell['trainable_params']:,d} ({any_cell['trainable_percent']:.2f}%)"]
-        for t in tasks:
-            c = by.get((m, t))
-            row.append(f"{_fmt_metrics(c['metrics'])} ({c['wall_s'] / 60:.1f} min)" if c else "–")
+        row += [fmt(by[m, t]) if (m, t) in by else "–" for t in tasks]
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def write_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"note": note, "cells": cells}, indent=2))
+    lines = _table_rows({(c["label"], c["task"]): c for c in cells},
+                        lambda c: f"{_fmt_metrics(c['metrics'])} ({c['wall_s'] / 60:.1f} min)")
     body = "\n".join(lines)
     (out / "results.md").write_text(f"{note}\n\n{body}\n\n{GLUE_RECIPES}\n")
     print("\n".join(lines))
+
+
+def recipe_key(run: dict[str, Any]) -> str:
+    """The run's recipe as a string (its ``config`` without the seed and bookkeeping flags)."""
+    config = {k: v for k, v in run.get("config", {}).items() if k not in NOT_RECIPE}
+    return json.dumps(config, sort_keys=True)
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The seeded runs grouped into cells keyed by (label, task): per metric the mean and the
+    sample standard deviation (0 for one seed), the seeds, the mean wall time, whether the mean
+    main metric is above the majority class, and whether the seeds' recipes differ."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    rank = {label: i for i, label in enumerate(ROW_ORDER)}
+    for r in sorted(runs, key=lambda r: (rank.get(r["label"], len(rank)), r["label"], r["seed"])):
+        groups.setdefault((r["label"], r["task"]), []).append(r)
+    cells = {}
+    for (label, task), rs in groups.items():
+        names = list(rs[0]["metrics"])
+        values = {k: [r["metrics"][k] for r in rs] for k in names}
+        mean = {k: statistics.fmean(v) for k, v in values.items()}
+        std = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()}
+        main = rs[0].get("main_metric", names[0])
+        majority = rs[0].get("majority_baseline", {})
+        cells[label, task] = {
+            "task": task, "label": label, "seeds": [r["seed"] for r in rs], "n": len(rs),
+            "metrics": mean, "std": std, "main_metric": main, "majority_baseline": majority,
+            "above_majority": mean[main] > majority.get(main, float("-inf")),
+            "mixed_recipes": len({recipe_key(r) for r in rs}) > 1,
+            "trainable_params": rs[0]["trainable_params"], "trainable_percent": rs[0]["trainable_percent"],
+            "wall_s": statistics.fmean(r["wall_s"] for r in rs),
+        }
+    return cells
+
+
+def _fmt_seeded(cell: dict[str, Any]) -> str:
+    values = " / ".join(f"{100 * v:.1f}" + (f" ± {100 * cell['std'][k]:.1f}" if cell["n"] > 1 else "")
+                        for k, v in cell["metrics"].items())
+    return f"{values}{' †' if cell['mixed_recipes'] else ''} (n={cell['n']}, {cell['wall_s'] / 60:.0f} min)"
+
+
+def write_seeded_table(runs: list[dict[str, Any]], out: Path, note: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """``<out>/results.{json,md}`` of a seeded sweep: mean ± sample std over seeds per cell, the
+    number of seeds, and how many cells' mean main metric is above the majority class."""
+    cells = aggregate(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(
+        {"note": note, "cells": list(cells.values()), "runs": runs}, indent=2))
+    lines = _table_rows(cells, _fmt_seeded)
+    above = sum(c["above_majority"] for c in cells.values())
+    mains = ", ".join(sorted({f"{c['task']}: {c['main_metric']}" for c in cells.values()}))
+    count = f"Cells whose mean main metric ({mains}) is above the majority class: {above} of {len(cells)}."
+    body = "\n".join(lines)
+    (out / "results.md").write_text(f"{note}\n\n{body}\n\n{count}\n\n{SEEDED_RECIPES}\n")
+    print("\n".join(lines) + "\n" + count)
+    return cells
 
 
 def write_e2e_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
@@ -109,42 +229,115 @@ def write_e2e_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
     print("\n".join(lines))
 
 
+def seeded_runs(out: Path) -> list[dict[str, Any]]:
+    """Every finished seeded run under ``<out>/runs/<task>-<label>-s<seed>/summary.json``, with
+    its label (from the folder's name); the summaries are the only source."""
+    runs = []
+    for summary in sorted((out / "runs").glob("*/summary.json")):
+        data = json.loads(summary.read_text())
+        prefix, suffix = f"{data.get('task')}-", f"-s{data.get('seed')}"
+        name = summary.parent.name
+        if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix):
+            runs.append({**data, "label": name[len(prefix):-len(suffix)]})
+    return runs
+
+
+def cpu_name() -> str:
+    """The CPU's model name (as lscpu gives it) and the number of cores."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
 def previous_cells(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """The cells of an earlier ``<out>/results.json`` and of every finished run in
     ``<out>/runs/<task>-<label>/summary.json`` (these win), keyed by (label, task)."""
     path = out / "results.json"
     cells = {}
     if path.is_file():
-        cells = {(c["label"], c["task"]): c for c in json.loads(path.read_text())["cells"]}
+        data = json.loads(path.read_text())
+        if "runs" not in data:  # a seeded sweep's table holds means, not runs
+            cells = {(c["label"], c["task"]): c for c in data["cells"]}
     for summary in sorted((out / "runs").glob("*/summary.json")):
         data = json.loads(summary.read_text())
         prefix = f"{data['task']}-"
         name = summary.parent.name
-        if name.startswith(prefix):
+        if name.startswith(prefix) and not name.endswith(f"-s{data.get('seed')}"):  # not seeded runs
             label = name[len(prefix):]
             cells[label, data["task"]] = {**data, "label": label}
     return cells
 
 
-def main(argv: list[str] | None = None) -> int:
+def seeded_note(runs: list[dict[str, Any]]) -> str:
+    models = ", ".join(sorted({str(r.get("model", "?")).rstrip("/").split("/")[-1] for r in runs}))
+    return (f"GLUE dev results of `python -m experiments.sweep --seeds=...`: {len(runs)} runs of "
+            f"{models}, one process each, every run's `summary.json` (with its recipe) under `runs/`; "
+            f"`python -m experiments.sweep --rebuild` rewrites this table from them. Each cell: the mean "
+            f"± the sample standard deviation over its seeds (n = number of seeds), in points, on "
+            f"{cpu_name()}.")
+
+
+def _parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds={text!r}: give comma-separated integers, e.g. --seeds=0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds={text!r}: give distinct comma-separated integers, e.g. --seeds=0,1,2")
+    return seeds
+
+
+def main(argv: list[str] | None = None, runner: Runner = _run_logged) -> int:
+    """The CLI; ``runner(cmd, log_path) -> exit code`` runs one cell's command (tests fake it)."""
     parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="full,lora,houlsby,pfeiffer,prefix,prompt,ptuning,"
                         "ptuning2,bitfit,freeze,diff_pruning,ia3")
     parser.add_argument("--tasks", default="sst2,mrpc,rte,stsb,cola")
     parser.add_argument("--out", default="results/glue")
     parser.add_argument("--extra", default="", help="flags passed to every cell")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds: every cell runs once per seed, in "
+                             "<out>/runs/<task>-<method>-s<seed>/, and the table gives mean ± std")
     parser.add_argument("--merge", default=True, action=argparse.BooleanOptionalAction,
                         help="keep the cells already in <out>/results.json (a rerun cell replaces its old "
-                             "value); --no-merge writes only this invocation's cells")
+                             "value); --no-merge writes only this invocation's cells (seeded sweeps "
+                             "always tabulate every seeded run on disk)")
+    parser.add_argument("--prune-checkpoints", default=True, action=argparse.BooleanOptionalAction,
+                        help="delete a finished seeded run's checkpoints/ (its summary, metrics and "
+                             "adapter stay)")
     parser.add_argument("--rebuild", action="store_true",
-                        help="run nothing: rewrite <out>/results.{md,json} from the cells on disk")
+                        help="run nothing: rewrite <out>/results.{md,json} from the runs' summary.json "
+                             "files (a seeded table when <out>/runs holds seeded runs)")
     args = parser.parse_args(argv)
+    methods, tasks = args.methods.split(","), args.tasks.split(",")
+    try:
+        for m in methods:
+            check_name(m, "method")
+        for t in tasks:
+            check_name(t, "task")
+        seeds = _parse_seeds(args.seeds)
+    except ValueError as err:
+        parser.error(str(err))
     out = Path(args.out)
     if args.rebuild:
+        runs = seeded_runs(out)
+        if runs or seeds is not None:
+            if not runs:
+                print(f"no seeded runs under {out}/runs", file=sys.stderr)
+                return 1
+            write_seeded_table(runs, out, seeded_note(runs))
+            return 0
         cells = list(previous_cells(out).values())
-        machine = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
         note = json.loads((out / "results.json").read_text())["note"] if (out / "results.json").is_file() \
-            else f"Results rebuilt from {out}/runs on {machine}."
+            else f"Results rebuilt from {out}/runs on {cpu_name()}."
         glue = [c for c in cells if c["task"] != "e2e"]
         e2e = [c for c in cells if c["task"] == "e2e"]
         if e2e:
@@ -153,16 +346,32 @@ def main(argv: list[str] | None = None) -> int:
             write_table(glue, out, note)
         return 0
     extra = shlex.split(args.extra)
-    cells = previous_cells(out) if args.merge else {}
     t0 = time.time()
-    for task in args.tasks.split(","):
-        for method in args.methods.split(","):
-            summary = run_cell(method, task, out / "runs" / f"{task}-{method}", extra)
-            if summary is not None:
+    failed: list[str] = []
+    if seeds is not None:
+        for seed in seeds:
+            for task in tasks:
+                for method in methods:
+                    name = run_name(task, method, seed)
+                    summary = run_cell(method, task, out / "runs" / name, extra, seed=seed,
+                                       runner=runner, prune=args.prune_checkpoints)
+                    if summary is None:
+                        failed.append(name)
+                        continue
+                    runs = seeded_runs(out)  # every seeded run on disk, this sweep's and earlier ones
+                    write_seeded_table(runs, out, seeded_note(runs))
+    else:
+        cells = previous_cells(out) if args.merge else {}
+        for task in tasks:
+            for method in methods:
+                summary = run_cell(method, task, out / "runs" / run_name(task, method), extra,
+                                   runner=runner)
+                if summary is None:
+                    failed.append(run_name(task, method))
+                    continue
                 if args.merge:  # other sweeps may have written cells meanwhile
                     cells.update(previous_cells(out))
                 cells[summary["label"], summary["task"]] = summary
-                machine = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
                 if task == "e2e":
                     c = summary
                     search = "greedy search" if c["num_beams"] == 1 else f"beam search ({c['num_beams']} beams)"
@@ -170,17 +379,19 @@ def main(argv: list[str] | None = None) -> int:
                             f"runs; the last: `--methods={args.methods}` {args.extra}), {c['model']}, seed "
                             f"{c['seed']}, {c['steps']} steps on {c['train_pairs']} training pairs, "
                             f"{c['decoded_mrs']} {c['decode_split']} MRs decoded with {search}, one run per "
-                            f"cell, on {machine}.")
+                            f"cell, on {cpu_name()}.")
                     write_e2e_table([v for v in cells.values() if v["task"] == "e2e"], out, note)
                     continue
                 note = (f"GLUE dev results of `python -m experiments.sweep` (cells merged over runs; "
                         f"the last: `--methods={args.methods} --tasks={args.tasks}` {args.extra}), "
-                        f"all-MiniLM-L6-v2, seed 0, one run per cell, on {machine}. Wall time per "
+                        f"all-MiniLM-L6-v2, seed 0, one run per cell, on {cpu_name()}. Wall time per "
                         "cell in brackets.")
                 write_table([v for v in cells.values() if v["task"] != "e2e"], out, note)
     print(f"sweep done in {(time.time() - t0) / 60:.1f} min")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

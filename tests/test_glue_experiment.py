@@ -24,12 +24,14 @@ def test_help_lists_flags_with_defaults(capsys):
 def test_config_layers_and_cli_precedence():
     cfg = E.parse_args([])
     assert (cfg.method, cfg.task) == ("lora", "sst2")
-    assert cfg.lr == 1e-3 and cfg.lora.alpha == 16.0  # configs/lora.toml
-    assert cfg.max_steps == 1600  # configs/lora.toml [tasks.sst2] over configs/tasks/sst2.toml
+    assert cfg.lr == 5e-4 and cfg.lora.alpha == 16.0 and cfg.batch_size == 16  # configs/lora.toml
+    # configs/lora.toml [tasks.sst2] (one epoch) over configs/tasks/sst2.toml (800 steps)
+    assert cfg.max_steps is None and cfg.epochs == 1.0
     cfg = E.parse_args(["--task=mrpc", "--lr=3e-4", "--lora.r=16", "--max-steps", "7"])
-    assert cfg.epochs == 5.0 and cfg.lr == 3e-4 and cfg.lora.r == 16 and cfg.max_steps == 7
+    assert cfg.epochs == 10.0 and cfg.lr == 3e-4 and cfg.lora.r == 16 and cfg.max_steps == 7
+    assert E.parse_args(["--task=wnli"]).epochs == 3.0  # configs/tasks/wnli.toml
     full = E.parse_args(["--method=full"])
-    assert full.lr == 5e-5 and full.max_steps == 800  # configs/tasks/sst2.toml
+    assert full.lr == 5e-5 and full.max_steps is None and full.epochs == 1.0
 
 
 def test_every_shipped_config_parses_for_every_task():
@@ -48,20 +50,20 @@ def test_every_shipped_config_parses_for_every_task():
     prefix_mrpc = E.parse_args(["--method=prefix", "--task=mrpc"])
     assert prefix_mrpc.group_lr == {"prefix": 0.1} and prefix_mrpc.epochs == 10.0
     assert E.parse_args(["--method=prefix", "--task=sst2"]).group_lr == {"prefix": 0.5}
-    assert E.parse_args(["--method=ptuning2", "--task=mrpc"]).epochs == 5.0
+    assert E.parse_args(["--method=ptuning2", "--task=mrpc"]).epochs == 10.0
     assert E.parse_args(["--method=lora", "--task=mrpc"]).max_steps is None
 
 
 
 def test_a_combination_names_the_settings_its_parts_disagree_on(capsys):
-    """``lora+freeze``: freeze.toml's lr (5e-5) replaces lora.toml's (1e-3), and stderr says so."""
+    """``lora+freeze``: freeze.toml's lr (5e-5) replaces lora.toml's (5e-4), and stderr says so."""
     cfg = E.parse_args(["--method=lora+freeze"])
     assert cfg.lr == 5e-5
     err = capsys.readouterr().err
-    assert "lr = 5e-05 from freeze.toml replaces 0.001 from lora.toml" in err and "--lr" in err
+    assert "lr = 5e-05 from freeze.toml replaces 0.0005 from lora.toml" in err and "--lr" in err
     assert E.parse_args(["--method=lora+freeze", "--lr=1e-3"]).lr == 1e-3
     E.parse_args(["--method=lora"])
-    E.parse_args(["--method=lora+bitfit"])  # both files set lr 1e-3 and weight decay 0.01
+    E.parse_args(["--method=bitfit+prefix"])  # both set lr 1e-3, weight decay 0.01, batch 32, 10 epochs
     assert "note:" not in capsys.readouterr().err
 
 @pytest.mark.parametrize("argv, needle", [

@@ -1,9 +1,13 @@
 """The sweep's results table: cells merged from earlier results and finished runs, the majority row,
-a dash for a cell not run, and the recipe note under the GLUE table only."""
+a dash for a cell not run, and the recipe note under the GLUE table only; seeded sweeps (one
+folder per seed, mean ± std, resume, --rebuild from the summaries, failures, refused names)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from experiments.sweep import GLUE_RECIPES, main, previous_cells, write_table
 
@@ -46,3 +50,125 @@ def test_finished_runs_replace_older_cells_and_rebuild(tmp_path):
     assert main(["--rebuild", f"--out={tmp_path}"]) == 0
     md = (tmp_path / "results.md").read_text()
     assert "| lora@all_linear | 100 (1.00%) | 87.7 (1.0 min) |" in md and "85.1" in md and "50.0" not in md
+
+
+# Seeded sweeps, with a fake runner in place of the experiment's process.
+
+def _fake_runner(scores, calls, fail=()):
+    """A runner that writes what ``experiments.glue`` would: ``config.json``, ``checkpoints/``
+    and ``summary.json`` whose metric is ``scores[(method, task, seed)]``; exits 1 for ``fail``."""
+    def run(cmd, log):
+        flags = dict(a[2:].split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+        key = (flags["method"], flags["task"], int(flags["seed"]))
+        calls.append(key)
+        log.write_text("log")
+        if key in fail:
+            return 1
+        run_dir = Path(flags["output-dir"])
+        (run_dir / "checkpoints" / "100").mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps({"lr": 1e-3, "seed": key[2],
+                                                         "output_dir": str(run_dir)}))
+        majority = MRPC_MAJ if key[1] == "mrpc" else SST2_MAJ
+        metrics = {"accuracy": scores[key], "f1": scores[key] + 0.05} if key[1] == "mrpc" \
+            else {"accuracy": scores[key]}
+        summary = {**_cell(key[1], key[0], metrics, majority), "seed": key[2], "main_metric": "accuracy",
+                   "model": "sentence-transformers/all-MiniLM-L6-v2"}
+        del summary["label"]
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        return 0
+    return run
+
+
+SCORES = {("lora", "sst2", 0): 0.85, ("lora", "sst2", 1): 0.86, ("lora", "sst2", 2): 0.87,
+          ("bitfit", "sst2", 0): 0.50, ("bitfit", "sst2", 1): 0.50, ("bitfit", "sst2", 2): 0.51,
+          ("lora", "mrpc", 0): 0.80, ("lora", "mrpc", 1): 0.82, ("lora", "mrpc", 2): 0.81,
+          ("bitfit", "mrpc", 0): 0.70, ("bitfit", "mrpc", 1): 0.72, ("bitfit", "mrpc", 2): 0.74}
+
+
+def test_seeded_sweep_runs_each_seed_in_its_folder_and_tabulates_mean_std(tmp_path):
+    calls = []
+    argv = [f"--out={tmp_path}", "--methods=lora,bitfit", "--tasks=sst2,mrpc", "--seeds=0,1,2"]
+    assert main(argv, runner=_fake_runner(SCORES, calls)) == 0
+    assert calls[:4] == [("lora", "sst2", 0), ("bitfit", "sst2", 0), ("lora", "mrpc", 0),
+                         ("bitfit", "mrpc", 0)]  # every cell at seed 0 first
+    assert len(calls) == 12
+    run = tmp_path / "runs" / "mrpc-lora-s1"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["lr"] == 1e-3 and summary["seed"] == 1  # the recipe is kept with it
+    assert not (run / "checkpoints").exists()  # pruned once finished
+    md = (tmp_path / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| method | trainable params (%) | mrpc (accuracy/f1) | sst2 (accuracy) |"
+    assert rows[2] == "| lora | 100 (1.00%) | 81.0 ± 1.0 / 86.0 ± 1.0 (n=3, 1 min) | 86.0 ± 1.0 (n=3, 1 min) |"
+    assert rows[3].startswith("| bitfit | 100 (1.00%) | 72.0 ± 2.0 / 77.0 ± 2.0 (n=3, 1 min) | 50.3 ± 0.6 (n=3")
+    # bitfit's MRPC mean (72.0) beats the majority's 68.4, its SST-2 mean (50.3) does not beat 50.9
+    assert "is above the majority class: 3 of 4." in md
+    assert "AMD" in md or "cores" in md
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    lora_sst2 = next(c for c in cells if (c["label"], c["task"]) == ("lora", "sst2"))
+    assert lora_sst2["seeds"] == [0, 1, 2] and lora_sst2["n"] == 3 and not lora_sst2["mixed_recipes"]
+
+
+def test_seeded_sweep_resumes_and_rebuilds_from_summaries_only(tmp_path):
+    calls = []
+    argv = [f"--out={tmp_path}", "--methods=lora", "--tasks=sst2", "--seeds=0,1"]
+    assert main(argv, runner=_fake_runner(SCORES, calls)) == 0
+    before = (tmp_path / "results.md").read_text()
+    calls.clear()
+    assert main(argv[:-1] + ["--seeds=0,1,2"], runner=_fake_runner(SCORES, calls)) == 0
+    assert calls == [("lora", "sst2", 2)]  # finished runs are skipped
+    assert "(n=3" in (tmp_path / "results.md").read_text() and "(n=2" in before
+    # --rebuild reads the runs' summaries only (not results.json) and runs nothing
+    (tmp_path / "results.json").write_text(json.dumps({"note": "stale", "cells": []}))
+    (tmp_path / "results.md").unlink()
+    calls.clear()
+    assert main(["--rebuild", f"--out={tmp_path}"], runner=_fake_runner(SCORES, calls)) == 0
+    assert calls == []
+    md = (tmp_path / "results.md").read_text()
+    assert "| lora | 100 (1.00%) | 86.0 ± 1.0 (n=3, 1 min) |" in md and "stale" not in md
+
+
+def test_seeded_sweep_exits_nonzero_on_a_failed_run_and_tabulates_the_rest(tmp_path, capsys):
+    calls = []
+    runner = _fake_runner(SCORES, calls, fail={("bitfit", "sst2", 1)})
+    code = main([f"--out={tmp_path}", "--methods=lora,bitfit", "--tasks=sst2", "--seeds=0,1"], runner=runner)
+    assert code == 1 and len(calls) == 4  # the failure does not stop the other runs
+    assert "sst2-bitfit-s1" in capsys.readouterr().err
+    md = (tmp_path / "results.md").read_text()
+    assert "| bitfit | 100 (1.00%) | 50.0 (n=1, 1 min) |" in md and "85.5 ± 0.7 (n=2" in md
+
+
+def test_cell_with_different_recipes_across_seeds_is_marked(tmp_path):
+    calls = []
+    argv = [f"--out={tmp_path}", "--methods=lora", "--tasks=sst2", "--seeds=0,1"]
+    assert main(argv, runner=_fake_runner(SCORES, calls)) == 0
+    path = tmp_path / "runs" / "sst2-lora-s1" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["config"]["lr"] = 5e-4
+    path.write_text(json.dumps(summary))
+    assert main(["--rebuild", f"--out={tmp_path}"]) == 0
+    assert "85.5 ± 0.7 † (n=2" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("methods", ["../lora", "lora/../../x", "lora@..", "a\\b", "lora,"])
+def test_method_names_with_path_separators_are_refused(tmp_path, capsys, methods):
+    calls = []
+    with pytest.raises(SystemExit) as exc:
+        main([f"--out={tmp_path}", f"--methods={methods}", "--tasks=sst2", "--seeds=0"],
+             runner=_fake_runner(SCORES, calls))
+    assert exc.value.code == 2 and calls == []
+    assert "may not be empty or contain '/', '\\' or '..'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_seeds_are_refused(tmp_path, capsys):
+    for seeds in ("0,x", "1,1", ","):
+        with pytest.raises(SystemExit):
+            main([f"--out={tmp_path}", f"--seeds={seeds}"], runner=_fake_runner(SCORES, []))
+        assert "--seeds=" in capsys.readouterr().err
+
+
+def test_legacy_cells_ignore_seeded_runs(tmp_path):
+    assert main([f"--out={tmp_path}", "--methods=lora", "--tasks=sst2", "--seeds=0"],
+                runner=_fake_runner(SCORES, [])) == 0
+    assert previous_cells(tmp_path) == {}

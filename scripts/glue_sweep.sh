@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The seeded GLUE sweep of results/glue/PLAN.md, in its order: the cells that ended at or below the
+# majority class first (seed 0, then seeds 1 and 2), then every other cell. Each step is one
+# `python -m experiments.sweep` process (one run at a time); finished runs are skipped, so running
+# this script again resumes where it stopped. A failed run does not stop the later steps.
+#
+#   PYTHON=/path/to/python OUT=results/glue bash scripts/glue_sweep.sh
+set -u
+PYTHON=${PYTHON:-python}
+OUT=${OUT:-results/glue}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ALL=full,lora,lora@all_linear,ia3,bitfit,houlsby,pfeiffer,prefix,ptuning2,prompt,ptuning,freeze,diff_pruning
+COLA_FAILING=pfeiffer,ia3,bitfit,prefix,ptuning2,prompt,ptuning,diff_pruning
+RTE_FAILING=lora@all_linear,prefix,ia3,ptuning,prompt,diff_pruning
+STSB_FAILING=prompt,ptuning
+status=0
+step() {
+    echo "=== $(date -u +%FT%TZ) sweep $*"
+    "$PYTHON" -m experiments.sweep --out="$OUT" "$@" || status=1
+}
+for seeds in 0 1,2; do
+    step --tasks=cola --methods=$COLA_FAILING --seeds=$seeds
+    step --tasks=rte --methods=$RTE_FAILING --seeds=$seeds
+    step --tasks=stsb --methods=$STSB_FAILING --seeds=$seeds
+done
+step --tasks=cola,rte,mrpc,stsb --methods=$ALL --seeds=0,1,2
+step --tasks=sst2 --methods=$ALL --seeds=0,1
+echo "=== $(date -u +%FT%TZ) done (status $status)"
+exit $status
