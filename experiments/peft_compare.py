@@ -1,0 +1,333 @@
+"""Hugging Face PEFT (PyTorch) on jpeft's GLUE recipe: LoRA and full fine-tuning, side by side.
+
+    python -m experiments.peft_compare --tasks=sst2,mrpc --methods=lora,full --seeds=0,1,2
+    python -m experiments.peft_compare --table                 # only the side-by-side table
+
+Each (task, method, seed) trains ``transformers``' ``BertForSequenceClassification`` (LoRA
+through ``peft``) with jpeft's own recipe: ``experiments.glue.parse_args`` reads the same layers
+of ``configs/`` (task file, ``configs/<method>.toml`` and its ``[tasks.<task>]`` table, flags), and
+the run uses the same
+
+- data: the local GLUE files, tokenised by ``jpeft.data.glue.encode`` (max length, truncation) and
+  batched by ``jpeft.data.glue.iterate_batches`` (the same examples in the same order and padding
+  buckets per seed, short last batches padded with weight-0 rows);
+- steps (``max_steps``, else ``ceil(epochs × batches per epoch)``) and evaluations (every
+  ``eval_every`` steps, 4 per run by default, and at the end; the final one is reported);
+- optimizer: AdamW (β 0.9/0.999, ε 1e-8), weight decay on every trainable tensor except biases
+  and LayerNorm parameters (LoRA's A and B are decayed, as in jpeft), the peak learning rate with
+  jpeft's schedule (:func:`lr_factor`: linear warm-up over ``round(warmup_ratio × steps)`` steps,
+  then linear or cosine decay to 0, as optax computes it), clipping of the global gradient norm;
+- model: the same checkpoint and config (dropout 0.1 in the encoder and before the classifier),
+  LoRA's rank, alpha, dropout and target layers (jpeft's regex, searched in the module path), the
+  task head trained with the adapter and the pooler frozen, as jpeft does.
+
+What differs: the framework and the random draws (the head's and LoRA A's initial values, dropout
+masks). Recipes that use features not reproduced here (group learning rates, bf16, other methods)
+are refused. Runs go to ``<out>/runs/<task>-<method>-s<seed>/summary.json`` (with the recipe);
+``<out>/results.md`` sets each cell's mean ± std next to jpeft's from
+``<jpeft>/runs/<task>-<method>-s<seed>/summary.json`` with the criterion of issue 26: jpeft's mean
+lies within the seeds' spread of PEFT's, |Δmean| ≤ the larger std + 0.5 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.sweep import aggregate, check_name, cpu_name, recipe_key, seeded_runs
+
+METHODS = ("lora", "full")
+
+
+def lr_factor(step: int, total_steps: int, warmup_ratio: float, schedule: str = "linear") -> float:
+    """The learning-rate multiplier of update ``step`` (0-based), as
+    :func:`jpeft.train.optim.learning_rate_schedule` gives it for one stage."""
+    total = max(int(total_steps), 1)
+    warmup = int(round(warmup_ratio * total))
+    if step < warmup:
+        return step / warmup
+    if schedule == "constant":
+        return 1.0
+    frac = min(step - warmup, max(total - warmup, 1)) / max(total - warmup, 1)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    return 1.0 - frac
+
+
+def decays(name: str) -> bool:
+    """jpeft's weight-decay rule on a (PyTorch) parameter name: no decay for biases and LayerNorm."""
+    return not (name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name)
+
+
+def lora_targets(model: Any, pattern: str) -> list[str]:
+    """The encoder's ``nn.Linear`` modules whose path (``bert.`` dropped, ``.`` as ``/``) the
+    regex ``pattern`` finds, as jpeft matches its Dense module paths; never the classifier."""
+    import re
+
+    import torch
+
+    regex = re.compile(pattern)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.startswith("classifier"):
+            continue
+        path = name.removeprefix("bert.").replace(".", "/")
+        if regex.search(path):
+            names.append(name)
+    if not names:
+        raise ValueError(f"lora.targets {pattern!r} matches no linear layer of the model")
+    return names
+
+
+def check_recipe(cfg: Any) -> None:
+    """Refuse the recipe features this script does not reproduce."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"method {cfg.method!r}: this comparison runs {', '.join(METHODS)}")
+    if cfg.group_lr or cfg.group_weight_decay:
+        raise ValueError(f"{cfg.method} on {cfg.task}: group_lr/group_weight_decay are not reproduced")
+    if cfg.base_dtype != "float32" or cfg.matmul_dtype != "float32":
+        raise ValueError("only float32 recipes are reproduced")
+    if cfg.schedule not in ("linear", "cosine", "constant"):
+        raise ValueError(f"schedule {cfg.schedule!r}")
+    if cfg.method == "lora":
+        lo = cfg.lora
+        if lo.use_rslora or lo.init != "kaiming" or lo.bias != "none" or lo.layers or lo.rank_pattern \
+                or lo.alpha_pattern:
+            raise ValueError("LoRA: only r, alpha, dropout and targets (kaiming init, no bias, all "
+                             "layers) are reproduced")
+
+
+def build_model(cfg: Any, model_dir: Path, num_labels: int) -> Any:
+    """``BertForSequenceClassification`` from ``model_dir`` (LoRA-wrapped by ``peft`` for
+    ``cfg.method == "lora"``); the head is drawn from torch's RNG (seeded by the caller)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels)
+    if cfg.method == "full":
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lo = cfg.lora
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lo.r, lora_alpha=lo.alpha,
+                        lora_dropout=lo.dropout, target_modules=lora_targets(model, lo.targets),
+                        bias="none", init_lora_weights=True)
+    return get_peft_model(model, config)
+
+
+def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if decays(n)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]
+
+
+def run(cfg: Any, out_dir: Path) -> dict[str, Any]:
+    """Train and evaluate one configuration with PyTorch (+ PEFT); returns the summary (also
+    written to ``out_dir/summary.json``)."""
+    import numpy as np
+    import peft
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from jpeft.config import to_dict
+    from jpeft.data import glue as G
+    from jpeft.metrics import glue_metrics, majority_baseline
+    from jpeft.models.hub import resolve_model_dir
+
+    check_recipe(cfg)
+    t_start = time.perf_counter()
+    task = G.get_task(cfg.task)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    train_ds = G.load_glue(task, "train", cfg.data_dir)
+    dev_ds = G.load_glue(task, "validation", cfg.data_dir)
+    if cfg.max_train_samples:
+        train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
+    model_dir = resolve_model_dir(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    train = G.encode(train_ds, tokenizer, task, cfg.max_length)
+    dev = G.encode(dev_ds, tokenizer, task, cfg.max_length)
+    buckets = tuple(cfg.buckets) or G.default_buckets(cfg.max_length)
+    model = build_model(cfg, model_dir, task.num_labels)
+    if task.is_regression and cfg.regression_bias == "label_mean":
+        with torch.no_grad():
+            head = model.classifier.modules_to_save.default if cfg.method == "lora" else model.classifier
+            head.bias.fill_(float(train.labels.mean()))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for n, p in model.named_parameters()
+                if "lora_" not in n and "modules_to_save" not in n)
+    steps_per_epoch = G.num_epoch_batches(train, cfg.batch_size, buckets=buckets,
+                                          group_by_length=cfg.group_by_length)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+                            eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, cfg.warmup_ratio, cfg.schedule))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def tensors(batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: torch.from_numpy(np.asarray(batch[k]).astype(np.int64))
+                for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def loss_of(logits: Any, batch: dict[str, Any]) -> Any:
+        weights = torch.from_numpy(np.asarray(batch["weights"], np.float32))
+        if task.is_regression:
+            labels = torch.from_numpy(np.asarray(batch["labels"], np.float32))
+            rows = (logits.float()[:, 0] - labels) ** 2
+        else:
+            labels = torch.from_numpy(np.asarray(batch["labels"]).astype(np.int64))
+            rows = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+        return (rows * weights).sum() / weights.sum().clamp_min(1.0)
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        outputs, labels = [], []
+        with torch.no_grad():
+            for batch in G.iterate_batches(dev, cfg.eval_batch_size, buckets=buckets, shuffle=False,
+                                           group_by_length=cfg.group_by_length):
+                keep = np.asarray(batch["weights"]) > 0
+                outputs.append(model(**tensors(batch)).logits.float().numpy()[keep])
+                labels.append(np.asarray(batch["labels"])[keep])
+        model.train()
+        return glue_metrics(task, np.concatenate(outputs), np.concatenate(labels))
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    eval_every = cfg.eval_every or max(1, total_steps // 4)
+    print(f"{task.name} | {cfg.method} (PyTorch {torch.__version__}, PEFT {peft.__version__}) | "
+          f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch}) | "
+          f"trainable {trainable:,d}", flush=True)
+    log = (out_dir / "metrics.jsonl").open("w")
+    model.train()
+    step, final = 0, {}
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        for batch in G.iterate_batches(train, cfg.batch_size, buckets=buckets, shuffle=True,
+                                       seed=cfg.seed, epoch=epoch, group_by_length=cfg.group_by_length):
+            loss = loss_of(model(**tensors(batch)).logits, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
+            opt.step()
+            sched.step()
+            step += 1
+            if step % cfg.log_every == 0:
+                log.write(json.dumps({"split": "train", "step": step, "loss": loss.item(),
+                                      "grad_norm": float(norm)}) + "\n")
+            if step % eval_every == 0 or step == total_steps:
+                final = evaluate()
+                log.write(json.dumps({"split": "dev", "step": step, **final}) + "\n")
+                log.flush()
+                print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()), flush=True)
+            if step >= total_steps:
+                break
+    log.close()
+    wall = time.perf_counter() - t_start
+    summary = {
+        "task": task.name, "method": cfg.method, "label": cfg.method, "library": "peft",
+        "model": str(cfg.model), "metrics": final, "main_metric": task.main_metric,
+        "majority_baseline": majority_baseline(task, train.labels, dev.labels),
+        "trainable_params": trainable, "total_params": total,
+        "trainable_percent": 100.0 * trainable / total, "steps": step,
+        "epochs": step / steps_per_epoch, "wall_s": round(wall, 2), "seed": cfg.seed,
+        "torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
+        "config": to_dict(cfg),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"[summary] {task.name} {cfg.method} (PEFT): " + ", ".join(f"{k}={v:.4f}" for k, v in final.items())
+          + f" | {step} steps | wall {wall:.1f}s | {out_dir}", flush=True)
+    return summary
+
+
+def side_by_side(peft_out: Path, jpeft_out: Path, seeds: list[int] | None = None) -> list[str]:
+    """The table's lines: per (task, method) jpeft's and PEFT's mean ± std over their seeds, Δmean
+    and the criterion |Δmean| ≤ max(std) + 0.5 points, on the task's main metric."""
+    def cells(out: Path) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str, int], Any]]:
+        runs = [r for r in seeded_runs(out) if r["label"] in METHODS and (seeds is None or r["seed"] in seeds)]
+        return aggregate(runs), {(r["label"], r["task"], r["seed"]): r for r in runs}
+
+    theirs, their_runs = cells(peft_out)
+    ours, our_runs = cells(jpeft_out)
+    lines = ["| task | method | metric | jpeft | PEFT | Δmean (jpeft − PEFT) | within max std + 0.5 | recipes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(theirs, key=lambda k: (k[1], METHODS.index(k[0]))):
+        p, j = theirs[key], ours.get(key)
+        metric = p["main_metric"]
+
+        def fmt(c):
+            return f"{100 * c['metrics'][metric]:.1f} ± {100 * c['std'][metric]:.1f} (n={c['n']})"
+
+        if j is None:
+            lines.append(f"| {key[1]} | {key[0]} | {metric} | – | {fmt(p)} | – | – | – |")
+            continue
+        delta = 100 * (j["metrics"][metric] - p["metrics"][metric])
+        bound = 100 * max(j["std"][metric], p["std"][metric]) + 0.5
+        same = {recipe_key(our_runs[key[0], key[1], s]) == recipe_key(their_runs[key[0], key[1], s])
+                for s in set(j["seeds"]) & set(p["seeds"])}
+        lines.append(f"| {key[1]} | {key[0]} | {metric} | {fmt(j)} | {fmt(p)} | {delta:+.1f} | "
+                     f"{'yes' if abs(delta) <= bound else 'no'} (≤ {bound:.1f}) | "
+                     f"{'same' if same == {True} else 'differ'} |")
+    return lines
+
+
+def write_table(peft_out: Path, jpeft_out: Path, seeds: list[int] | None = None) -> None:
+    lines = side_by_side(peft_out, jpeft_out, seeds)
+    note = (f"jpeft and Hugging Face PEFT (PyTorch) on the same GLUE recipe (`python -m "
+            f"experiments.peft_compare`): the final dev score's mean ± sample std over the seeds, "
+            f"in points, on {cpu_name()}. jpeft's runs: `{jpeft_out}/runs`; PEFT's: `{peft_out}/runs`. "
+            "\"recipes\": whether the two libraries' runs of a cell have the same recipe (config "
+            "without seed and bookkeeping).")
+    peft_out.mkdir(parents=True, exist_ok=True)
+    (peft_out / "results.md").write_text(note + "\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.peft_compare",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default="sst2,mrpc")
+    parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default="results/glue/peft_compare")
+    parser.add_argument("--jpeft", default="results/glue", help="the jpeft sweep's folder (with runs/)")
+    parser.add_argument("--extra", default="", help="flags for every run (jpeft's GLUE flags)")
+    parser.add_argument("--table", action="store_true", help="run nothing: write the table only")
+    args = parser.parse_args(argv)
+    try:
+        for name in args.tasks.split(",") + args.methods.split(","):
+            check_name(name, "task or method")
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError as err:
+        parser.error(str(err))
+    out, jpeft_out = Path(args.out), Path(args.jpeft)
+    failed = []
+    if not args.table:
+        from experiments.glue import parse_args
+
+        for seed in seeds:
+            for task in args.tasks.split(","):
+                for method in args.methods.split(","):
+                    run_dir = out / "runs" / f"{task}-{method}-s{seed}"
+                    if (run_dir / "summary.json").is_file():
+                        continue
+                    cfg = parse_args([f"--method={method}", f"--task={task}", f"--seed={seed}",
+                                      *shlex.split(args.extra)])
+                    try:
+                        run(cfg, run_dir)
+                    except (ValueError, FileNotFoundError) as err:
+                        print(f"{task}-{method}-s{seed}: error: {err}", file=sys.stderr)
+                        failed.append(f"{task}-{method}-s{seed}")
+    write_table(out, jpeft_out, seeds)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
