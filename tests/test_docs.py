@@ -115,6 +115,17 @@ def test_markers_only_mark_code_blocks():
                 assert FENCE.match(after), f"{_page_id(page)}:{i + 1}: no-test marker not followed by a code block"
 
 
+def test_code_block_extraction(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("Text.\n\n```python\nx = 1\n```\n\n<!-- no-test: needs the Hub -->\n```python\n"
+                    "y = download()\n```\n\n```bash\nls\n```\n\n- item\n\n  ```python\n  z = x + 1\n  ```\n")
+    blocks = code_blocks(page)
+    assert [(b.lang, b.code, b.skip_reason) for b in blocks] == [
+        ("python", "x = 1\n", None), ("python", "y = download()\n", "needs the Hub"),
+        ("bash", "ls\n", None), ("python", "z = x + 1\n", None)]
+    assert [b.line for b in python_blocks(page)] == [3, 8, 18]
+
+
 def test_python_blocks_parse():
     """Every python block is valid Python, the skipped ones included."""
     for page in PAGES:
