@@ -4,6 +4,7 @@ A PEFT method is a pure :class:`~jpeft.core.transform.Transform` over a frozen b
 tree; methods compose with :func:`compose` and run with :func:`apply`.
 """
 
+from jpeft.core.model import LinenModel, NnxModel, from_linen, from_nnx
 from jpeft.core.paths import count_params, partition, combine, select, select_modules
 from jpeft.core.transform import (
     ApplyContext,
@@ -50,14 +51,16 @@ def print_trainable_parameters(transform: Transform, base, delta) -> str:
     """Print (and return) trainable/all parameter counts, as HF PEFT's method of that name.
 
     Trainable = the delta plus the base leaves the method trains (the task head is counted by
-    :class:`jpeft.train.trainer.Trainer`, which also trains it).
+    :class:`jpeft.train.trainer.Trainer`, which also trains it). All = the adapted model's
+    parameters: the base's plus what the method adds (``Transform.new_params``: nothing for
+    BitFit's or freezing's ``θ₀ + δ``), as ``Trainer.counts`` reports.
     """
     from jpeft.core import paths as P
 
     trained_base = transform.trainable_base(base)
     flat = P.flatten(base)
     trainable = count_params(delta) + sum(int(flat[p].size) for p in trained_base)
-    total = count_params(base) + count_params(delta)
+    total = count_params(base) + transform.new_params(delta)
     line = (f"trainable params: {trainable:,d} || all params: {total:,d} "
             f"|| trainable%: {100.0 * trainable / max(total, 1):.4f}")
     print(line)
@@ -66,6 +69,7 @@ def print_trainable_parameters(transform: Transform, base, delta) -> str:
 
 __all__ = [
     "ApplyContext", "ModelInfo", "Transform", "apply", "compose", "merge", "unmerge", "build",
+    "from_linen", "from_nnx", "LinenModel", "NnxModel",
     "REGISTRY", "count_params", "partition", "combine", "select", "select_modules",
     "full", "FullConfig", "lora", "LoraConfig", "houlsby", "pfeiffer", "AdapterConfig", "ia3",
     "IA3Config", "prefix", "PrefixConfig", "ptuning2", "PTuningV2Config", "prompt", "PromptConfig",

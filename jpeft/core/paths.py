@@ -19,6 +19,16 @@ Pattern = str | re.Pattern[str] | Iterable[str]
 SEP = "/"
 
 
+_LAYER = re.compile(r"(?:^|/)(?:layer|layers|h|blocks?)[_/](\d+)(?:/|$)")
+
+
+def layer_index(path: str) -> int | None:
+    """The layer number in a module path (``encoder/layer_3/...`` -> 3; NNX lists:
+    ``layers/3/...`` -> 3), if any."""
+    m = _LAYER.search(path)
+    return int(m.group(1)) if m else None
+
+
 def flatten(tree: Params) -> dict[str, Any]:
     """Nested dict -> ``{"a/b/c": leaf}`` (insertion order kept)."""
     if not tree:

@@ -42,28 +42,47 @@ Interceptor = Callable[..., Any]
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """Static facts about a model that transforms need to build their deltas.
+    """Static facts about a model that transforms may need (every field optional).
 
-    ``head_patterns`` are regexes of the task head's parameter paths (trained by every method,
-    as HF PEFT's ``modules_to_save`` does for sequence classification).
+    Weight-space methods need none of them on a model whose adapted kernels are 2-D; ``layers``
+    (filled by :func:`jpeft.from_linen` / :func:`jpeft.from_nnx`) describes DenseGeneral, Einsum,
+    Conv and stacked layers. Activation-space methods need sizes (``hidden_size``, ...) and ask
+    for the ones they use by name (:meth:`require`). ``head_patterns`` are regexes of the task
+    head's parameter paths (trained by every method, as HF PEFT's ``modules_to_save`` does for
+    sequence classification).
     """
 
-    family: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
+    family: str = "custom"
+    num_layers: int = 0
+    hidden_size: int = 0
+    num_heads: int = 0
+    head_dim: int = 0
+    intermediate_size: int = 0
+    vocab_size: int = 0
     num_kv_heads: int | None = None
     embedding_path: str = "embeddings/word_embeddings/embedding"
     head_patterns: tuple[str, ...] = ()
     has_bias: bool = True
     matmul_dtype: str | None = None  # the config's: matmul operand dtype, float32 accumulation
+    layers: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
+
+    def require(self, method: str, *fields: str) -> None:
+        """Raise naming every field of ``fields`` that is unset (0 or ``None``) for ``method``."""
+        missing = [f for f in fields if not getattr(self, f)]
+        if missing:
+            raise ValueError(
+                f"{method} needs ModelInfo.{', ModelInfo.'.join(missing)} of this model, which the "
+                f"given info (family {self.family!r}) does not set; pass "
+                f"info=jpeft.ModelInfo({', '.join(f'{m}=...' for m in missing)}, ...)")
+
+
+def resolve_info(info: "ModelInfo | None") -> "ModelInfo":
+    """``info``, or an empty :class:`ModelInfo` (facts read off the parameter tree)."""
+    return ModelInfo() if info is None else info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +151,10 @@ def _count(tree: Any) -> int:
 
 
 class InitFn(Protocol):
-    def __call__(self, rng: jax.Array, base: Params, info: ModelInfo) -> Delta: ...
+    def __call__(self, rng: jax.Array, base: Params, info: ModelInfo | None = None) -> Delta: ...
+
+
+MergeFn = Callable[[Params, Delta, "ModelInfo | None"], Params]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +164,12 @@ class Transform:
     Attributes:
       name: key of this transform's delta inside a composition.
       config: the method's config dataclass (saved with checkpoints).
-      init: ``(rng, base, info) -> delta``.
-      merge / unmerge: ``None`` for methods that cannot fold into the weights.
+      init: ``(rng, base, info=None) -> delta``.
+      layer_hook: weight-space methods that act on a layer's call: ``ctx -> hook`` with
+        ``hook(call, x, layer, leaves) -> y`` (see :mod:`jpeft.core.model`); the delta holds
+        the leaves at ``<module path>/<leaf>``.
+      merge / unmerge: ``(params, delta, info) -> params``; ``None`` for methods that cannot
+        fold into the weights.
       labels: ``delta -> tree of optimizer group names`` (e.g. ``"no_decay"``).
       finalize: ``delta -> delta`` kept after training (prefix tuning drops its MLP, diff pruning
         keeps its largest entries).
@@ -173,10 +199,11 @@ class Transform:
     init: InitFn
     adapt_params: Callable[[Params, Delta, ApplyContext], Params] = _identity_params
     interceptors: Callable[[Delta, ApplyContext], Sequence[Interceptor]] = _no_interceptors
+    layer_hook: Callable[[ApplyContext], Callable[..., jax.Array]] | None = None
     trainable_base: Callable[[Params], list[str]] = _no_base
     penalty: Callable[[Delta, ApplyContext], jax.Array] = _no_penalty
-    merge: Callable[[Params, Delta], Params] | None = None
-    unmerge: Callable[[Params, Delta], Params] | None = None
+    merge: MergeFn | None = None
+    unmerge: MergeFn | None = None
     labels: Callable[[Delta], Any] = _default_labels
     finalize: Callable[[Delta], Delta] = _keep
     stats: Callable[[Delta], dict[str, float]] = _no_stats
@@ -198,13 +225,13 @@ class NotMergeableError(TypeError):
     """``merge``/``unmerge`` on a transform with an activation-space part."""
 
 
-def _merge_chain(parts: Sequence[Transform], reverse: bool) -> Callable[[Params, Delta], Params]:
-    def run(params: Params, delta: Delta) -> Params:
+def _merge_chain(parts: Sequence[Transform], reverse: bool) -> MergeFn:
+    def run(params: Params, delta: Delta, info: ModelInfo | None = None) -> Params:
         order = reversed(parts) if reverse else parts
         for part in order:
             fn = part.unmerge if reverse else part.merge
             assert fn is not None
-            params = fn(params, delta[part.name])
+            params = fn(params, delta[part.name], info)
         return params
 
     return run
@@ -242,7 +269,7 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
             "(e.g. lora(..., name='lora_attn'))"
         )
 
-    def init(rng: jax.Array, base: Params, info: ModelInfo) -> Delta:
+    def init(rng: jax.Array, base: Params, info: ModelInfo | None = None) -> Delta:
         keys = jax.random.split(rng, len(flat))
         return {t.name: t.init(k, base, info) for t, k in zip(flat, keys)}
 
@@ -318,8 +345,19 @@ def intercepting(interceptors: Sequence[Interceptor]) -> Iterator[None]:
         yield
 
 
+def hook_parts(transform: Transform, delta: Delta, ctx: ApplyContext) -> list[Any]:
+    """The layer hooks of ``transform``'s parts with their leaves grouped by module path."""
+    from jpeft.core import model as M
+
+    if not transform.parts:
+        return ([M.HookPart(transform.name, transform.layer_hook(ctx), M.group_by_module(delta))]
+                if transform.layer_hook is not None else [])
+    return [M.HookPart(t.name, t.layer_hook(ctx), M.group_by_module(delta[t.name]))
+            for t in transform.parts if t.layer_hook is not None]
+
+
 def apply(
-    model: nn.Module,
+    model: Any,
     transform: Transform,
     base: Params,
     delta: Delta,
@@ -330,26 +368,33 @@ def apply(
 ) -> Any:
     """Run ``model`` adapted by ``transform``: pure and jittable.
 
-    ``args``/``kwargs`` go to the model (``input_ids``, ``attention_mask`` ...). ``deterministic``
-    is set from ``ctx.train`` and the ``dropout`` rng from ``ctx.rng``.
+    ``model`` is a Linen module (jpeft's own, or any other, optionally described by
+    :func:`jpeft.from_linen`) or an NNX model from :func:`jpeft.from_nnx`. ``args``/``kwargs``
+    go to the model. When the model's call takes ``deterministic`` (or ``train``) and it is not
+    given, it is set from ``ctx.train``; Linen's ``dropout`` rng (NNX: the model's rng streams)
+    comes from ``ctx.rng``.
     """
+    from jpeft.core import model as M
+
     if transform.forward is not None:
         return transform.forward(model, base, delta, args, kwargs, ctx, method)
     params = transform.adapt_params(base, delta, ctx)
-    rngs = {"dropout": ctx.key("dropout")} if (ctx.train and ctx.rng is not None) else None
-    with intercepting(transform.interceptors(delta, ctx)):
-        return model.apply(
-            {"params": params},
-            *args,
-            deterministic=not ctx.train,
-            rngs=rngs,
-            method=method,
-            **kwargs,
-        )
+    parts = hook_parts(transform, delta, ctx)
+    interceptors = transform.interceptors(delta, ctx)
+    if isinstance(model, M.NnxModel):
+        return model.run(params, parts, interceptors, args, kwargs, ctx, method)
+    module = model.module if isinstance(model, M.LinenModel) else model
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"jpeft.apply: model is a {type(model).__name__}; pass a Linen module, "
+            "jpeft.from_linen(module, params, *example_inputs), or the model of "
+            "jpeft.from_nnx(nnx_module)")
+    return M.run_linen(module, params, parts, interceptors, args, kwargs, ctx, method)
 
 
-def merge(transform: Transform, base: Params, delta: Delta) -> Params:
-    """Fold a weight-space delta into plain weights (zero inference overhead)."""
+def merge(transform: Transform, base: Params, delta: Delta, info: ModelInfo | None = None) -> Params:
+    """Fold a weight-space delta into plain weights (zero inference overhead). ``info`` (a
+    model's :meth:`info`) is needed only for layers whose kernel is not 2-D."""
     if transform.merge is None:
         parts = transform.parts or (transform,)
         bad = [t.name for t in parts if not t.mergeable]
@@ -357,37 +402,15 @@ def merge(transform: Transform, base: Params, delta: Delta) -> Params:
             f"cannot merge: {bad} act on activations, not weights; keep them unmerged "
             "(jpeft.apply) or merge only the weight-space parts."
         )
-    return transform.merge(base, delta)
+    return transform.merge(base, delta, info)
 
 
-def unmerge(transform: Transform, params: Params, delta: Delta) -> Params:
+def unmerge(transform: Transform, params: Params, delta: Delta,
+            info: ModelInfo | None = None) -> Params:
     """Inverse of :func:`merge`: take the delta back out of merged weights."""
     if transform.unmerge is None:
         raise NotMergeableError(f"cannot unmerge '{transform.name}': it has no weight-space form")
-    return transform.unmerge(params, delta)
-
-
-def dense_interceptor(
-    lookup: Callable[[str], Any],
-    adapt: Callable[[Callable[[jax.Array], jax.Array], jax.Array, str, Any], jax.Array],
-) -> Interceptor:
-    """An interceptor for ``nn.Dense.__call__`` of the modules a method adapts.
-
-    ``lookup(module_path)`` returns the method's data for that module (``None``: leave it
-    alone); ``adapt(dense, x, module_path, data)`` returns the adapted output, where
-    ``dense(x)`` runs the original layer (with any inner interceptors) on an input ``x``.
-    """
-
-    def intercept(next_fun, args, kwargs, context):
-        if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
-            return next_fun(*args, **kwargs)
-        path = module_path(context)
-        data = lookup(path)
-        if data is None:
-            return next_fun(*args, **kwargs)
-        return adapt(lambda x: next_fun(x, *args[1:], **kwargs), args[0], path, data)
-
-    return intercept
+    return transform.unmerge(params, delta, info)
 
 
 def module_path(context: Any) -> str:

@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.core import paths as P
-from jpeft.core.transform import ApplyContext, ModelInfo, Transform
-from jpeft.methods.lora import layer_index
+from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
+from jpeft.core.paths import layer_index
 from jpeft.models.common import linear
 from jpeft.models.taps import ATTN_OUT, FFN_OUT, is_tap
 
@@ -141,7 +141,8 @@ def adapters(config: AdapterConfig, *, placement: tuple[str, ...], name: str) ->
         config = dataclasses.replace(config, placement=tuple(placement))
     kinds = tuple(config.placement)
 
-    def init(rng: jax.Array, base: P.Params, info: ModelInfo) -> dict[str, Any]:
+    def init(rng: jax.Array, base: P.Params, info: ModelInfo | None = None) -> dict[str, Any]:
+        info = resolve_info(info)
         d, m = info.hidden_size, config.size
         layers = _layers(config, info)
         keys = jax.random.split(rng, len(layers) * len(kinds)).reshape(len(layers), len(kinds))

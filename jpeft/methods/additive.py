@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.core import paths as P
-from jpeft.core.transform import ApplyContext, ModelInfo, Transform
-from jpeft.methods.lora import layer_index
+from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
+from jpeft.core.paths import layer_index
 
 Params = Mapping[str, Any]
 Delta = Any
@@ -129,7 +129,8 @@ def additive(
       label: the optimizer group of every delta leaf, or ``path -> group``.
     """
 
-    def init(rng: jax.Array, base: Params, info: ModelInfo) -> Delta:
+    def init(rng: jax.Array, base: Params, info: ModelInfo | None = None) -> Delta:
+        info = resolve_info(info)
         del rng  # zeros: the identity
         return zeros_like_paths(base, select_leaves(select, base, info, name))
 
@@ -141,8 +142,8 @@ def additive(
         config=config,
         init=init,
         adapt_params=adapt_params,
-        merge=lambda params, delta: add(params, delta, 1.0),
-        unmerge=lambda params, delta: add(params, delta, -1.0),
+        merge=lambda params, delta, info=None: add(params, delta, 1.0),
+        unmerge=lambda params, delta, info=None: add(params, delta, -1.0),
         labels=lambda delta: label_tree(delta, label),
         new_params=lambda delta: 0,  # θ₀ + δ: no parameter beyond the base's
     )

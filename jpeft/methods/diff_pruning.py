@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.core import paths as P
-from jpeft.core.transform import ApplyContext, ModelInfo, Transform
+from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 from jpeft.methods import additive as A
 
 EPS = 1e-6  # u ~ U(EPS, 1 - EPS) keeps log u and log(1 - u) finite
@@ -322,7 +322,8 @@ def diff_pruning(config: DiffPruningConfig = DiffPruningConfig(), *,
                  name: str = "diff_pruning") -> Transform:
     """Diff pruning as a :class:`~jpeft.core.transform.Transform` (see the module docstring)."""
 
-    def init(rng: jax.Array, base: P.Params, info: ModelInfo) -> dict[str, Any]:
+    def init(rng: jax.Array, base: P.Params, info: ModelInfo | None = None) -> dict[str, Any]:
+        info = resolve_info(info)
         del rng  # deterministic: w = 0, alpha = init_logit
         w = A.zeros_like_paths(base, gated_paths(config, base, info))
         logits = jax.tree_util.tree_map(lambda z: jnp.full_like(z, config.init_logit), w)
@@ -363,8 +364,8 @@ def diff_pruning(config: DiffPruningConfig = DiffPruningConfig(), *,
         between_steps=between_steps,
         stage_starts=lambda total: tuple(s for s in [projection_step(config, total)] if s is not None),
         penalty=penalty,
-        merge=lambda params, delta: fold(params, delta, 1.0),
-        unmerge=lambda params, delta: fold(params, delta, -1.0),
+        merge=lambda params, delta, info=None: fold(params, delta, 1.0),
+        unmerge=lambda params, delta, info=None: fold(params, delta, -1.0),
         labels=labels,
         finalize=finalize,
         stats=lambda delta: {"nonzero_fraction": nonzero_fraction(delta, config)},

@@ -38,7 +38,7 @@ from jpeft.core import paths as P
 from jpeft.core.transform import ModelInfo, Transform
 from jpeft.methods import additive as A
 from jpeft.methods.additive import additive
-from jpeft.methods.lora import layer_index
+from jpeft.core.paths import layer_index
 from jpeft.train.optim import base_labels
 
 
@@ -67,7 +67,8 @@ def _module_prefix(path: str) -> str:
 
 def trained_paths(config: FreezeConfig, base: P.Params, info: ModelInfo) -> list[str]:
     """The base leaves this config trains (top layers, pooler, embeddings; never the head)."""
-    num_layers = info.num_layers
+    indices = [i for i in map(layer_index, P.paths(base)) if i is not None]
+    num_layers = info.num_layers or (max(indices) + 1 if indices else 0)
     if not 0 <= config.top <= num_layers:
         raise ValueError(
             f"freeze.top={config.top} but the model has {num_layers} layers; "
@@ -94,8 +95,10 @@ def trained_paths(config: FreezeConfig, base: P.Params, info: ModelInfo) -> list
             chosen.append(path)
     if not layer_paths:
         raise ValueError(
-            "freeze: no parameter path carries a layer index (layer_<i>/layers_<i>/h_<i>); "
-            f"the paths are {P.paths(base)[:20]}"
+            "freeze: no parameter path carries a layer index (layer_<i>, layers_<i>, h_<i>, or an "
+            "NNX list entry layers/<i>); layers stacked in one kernel by nn.scan / nnx.scan cannot "
+            "be frozen one by one: use lora or ia3 with layers=... there. "
+            f"The paths are {P.paths(base)[:20]}"
         )
     return chosen
 

@@ -27,9 +27,9 @@ def full(config: FullConfig = FullConfig(), *, name: str = "full") -> Transform:
     return Transform(
         name=name,
         config=config,
-        init=lambda rng, base, info: {},
+        init=lambda rng, base, info=None: {},
         trainable_base=trainable_base,
-        merge=lambda params, delta: params,
-        unmerge=lambda params, delta: params,
+        merge=lambda params, delta, info=None: params,
+        unmerge=lambda params, delta, info=None: params,
         exclusive=True,
     )

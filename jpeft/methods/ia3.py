@@ -30,6 +30,10 @@ ordinary target ``(x W + b + s·x A B) ⊙ l`` and for a feed-forward one
 same function. The delta mirrors the parameter tree: ``{..., "key": {"ia3_l": l}}``. The vectors
 are labelled ``"no_decay"`` (weight decay would pull them towards 0, not towards the identity 1).
 
+Other layer kinds (:mod:`jpeft.core.layers`): ``l`` spans the layer's output axis group (an
+ordinary target) or its input feature axes (a feed-forward target; a conv's input channels), and
+layers stacked by ``nn.scan`` / ``nnx.scan`` get one vector per layer, ``(*stack, *group)``.
+
 Example::
 
     method = jpeft.methods.ia3.ia3(IA3Config())
@@ -42,14 +46,14 @@ import dataclasses
 import re
 from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.core import layers as L
 from jpeft.core import paths as P
-from jpeft.core.transform import ApplyContext, ModelInfo, Transform, dense_interceptor
-from jpeft.methods.lora import layer_index
+from jpeft.core.paths import layer_index
+from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 
 LEAF = "ia3_l"
 
@@ -114,37 +118,42 @@ def target_modules(config: IA3Config, base: P.Params) -> dict[str, bool]:
 
 
 def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    try:
+        np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return False
+    return True
+
+
+def _group(config: IA3Config, path: str) -> str:
+    return "features" if is_feedforward(config, path) else "out"
 
 
 def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
     """(IA)³ as a :class:`~jpeft.core.transform.Transform` (see the module docstring)."""
 
-    def init(rng: jax.Array, base: P.Params, info: ModelInfo) -> dict[str, Any]:
+    def init(rng: jax.Array, base: P.Params, info: ModelInfo | None = None) -> dict[str, Any]:
+        layers = resolve_info(info).layers
         flat_base = P.flatten(base)
         flat: dict[str, jax.Array] = {}
-        for path, ff in target_modules(config, base).items():
-            kernel = flat_base[f"{path}/kernel"]
-            chex.assert_rank(kernel, 2)
-            d_in, d_out = kernel.shape
-            flat[f"{path}/{LEAF}"] = jnp.ones((d_in if ff else d_out,), jnp.float32)
+        for path in target_modules(config, base):
+            spec = L.kernel_spec(path, jnp.shape(flat_base[f"{path}/kernel"]), layers, "ia3.targets")
+            shape = (*spec.stack, *spec.group_shape(_group(config, path)))
+            flat[f"{path}/{LEAF}"] = jnp.ones(shape, jnp.float32)
         return P.unflatten(flat)
 
-    def interceptors(delta: Any, ctx: ApplyContext) -> list[Any]:
-        flat = P.flatten(delta)
+    def layer_hook(ctx: ApplyContext):
+        def adapt(call, x, layer, leaves):
+            scale = leaves[LEAF]
+            if is_feedforward(config, layer.path):
+                return call(L.scale_input(layer.spec, x, scale))
+            return L.scale_output(layer.spec, call(x), scale)
 
-        def adapt(dense, x, path, scale):
-            if is_feedforward(config, path):
-                chex.assert_axis_dimension(x, -1, scale.shape[-1])
-                return dense(x * scale.astype(x.dtype))
-            y = dense(x)
-            chex.assert_axis_dimension(y, -1, scale.shape[-1])
-            return y * scale.astype(y.dtype)
+        return adapt
 
-        return [dense_interceptor(lambda path: flat.get(f"{path}/{LEAF}"), adapt)]
-
-    def _fold(params: P.Params, delta: Any, inverse: bool) -> P.Params:
+    def _fold(params: P.Params, delta: Any, inverse: bool, info: ModelInfo | None) -> P.Params:
         flat = P.flatten(params)
+        layers = resolve_info(info).layers
         for key, scale in P.flatten(delta).items():
             if not key.endswith(f"/{LEAF}"):
                 continue
@@ -155,23 +164,26 @@ def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
                     "were zeroed by merge and cannot be recovered. Keep the base weights instead."
                 )
             kernel = flat[f"{path}/kernel"]
-            if is_feedforward(config, path):
-                flat[f"{path}/kernel"] = (kernel / scale[:, None] if inverse
-                                          else kernel * scale[:, None]).astype(kernel.dtype)
-            else:
-                flat[f"{path}/kernel"] = (kernel / scale[None, :] if inverse
-                                          else kernel * scale[None, :]).astype(kernel.dtype)
-                bias = flat.get(f"{path}/bias")
-                if bias is not None:
-                    flat[f"{path}/bias"] = (bias / scale if inverse else bias * scale).astype(bias.dtype)
+            spec = L.kernel_spec(path, kernel.shape, layers, "ia3 merge")
+            if len(kernel.shape) > len(spec.kernel_shape) and not spec.stack:
+                spec = spec.with_stack(kernel.shape)
+            group = _group(config, path)
+            factor = L.broadcast_group(spec, scale, group)
+            flat[f"{path}/kernel"] = (kernel / factor if inverse else kernel * factor).astype(kernel.dtype)
+            bias = flat.get(f"{path}/bias")
+            if group == "out" and bias is not None:
+                if jnp.shape(bias) != jnp.shape(scale):
+                    raise ValueError(f"ia3 merge: the bias of '{path}' has shape {jnp.shape(bias)}, "
+                                     f"not the output group's {jnp.shape(scale)}; it cannot be scaled")
+                flat[f"{path}/bias"] = (bias / scale if inverse else bias * scale).astype(bias.dtype)
         return P.unflatten(flat)
 
     return Transform(
         name=name,
         config=config,
         init=init,
-        interceptors=interceptors,
-        merge=lambda params, delta: _fold(params, delta, inverse=False),
-        unmerge=lambda params, delta: _fold(params, delta, inverse=True),
+        layer_hook=layer_hook,
+        merge=lambda params, delta, info=None: _fold(params, delta, False, info),
+        unmerge=lambda params, delta, info=None: _fold(params, delta, True, info),
         labels=lambda delta: jax.tree_util.tree_map(lambda _: "no_decay", delta),
     )

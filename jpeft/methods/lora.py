@@ -9,6 +9,15 @@ leaves the model unchanged. Training uses the factored form and never builds ``W
 :func:`merge` folds it into the kernel for zero-overhead inference and :func:`unmerge` takes it
 back out. The delta mirrors the parameter tree: ``{..., "query": {"lora_A": A, "lora_B": B}}``.
 
+Every layer kind of :mod:`jpeft.core.layers` is adapted the same way: ``A (*in, r)`` spans the
+kernel's input axis group and ``B (r, *out)`` its output group, ``ΔW = A·B`` in the kernel's
+layout, and the update is the layer's own operation with ``A`` as kernel followed by ``B``
+(``DenseGeneral`` contracts the same input axes; ``Einsum`` keeps its equation; a ``Conv``'s
+``A`` is a conv with the layer's window, strides and padding and ``B`` a 1×1 conv, as in HF
+PEFT). Layers stacked by ``nn.scan`` / ``nnx.scan`` get factors ``(*stack, *in, r)``: one pair
+per layer. ``layers=`` keeps the other layers of a stack at ``A = B = 0``, a fixed point of
+training (both gradients are zero), so they stay unadapted.
+
 Example::
 
     method = jpeft.lora(LoraConfig(r=8, alpha=16, targets=r"(query|value)$"))
@@ -22,14 +31,14 @@ import math
 import re
 from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 
+from jpeft.core import layers as L
 from jpeft.core import paths as P
 from jpeft.core.dropout import dropout
-from jpeft.core.transform import ApplyContext, ModelInfo, Transform, dense_interceptor
-from jpeft.models.common import linear
+from jpeft.core.paths import layer_index
+from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,15 +78,6 @@ class LoraConfig:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
-_LAYER = re.compile(r"(?:^|/)(?:layer|layers|h)_(\d+)(?:/|$)")
-
-
-def layer_index(path: str) -> int | None:
-    """The layer number in a module path (``encoder/layer_3/...`` -> 3), if any."""
-    m = _LAYER.search(path)
-    return int(m.group(1)) if m else None
-
-
 def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     for pattern, value in patterns.items():
         if re.search(pattern, path):
@@ -86,7 +86,8 @@ def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
 
 
 def target_modules(config: LoraConfig, base: P.Params) -> list[str]:
-    """Module paths of the Dense layers this config adapts."""
+    """Module paths of the layers this config adapts, with ``layers=`` applied to the layer
+    number in each path (layers stacked in one kernel are selected in :func:`target_specs`)."""
     modules = P.select_modules(base, config.targets, what="lora.targets")
     if config.layers:
         modules = [m for m in modules if layer_index(m) in set(config.layers)]
@@ -104,45 +105,65 @@ def rank_and_scale(config: LoraConfig, path: str) -> tuple[int, float]:
     return r, alpha / (math.sqrt(r) if config.use_rslora else r)
 
 
+def target_specs(config: LoraConfig, base: P.Params, info: ModelInfo) -> dict[str, L.LayerSpec]:
+    """``{module path: LayerSpec}`` of the adapted layers. With ``layers=``, a layer numbered in
+    its path is kept when its number is listed; a stacked kernel is kept whole (its unlisted
+    layers get zero factors, :func:`_stack_mask`)."""
+    flat = P.flatten(base)
+    specs = {}
+    for path in P.select_modules(base, config.targets, what="lora.targets"):
+        stored = jnp.shape(flat[f"{path}/kernel"])
+        spec = L.kernel_spec(path, stored, info.layers, "lora.targets")
+        index = layer_index(path)
+        if not config.layers or index in set(config.layers) or (index is None and spec.stack):
+            specs[path] = spec
+    if not specs:
+        raise P.no_match_error(f"lora.layers={list(config.layers)}", config.targets,
+                               P.select_modules(base, config.targets))
+    return specs
+
+
+def _stack_mask(config: LoraConfig, spec: L.LayerSpec) -> jax.Array | None:
+    """``(stack[0], 1, ..., 1)``: 1 for the stacked layers ``layers=`` selects (``None``: all)."""
+    if not spec.stack or not config.layers:
+        return None
+    wanted = jnp.isin(jnp.arange(spec.stack[0]), jnp.asarray(config.layers)).astype(jnp.float32)
+    return wanted.reshape((spec.stack[0],) + (1,) * (len(spec.stack) + len(spec.in_shape)))
+
+
 def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
     """LoRA as a :class:`~jpeft.core.transform.Transform` (see the module docstring)."""
 
-    def init(rng: jax.Array, base: P.Params, info: ModelInfo) -> dict[str, Any]:
-        flat_base = P.flatten(base)
+    def init(rng: jax.Array, base: P.Params, info: ModelInfo | None = None) -> dict[str, Any]:
+        specs = target_specs(config, base, resolve_info(info))
         flat: dict[str, jax.Array] = {}
-        modules = target_modules(config, base)
-        for key, path in zip(jax.random.split(rng, len(modules)), modules):
-            kernel = flat_base[f"{path}/kernel"]
-            chex.assert_rank(kernel, 2)
-            d_in, d_out = kernel.shape
+        for key, (path, spec) in zip(jax.random.split(rng, len(specs)), specs.items()):
             r, _ = rank_and_scale(config, path)
+            shape = (*spec.stack, *spec.in_shape, r)
             if config.init == "kaiming":
                 # kaiming_uniform(a=sqrt(5)) on torch's (r, d_in) weight: bound = 1 / sqrt(d_in)
-                bound = 1.0 / math.sqrt(d_in)
-                a = jax.random.uniform(key, (d_in, r), jnp.float32, -bound, bound)
+                bound = 1.0 / math.sqrt(spec.fan_in)
+                a = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
             else:
-                a = jax.random.normal(key, (d_in, r), jnp.float32) / r
+                a = jax.random.normal(key, shape, jnp.float32) / r
+            mask = _stack_mask(config, spec)
+            if mask is not None:
+                a = a * mask
             flat[f"{path}/lora_A"] = a
-            flat[f"{path}/lora_B"] = jnp.zeros((r, d_out), jnp.float32)
+            flat[f"{path}/lora_B"] = jnp.zeros((*spec.stack, r, *spec.out_shape), jnp.float32)
         return P.unflatten(flat)
 
-    def interceptors(delta: Any, ctx: ApplyContext) -> list[Any]:
-        flat = P.flatten(delta)
-
-        def lookup(path: str) -> tuple[jax.Array, jax.Array] | None:
-            a = flat.get(f"{path}/lora_A")
-            return None if a is None else (a, flat[f"{path}/lora_B"])
-
-        def adapt(dense, x, path, factors):
-            a, b = factors
-            _, scale = rank_and_scale(config, path)
-            y = dense(x)
+    def layer_hook(ctx: ApplyContext):
+        def adapt(call, x, layer, leaves):
+            a, b = leaves["lora_A"], leaves["lora_B"]
+            _, scale = rank_and_scale(config, layer.path)
+            y = call(x)
             if ctx.train and config.dropout > 0.0 and ctx.rng is not None:
-                x = dropout(ctx.key(name, path), x, config.dropout)
-            update = linear(linear(x, a.astype(x.dtype)), b.astype(x.dtype))
+                x = dropout(layer.key(ctx, name), x, config.dropout)
+            update = L.expand(layer.spec, L.contract(layer.spec, x, a.astype(x.dtype)), b.astype(x.dtype))
             return y + (scale * update).astype(y.dtype)
 
-        return [dense_interceptor(lookup, adapt)]
+        return adapt
 
     def trainable_base(base: P.Params) -> list[str]:
         if config.bias == "none":
@@ -153,25 +174,31 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
             biases = [p for p in biases if p[: -len("/bias")] in modules]
         return biases
 
-    def _fold(params: P.Params, delta: Any, sign: float) -> P.Params:
+    def _fold(params: P.Params, delta: Any, sign: float, info: ModelInfo | None) -> P.Params:
         flat = P.flatten(params)
-        flat_delta = P.flatten(delta)
-        for key, a in flat_delta.items():
-            if not key.endswith("/lora_A"):
-                continue
-            path = key[: -len("/lora_A")]
-            b = flat_delta[f"{path}/lora_B"]
+        layers = resolve_info(info).layers
+        for path, leaves in _modules(delta).items():
             _, scale = rank_and_scale(config, path)
             kernel = flat[f"{path}/kernel"]
-            flat[f"{path}/kernel"] = (kernel + sign * scale * (a @ b)).astype(kernel.dtype)
+            spec = L.kernel_spec(path, kernel.shape, layers, "lora merge")
+            if len(spec.stack) == 0 and len(kernel.shape) > len(spec.kernel_shape):
+                spec = spec.with_stack(kernel.shape)
+            update = L.low_rank_kernel(spec, leaves["lora_A"], leaves["lora_B"])
+            flat[f"{path}/kernel"] = (kernel + sign * scale * update).astype(kernel.dtype)
         return P.unflatten(flat)
 
     return Transform(
         name=name,
         config=config,
         init=init,
-        interceptors=interceptors,
+        layer_hook=layer_hook,
         trainable_base=trainable_base,
-        merge=lambda params, delta: _fold(params, delta, 1.0),
-        unmerge=lambda params, delta: _fold(params, delta, -1.0),
+        merge=lambda params, delta, info=None: _fold(params, delta, 1.0, info),
+        unmerge=lambda params, delta, info=None: _fold(params, delta, -1.0, info),
     )
+
+
+def _modules(delta: Any) -> dict[str, dict[str, jax.Array]]:
+    from jpeft.core.model import group_by_module
+
+    return group_by_module(delta)

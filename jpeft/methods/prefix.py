@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.core import paths as P
-from jpeft.core.transform import ApplyContext, ModelInfo, Transform
+from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 from jpeft.models.taps import ATTN_KV, is_tap
 
 INITS = ("normal", "zero")
@@ -249,7 +249,8 @@ def prefix(config: PrefixConfig = PrefixConfig(), *, name: str = "prefix") -> Tr
     """Prefix tuning as a :class:`~jpeft.core.transform.Transform` (see the module docstring)."""
     wanted = tuple(sorted(config.layers))
 
-    def init(rng: jax.Array, base: P.Params, info: ModelInfo) -> dict[str, Any]:
+    def init(rng: jax.Array, base: P.Params, info: ModelInfo | None = None) -> dict[str, Any]:
+        info = resolve_info(info)
         layers = prefix_layers(config, info, name)
         n_tok, width = config.num_virtual_tokens, table_width(info, len(layers))
         k_emb, k_hidden, k_out = jax.random.split(rng, 3)

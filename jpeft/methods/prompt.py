@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.core import paths as P
-from jpeft.core.transform import ApplyContext, Interceptor, ModelInfo, Transform
+from jpeft.core.transform import ApplyContext, Interceptor, ModelInfo, Transform, resolve_info
 from jpeft.models.taps import EMBED_INPUTS, is_tap
 
 INITS = ("random", "vocab", "text")
@@ -223,7 +223,8 @@ def prompt_interceptor(prompts: jax.Array) -> Interceptor:
 def prompt(config: PromptConfig = PromptConfig(), *, name: str = "prompt") -> Transform:
     """Prompt tuning as a :class:`~jpeft.core.transform.Transform` (see the module docstring)."""
 
-    def init(rng: jax.Array, base: P.Params, info: ModelInfo) -> dict[str, Any]:
+    def init(rng: jax.Array, base: P.Params, info: ModelInfo | None = None) -> dict[str, Any]:
+        info = resolve_info(info)
         return {"prompt": init_prompts(config, rng, base, info, name)}
 
     def interceptors(delta: Any, ctx: ApplyContext) -> list[Interceptor]:

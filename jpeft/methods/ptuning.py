@@ -52,7 +52,7 @@ import jax.numpy as jnp
 
 from jpeft.core import paths as P
 from jpeft.core.dropout import dropout as apply_dropout
-from jpeft.core.transform import ApplyContext, Interceptor, ModelInfo, Transform
+from jpeft.core.transform import ApplyContext, Interceptor, ModelInfo, Transform, resolve_info
 from jpeft.methods.prompt import LABEL, prompt_interceptor, validate_num_virtual_tokens
 
 ENCODERS = ("mlp", "lstm")
@@ -220,7 +220,8 @@ def finalize_delta(delta: dict[str, Any]) -> dict[str, Any]:
 def ptuning(config: PTuningConfig = PTuningConfig(), *, name: str = "ptuning") -> Transform:
     """P-tuning as a :class:`~jpeft.core.transform.Transform` (see the module docstring)."""
 
-    def init(rng: jax.Array, base: P.Params, info: ModelInfo) -> dict[str, Any]:
+    def init(rng: jax.Array, base: P.Params, info: ModelInfo | None = None) -> dict[str, Any]:
+        info = resolve_info(info)
         return init_encoder(config, rng, info)
 
     def interceptors(delta: Any, ctx: ApplyContext) -> list[Interceptor]:

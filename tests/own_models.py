@@ -1,0 +1,128 @@
+"""Models jpeft did not write, in the idioms of Flax's own examples: a small MLP with
+``DenseGeneral``/``Einsum``, a conv net, and one transformer written twice, in Linen (``nn.scan``
+over layers) and in NNX (``nnx.vmap``-made layers run by ``nnx.scan``), with shared weights."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+D, H, DH, F, V, LAYERS = 16, 2, 8, 32, 50, 3
+
+
+class LinenMLP(nn.Module):
+    """The model of the issue: Dense, DenseGeneral, Einsum."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(16, name="fc1")(x))
+        x = nn.DenseGeneral((2, 8), name="proj")(x)
+        return nn.Einsum((2, 8, 4), "bhd,hdo->bo", name="ein")(x)
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+        self.proj = nnx.LinearGeneral(16, (2, 8), rngs=rngs)
+        self.ein = nnx.Einsum("bhd,hdo->bo", (2, 8, 4), (4,), rngs=rngs)
+
+    def __call__(self, x):
+        return self.ein(self.proj(nnx.relu(self.fc1(x))))
+
+
+class LinenConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(6, (3, 3), padding="SAME", name="conv1")(x))
+        x = nn.relu(nn.Conv(8, (3, 3), strides=(2, 2), padding="VALID", name="conv2")(x))
+        x = nn.Conv(4, (1, 1), name="pointwise")(x)
+        return x.mean(axis=(1, 2))
+
+
+class NnxConvNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(3, 6, (3, 3), padding="SAME", rngs=rngs)
+        self.conv2 = nnx.Conv(6, 8, (3, 3), strides=(2, 2), padding="VALID", rngs=rngs)
+        self.pointwise = nnx.Conv(8, 4, (1, 1), rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv1(x))
+        x = nnx.relu(self.conv2(x))
+        return self.pointwise(x).mean(axis=(1, 2))
+
+
+def attention(q, k, v):
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(DH)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+class LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.LayerNorm(name="ln1")(x)
+        q = nn.DenseGeneral((H, DH), name="query")(h)
+        k = nn.DenseGeneral((H, DH), name="key")(h)
+        v = nn.DenseGeneral((H, DH), name="value")(h)
+        x = x + nn.DenseGeneral(D, axis=(-2, -1), name="out")(attention(q, k, v))
+        h = nn.LayerNorm(name="ln2")(x)
+        h = nn.Einsum((D, F), "btd,df->btf", name="up")(h)
+        return x + nn.Dense(D, name="down")(nn.gelu(h)), None
+
+
+class LinenTransformer(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(V, D, name="embed")(ids)
+        blocks = nn.scan(LinenBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=LAYERS)
+        x, _ = blocks(name="layers")(x, None)
+        return nn.Dense(2, name="head")(nn.LayerNorm(name="ln_f")(x)[:, 0])
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.ln1 = nnx.LayerNorm(D, rngs=rngs)
+        self.query = nnx.LinearGeneral(D, (H, DH), rngs=rngs)
+        self.key = nnx.LinearGeneral(D, (H, DH), rngs=rngs)
+        self.value = nnx.LinearGeneral(D, (H, DH), rngs=rngs)
+        self.out = nnx.LinearGeneral((H, DH), D, axis=(-2, -1), rngs=rngs)
+        self.ln2 = nnx.LayerNorm(D, rngs=rngs)
+        self.up = nnx.Einsum("btd,df->btf", (D, F), (F,), rngs=rngs)
+        self.down = nnx.Linear(F, D, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.ln1(x)
+        x = x + self.out(attention(self.query(h), self.key(h), self.value(h)))
+        return x + self.down(nnx.gelu(self.up(self.ln2(x))))
+
+
+class NnxTransformer(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(V, D, rngs=rngs)
+
+        @nnx.split_rngs(splits=LAYERS)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return NnxBlock(rngs)
+
+        self.layers = make(rngs)
+        self.ln_f = nnx.LayerNorm(D, rngs=rngs)
+        self.head = nnx.Linear(D, 2, rngs=rngs)
+
+    def __call__(self, ids):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(x, block):
+            return block(x)
+
+        x = run(self.embed(ids), self.layers)
+        return self.head(self.ln_f(x)[:, 0])
+
+
+def linen_transformer(seed: int = 0):
+    model = LinenTransformer()
+    ids = jax.random.randint(jax.random.key(seed + 1), (2, 5), 0, V)
+    return model, model.init(jax.random.key(seed), ids)["params"], ids
