@@ -337,6 +337,29 @@ def broadcast_group(spec: LayerSpec, vector: jax.Array, group: str) -> jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
+# Sharding: a delta leaf follows the axes of its kernel.
+
+GROUPS = ("stack", "in", "out", "features", "rank")
+
+
+def follow_kernel(spec: LayerSpec, kernel_pspec: Sequence[Any], layout: Sequence[str]) -> tuple[Any, ...]:
+    """The partition of a delta leaf whose axes are ``layout`` (groups of :data:`GROUPS`, e.g.
+    LoRA's ``A``: ``("stack", "in", "rank")``), given the stored kernel's partition
+    ``kernel_pspec`` (one entry per stored axis; ``None`` = replicated). ``rank`` is replicated."""
+    s = len(spec.stack)
+    entries = list(kernel_pspec) + [None] * (s + len(spec.kernel_shape) - len(kernel_pspec))
+    out: list[Any] = []
+    for group in layout:
+        if group == "stack":
+            out.extend(entries[:s])
+        elif group == "rank":
+            out.append(None)
+        else:
+            out.extend(entries[s + a] for a in spec._group_axes(group))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
 # Specs for the targets of a method.
 
 def kernel_spec(path: str, stored_shape: Sequence[int], layers: Mapping[str, LayerSpec],

@@ -168,6 +168,10 @@ class Transform:
       layer_hook: weight-space methods that act on a layer's call: ``ctx -> hook`` with
         ``hook(call, x, layer, leaves) -> y`` (see :mod:`jpeft.core.model`); the delta holds
         the leaves at ``<module path>/<leaf>``.
+      delta_layout: for a method with a layer hook, ``(module path, leaf name) -> groups``: the
+        axes of each delta leaf as groups of its kernel (:data:`jpeft.core.layers.GROUPS`), so
+        that under a mesh the leaf is partitioned as its kernel is (LoRA's ``A`` as the
+        kernel's input axes, ``B`` as its output axes).
       merge / unmerge: ``(params, delta, info) -> params``; ``None`` for methods that cannot
         fold into the weights.
       labels: ``delta -> tree of optimizer group names`` (e.g. ``"no_decay"``).
@@ -200,6 +204,7 @@ class Transform:
     adapt_params: Callable[[Params, Delta, ApplyContext], Params] = _identity_params
     interceptors: Callable[[Delta, ApplyContext], Sequence[Interceptor]] = _no_interceptors
     layer_hook: Callable[[ApplyContext], Callable[..., jax.Array]] | None = None
+    delta_layout: Callable[[str, str], tuple[str, ...]] | None = None
     trainable_base: Callable[[Params], list[str]] = _no_base
     penalty: Callable[[Delta, ApplyContext], jax.Array] = _no_penalty
     merge: MergeFn | None = None

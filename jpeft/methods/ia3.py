@@ -183,6 +183,7 @@ def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
         config=config,
         init=init,
         layer_hook=layer_hook,
+        delta_layout=lambda path, leaf: ("stack", _group(config, path)),
         merge=lambda params, delta, info=None: _fold(params, delta, False, info),
         unmerge=lambda params, delta, info=None: _fold(params, delta, True, info),
         labels=lambda delta: jax.tree_util.tree_map(lambda _: "no_decay", delta),

@@ -192,6 +192,7 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
         config=config,
         init=init,
         layer_hook=layer_hook,
+        delta_layout=lambda path, leaf: ("stack", "in", "rank") if leaf == "lora_A" else ("stack", "rank", "out"),
         trainable_base=trainable_base,
         merge=lambda params, delta, info=None: _fold(params, delta, 1.0, info),
         unmerge=lambda params, delta, info=None: _fold(params, delta, -1.0, info),

@@ -81,6 +81,37 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = (), min_shard_size: int
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def delta_rules(transform: Any, delta: Any, base: Any, info: Any, mesh: Mesh, rules: Rules = (),
+                min_shard_size: int = 2**16) -> list[tuple[str, P]]:
+    """Rules that partition every delta leaf of a method with a ``delta_layout`` as its kernel
+    is partitioned (by ``rules`` and the size rule): LoRA's ``A (*stack, *in, r)`` takes the
+    kernel's input-axis partition, ``B (*stack, r, *out)`` its output-axis partition, (IA)³'s
+    vectors the partition of their axis. Each rule matches the leaf's path in the trainable
+    tree and in the optimizer state (``.../delta/<part>/<module>/<leaf>``)."""
+    from jpeft.core import layers as L
+    from jpeft.core import paths as PT
+    from jpeft.core.model import group_by_module
+
+    flat_base = PT.flatten(base)
+    parts = transform.parts or (transform,)
+    out: list[tuple[str, P]] = []
+    for part in parts:
+        if part.delta_layout is None:
+            continue
+        sub = delta[part.name] if transform.parts else delta
+        prefix = f"{part.name}/" if transform.parts else ""
+        for module, leaves in group_by_module(sub).items():
+            kernel = flat_base[f"{module}/kernel"]
+            spec = L.kernel_spec(module, kernel.shape, info.layers, part.name)
+            if not spec.stack and len(kernel.shape) > len(spec.kernel_shape):
+                spec = spec.with_stack(kernel.shape)
+            kernel_spec = leaf_spec(f"{module}/kernel", tuple(kernel.shape), mesh, rules, min_shard_size)
+            for leaf in leaves:
+                pspec = L.follow_kernel(spec, tuple(kernel_spec), part.delta_layout(module, leaf))
+                out.append((f"(^|/)delta/{re.escape(prefix + module)}/{re.escape(leaf)}$", P(*pspec)))
+    return out
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Split the leading (batch) axis over ``data``."""
     return NamedSharding(mesh, P(DATA))

@@ -124,7 +124,9 @@ class Trainer:
     """Holds the static pieces (model, transform, frozen base, optimizer) and the jitted steps.
 
     Args:
-      model: a Linen model; ``model.info()`` gives its :class:`ModelInfo`.
+      model: a Linen module (jpeft's own, any other, or :func:`jpeft.from_linen`'s) or the model
+        of :func:`jpeft.from_nnx`; ``model.info()`` gives its :class:`ModelInfo` (an empty one
+        for a plain Linen module without ``info``).
       transform: the PEFT method (possibly composed).
       base: the pretrained parameters (never modified).
       loss: ``(logits, batch) -> scalar``.
@@ -133,8 +135,9 @@ class Trainer:
       train_head: also train the model's task head (``info.head_patterns``).
       mesh: a ``(data, fsdp)`` device mesh (:func:`jpeft.train.sharding.make_mesh`): the batch is
         split over ``data``, large leaves over ``fsdp`` by the rule of
-        :mod:`jpeft.train.sharding` (``shard_rules`` and ``min_shard_size`` refine it), and the
-        jitted steps declare these input and output shardings. ``None``: one device.
+        :mod:`jpeft.train.sharding` (``shard_rules`` and ``min_shard_size`` refine it), a
+        method's delta leaves as their kernels (:func:`jpeft.train.sharding.delta_rules`), and
+        the jitted steps declare these input and output shardings. ``None``: one device.
     """
 
     def __init__(
@@ -155,7 +158,7 @@ class Trainer:
     ) -> None:
         self.model = model
         self.transform = transform
-        self.info: ModelInfo = model.info()
+        self.info: ModelInfo = model.info() if hasattr(model, "info") else ModelInfo()
         self.loss = loss
         self.model_inputs = tuple(model_inputs)
         self.base_trainable_paths = trainable_base_paths(transform, base, self.info, train_head)
@@ -179,7 +182,11 @@ class Trainer:
         else:
             from jpeft.train import sharding as S
 
-            shard = lambda tree: S.tree_shardings(tree, mesh, shard_rules, min_shard_size)
+            base = P.combine(self._initial_base, self.frozen)
+            delta = jax.eval_shape(lambda k: self.transform.init(k, base, self.info), jax.random.key(0))
+            rules = [*S.delta_rules(transform, delta, base, self.info, mesh, shard_rules, min_shard_size),
+                     *shard_rules]
+            shard = lambda tree: S.tree_shardings(tree, mesh, rules, min_shard_size)
             frozen_sharding = shard(self.frozen)
             self.frozen = jax.device_put(self.frozen, frozen_sharding)
             self.state_sharding = shard(jax.eval_shape(self._fresh_state, jax.random.key(0)))
