@@ -97,9 +97,10 @@ def _with_recipe(run_dir: Path) -> dict[str, Any]:
 
 
 def run_cell(entry: str, task: str, run_dir: Path, extra: list[str], seed: int | None = None,
-             runner: Runner = _run_logged, prune: bool = False) -> dict[str, Any] | None:
+             runner: Runner = _run_logged, prune: bool = False, tag: str = "") -> dict[str, Any] | None:
     """Run (or read back) one cell; ``entry`` is ``METHOD`` or ``METHOD@VARIANT``; ``seed`` adds
-    ``--seed``. ``prune`` deletes the finished run's ``checkpoints/``."""
+    ``--seed``; ``tag`` labels the cell ``<entry>~<tag>``. ``prune`` deletes the finished run's
+    ``checkpoints/``."""
     method, _, variant = entry.partition("@")
     summary = run_dir / "summary.json"
     if not summary.is_file():
@@ -118,7 +119,7 @@ def run_cell(entry: str, task: str, run_dir: Path, extra: list[str], seed: int |
             return None
     if prune:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return {**_with_recipe(run_dir), "label": entry}
+    return {**_with_recipe(run_dir), "label": f"{entry}~{tag}" if tag else entry}
 
 
 def _fmt_metrics(metrics: dict[str, float]) -> str:
@@ -306,6 +307,9 @@ def main(argv: list[str] | None = None, runner: Runner = _run_logged) -> int:
     parser.add_argument("--seeds", default=None,
                         help="comma-separated seeds: every cell runs once per seed, in "
                              "<out>/runs/<task>-<method>-s<seed>/, and the table gives mean ± std")
+    parser.add_argument("--tag", default="",
+                        help="seeded sweeps: label the cells <method>~<tag> (their own run folders and "
+                             "table rows), e.g. for a learning-rate search with --extra=--lr=3e-3")
     parser.add_argument("--merge", default=True, action=argparse.BooleanOptionalAction,
                         help="keep the cells already in <out>/results.json (a rerun cell replaces its old "
                              "value); --no-merge writes only this invocation's cells (seeded sweeps "
@@ -324,6 +328,10 @@ def main(argv: list[str] | None = None, runner: Runner = _run_logged) -> int:
         for t in tasks:
             check_name(t, "task")
         seeds = _parse_seeds(args.seeds)
+        if args.tag:
+            check_name(args.tag, "tag")
+            if seeds is None:
+                raise ValueError("--tag needs --seeds")
     except ValueError as err:
         parser.error(str(err))
     out = Path(args.out)
@@ -352,9 +360,9 @@ def main(argv: list[str] | None = None, runner: Runner = _run_logged) -> int:
         for seed in seeds:
             for task in tasks:
                 for method in methods:
-                    name = run_name(task, method, seed)
+                    name = run_name(task, f"{method}~{args.tag}" if args.tag else method, seed)
                     summary = run_cell(method, task, out / "runs" / name, extra, seed=seed,
-                                       runner=runner, prune=args.prune_checkpoints)
+                                       runner=runner, prune=args.prune_checkpoints, tag=args.tag)
                     if summary is None:
                         failed.append(name)
                         continue

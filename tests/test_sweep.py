@@ -172,3 +172,17 @@ def test_legacy_cells_ignore_seeded_runs(tmp_path):
     assert main([f"--out={tmp_path}", "--methods=lora", "--tasks=sst2", "--seeds=0"],
                 runner=_fake_runner(SCORES, [])) == 0
     assert previous_cells(tmp_path) == {}
+
+
+def test_tagged_search_runs_get_their_own_folders_and_rows(tmp_path):
+    calls = []
+    for tag, lr in (("lr3e-3", "3e-3"), ("lr3e-4", "3e-4")):
+        argv = [f"--out={tmp_path}", "--methods=lora", "--tasks=sst2", "--seeds=42", f"--tag={tag}",
+                f"--extra=--lr={lr}"]
+        assert main(argv, runner=_fake_runner({("lora", "sst2", 42): 0.8}, calls)) == 0
+    assert len(calls) == 2  # the second tag is not taken for a finished run of the first
+    assert (tmp_path / "runs" / "sst2-lora~lr3e-3-s42" / "summary.json").is_file()
+    md = (tmp_path / "results.md").read_text()
+    assert "| lora~lr3e-3 | " in md and "| lora~lr3e-4 | " in md
+    with pytest.raises(SystemExit):
+        main([f"--out={tmp_path}", "--tag=../x", "--seeds=0"], runner=_fake_runner(SCORES, []))
