@@ -19,10 +19,12 @@ stopped and resumed. Results go to ``<out>/results.json`` and ``<out>/results.md
 With ``--seeds=0,1,2`` every cell runs once per seed (seed-major: every cell at the first seed,
 then the next seed), each in ``<out>/runs/<task>-<method>-s<seed>/``, and the table gives the mean
 ± the sample standard deviation over the seeds with the number of seeds per cell. The run's
-recipe (its ``config.json``) is stored in its ``summary.json`` under ``"config"``, so
-``--rebuild`` rewrites the table from the stored summaries alone. A finished run's
-``checkpoints/`` folder is deleted (``--no-prune-checkpoints`` keeps it); an unfinished run keeps
-it and resumes from it. The exit code is 1 when a run failed (the table still shows the rest).
+recipe (its ``config.json``) is stored in its ``summary.json`` under ``"config"`` and its dev
+evaluations under ``"evals"``, so ``--rebuild`` rewrites the table from the stored summaries
+alone. A finished run's ``checkpoints/`` folder is deleted (``--no-prune-checkpoints`` keeps it);
+an unfinished run keeps it and resumes from it. ``--tag=NAME`` labels a seeded sweep's cells
+``<method>~NAME`` (a search's settings side by side). The exit code is 1 when a run failed (the
+table still shows the rest).
 """
 
 from __future__ import annotations
@@ -86,12 +88,20 @@ def check_name(name: str, what: str) -> None:
 
 
 def _with_recipe(run_dir: Path) -> dict[str, Any]:
-    """The run's summary, with its ``config.json`` stored in it as ``"config"`` (once)."""
+    """The run's summary, with its ``config.json`` stored in it as ``"config"`` and its dev
+    evaluations (``metrics.jsonl``'s dev records) as ``"evals"`` (once)."""
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text())
-    config = run_dir / "config.json"
+    config, metrics = run_dir / "config.json", run_dir / "metrics.jsonl"
+    changed = False
     if "config" not in summary and config.is_file():
         summary["config"] = json.loads(config.read_text())
+        changed = True
+    if "evals" not in summary and metrics.is_file():
+        records = (json.loads(line) for line in metrics.read_text().splitlines() if '"dev"' in line)
+        summary["evals"] = [r for r in records if r.get("split") == "dev"]
+        changed = True
+    if changed:
         path.write_text(json.dumps(summary, indent=2))
     return summary
 

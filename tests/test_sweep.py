@@ -68,6 +68,8 @@ def _fake_runner(scores, calls, fail=()):
         (run_dir / "checkpoints" / "100").mkdir(parents=True)
         (run_dir / "config.json").write_text(json.dumps({"lr": 1e-3, "seed": key[2],
                                                          "output_dir": str(run_dir)}))
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 1, "loss": 0.7}) + "\n"
+                                               + json.dumps({"split": "dev", "step": 2, "accuracy": 0.6}) + "\n")
         majority = MRPC_MAJ if key[1] == "mrpc" else SST2_MAJ
         metrics = {"accuracy": scores[key], "f1": scores[key] + 0.05} if key[1] == "mrpc" \
             else {"accuracy": scores[key]}
@@ -95,6 +97,7 @@ def test_seeded_sweep_runs_each_seed_in_its_folder_and_tabulates_mean_std(tmp_pa
     run = tmp_path / "runs" / "mrpc-lora-s1"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["config"]["lr"] == 1e-3 and summary["seed"] == 1  # the recipe is kept with it
+    assert summary["evals"] == [{"split": "dev", "step": 2, "accuracy": 0.6}]  # and its dev curve
     assert not (run / "checkpoints").exists()  # pruned once finished
     md = (tmp_path / "results.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
