@@ -43,6 +43,7 @@ from jpeft.methods import (
     ptuning2,
 )
 from jpeft.models.bert import BertConfig, BertModel, from_pretrained
+from jpeft.models.taps import NnxTap, Tap
 
 __version__ = "0.1.0"
 
@@ -69,7 +70,7 @@ def print_trainable_parameters(transform: Transform, base, delta) -> str:
 
 __all__ = [
     "ApplyContext", "ModelInfo", "Transform", "apply", "compose", "merge", "unmerge", "build",
-    "from_linen", "from_nnx", "LinenModel", "NnxModel",
+    "from_linen", "from_nnx", "LinenModel", "NnxModel", "Tap", "NnxTap",
     "REGISTRY", "count_params", "partition", "combine", "select", "select_modules",
     "full", "FullConfig", "lora", "LoraConfig", "houlsby", "pfeiffer", "AdapterConfig", "ia3",
     "IA3Config", "prefix", "PrefixConfig", "ptuning2", "PTuningV2Config", "prompt", "PromptConfig",

@@ -126,3 +126,80 @@ def linen_transformer(seed: int = 0):
     model = LinenTransformer()
     ids = jax.random.randint(jax.random.key(seed + 1), (2, 5), 0, V)
     return model, model.init(jax.random.key(seed), ids)["params"], ids
+
+
+# -- a small encoder with jpeft's taps (one call per attachment point), in Linen and in NNX ------
+
+def masked_attention(q, k, v, kv_mask):
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(DH)
+    scores = jnp.where(kv_mask[:, None, None, :] > 0, scores, -1e9)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+class LinenTappedBlock(nn.Module):
+    index: int
+
+    @nn.compact
+    def __call__(self, x, mask):
+        from jpeft import Tap
+
+        b, t, _ = x.shape
+        heads = lambda y: y.reshape(b, -1, H, DH)
+        q = heads(nn.Dense(D, name="query")(x))
+        k, v, kv_mask = Tap("attn.kv", layer=self.index)(heads(nn.Dense(D, name="key")(x)),
+                                                         heads(nn.Dense(D, name="value")(x)), mask)
+        o = nn.Dense(D, name="out")(masked_attention(q, k, v, kv_mask).reshape(b, t, D))
+        x = nn.LayerNorm(name="ln1")(x + Tap("attn.out", layer=self.index)(o))
+        h = Tap("ffn.hidden", layer=self.index)(nn.gelu(nn.Dense(F, name="up")(x)))
+        o = Tap("ffn.out", layer=self.index)(nn.Dense(D, name="down")(h))
+        return nn.LayerNorm(name="ln2")(x + o)
+
+
+class LinenTapped(nn.Module):
+    @nn.compact
+    def __call__(self, ids, mask):
+        from jpeft import Tap
+
+        x = nn.Embed(V, D, name="embed")(ids)
+        x, mask, _ = Tap("embed.inputs")(x, mask, jnp.zeros_like(mask))
+        x = x + nn.Embed(16, D, name="pos")(jnp.arange(x.shape[1]))
+        for i in range(2):
+            x = LinenTappedBlock(i, name=f"layers_{i}")(x, mask)
+        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        return nn.Dense(2, name="head")(pooled)
+
+
+class NnxTappedBlock(nnx.Module):
+    def __init__(self, index: int, rngs: nnx.Rngs):
+        from jpeft import NnxTap
+
+        self.query, self.key, self.value, self.out = (nnx.Linear(D, D, rngs=rngs) for _ in range(4))
+        self.up, self.down = nnx.Linear(D, F, rngs=rngs), nnx.Linear(F, D, rngs=rngs)
+        self.ln1, self.ln2 = nnx.LayerNorm(D, rngs=rngs), nnx.LayerNorm(D, rngs=rngs)
+        self.kv_tap, self.attn_tap = NnxTap("attn.kv", index), NnxTap("attn.out", index)
+        self.hidden_tap, self.ffn_tap = NnxTap("ffn.hidden", index), NnxTap("ffn.out", index)
+
+    def __call__(self, x, mask):
+        b, t, _ = x.shape
+        heads = lambda y: y.reshape(b, -1, H, DH)
+        k, v, kv_mask = self.kv_tap(heads(self.key(x)), heads(self.value(x)), mask)
+        o = self.out(masked_attention(heads(self.query(x)), k, v, kv_mask).reshape(b, t, D))
+        x = self.ln1(x + self.attn_tap(o))
+        h = self.hidden_tap(nnx.gelu(self.up(x)))
+        return self.ln2(x + self.ffn_tap(self.down(h)))
+
+
+class NnxTapped(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        from jpeft import NnxTap
+
+        self.embed, self.pos = nnx.Embed(V, D, rngs=rngs), nnx.Embed(16, D, rngs=rngs)
+        self.embed_tap = NnxTap("embed.inputs")
+        self.layers_0, self.layers_1 = NnxTappedBlock(0, rngs), NnxTappedBlock(1, rngs)
+        self.head = nnx.Linear(D, 2, rngs=rngs)
+
+    def __call__(self, ids, mask):
+        x, mask, _ = self.embed_tap(self.embed(ids), mask, jnp.zeros_like(mask))
+        x = x + self.pos(jnp.arange(x.shape[1]))
+        x = self.layers_1(self.layers_0(x, mask), mask)
+        return self.head((x * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))

@@ -186,10 +186,55 @@ class LinenModel:
         return self.model_info
 
 
-def describe_linen(module: nn.Module, params: P.Params, *args: Any, **kwargs: Any
-                   ) -> dict[str, L.LayerSpec]:
+TapCall = tuple[str, Any, tuple[tuple[int, ...], ...]]  # (kind, layer, argument shapes)
+
+
+def _tap_recorder(calls: list[TapCall]) -> Callable[..., Any]:
+    from jpeft.models.taps import KINDS, is_tap
+
+    def intercept(next_fun, a, kw, context):
+        kind = next((k for k in KINDS if is_tap(context, k)), None)
+        if kind is not None:
+            calls.append((kind, context.module.layer, tuple(tuple(x.shape) for x in a)))
+        return next_fun(*a, **kw)
+
+    return intercept
+
+
+def tap_facts(calls: Sequence[TapCall]) -> dict[str, Any]:
+    """ModelInfo fields read off the taps a model called: ``taps`` (calls per kind),
+    ``num_layers``, ``hidden_size`` and, from ``attn.kv``, ``num_kv_heads``/``head_dim``."""
+    facts: dict[str, Any] = {"taps": {}}
+    for kind, layer, shapes in calls:
+        facts["taps"][kind] = facts["taps"].get(kind, 0) + 1
+        if layer is not None:
+            facts["num_layers"] = max(facts.get("num_layers", 0), int(layer) + 1)
+        if kind in ("attn.out", "ffn.out", "embed.inputs") and shapes:
+            facts["hidden_size"] = shapes[0][-1]
+        if kind == "attn.kv" and shapes and len(shapes[0]) == 4:
+            facts["num_kv_heads"], facts["head_dim"] = shapes[0][2], shapes[0][3]
+            facts.setdefault("num_heads", shapes[0][2])
+        if kind == "ffn.hidden" and shapes:
+            facts["intermediate_size"] = shapes[0][-1]
+    return facts
+
+
+def _info(family: str, layers: Mapping[str, L.LayerSpec], calls: Sequence[TapCall] | None,
+          head_patterns: Sequence[str], given: Any) -> Any:
+    """A ModelInfo: the fields ``given`` sets, then the ones read off the layers and taps."""
+    from jpeft.core.transform import ModelInfo
+
+    info = given if given is not None else ModelInfo(family=family)
+    facts = tap_facts(calls) if calls is not None else {}
+    fill = {k: v for k, v in facts.items() if k != "taps" and not getattr(info, k)}
+    return dataclasses.replace(info, layers={**layers, **info.layers}, taps=facts.get("taps"),
+                               head_patterns=tuple(head_patterns) or info.head_patterns, **fill)
+
+
+def describe_linen(module: nn.Module, params: P.Params, *args: Any, _taps: list[TapCall] | None = None,
+                   **kwargs: Any) -> dict[str, L.LayerSpec]:
     """``{module path: LayerSpec}`` of every module holding a ``kernel``, found by tracing the
-    model once (shapes only) on example inputs."""
+    model once (shapes only) on example inputs (the tap calls go to ``_taps`` when given)."""
     flat = P.flatten(params)
     found: dict[str, L.LayerSpec] = {}
 
@@ -205,7 +250,8 @@ def describe_linen(module: nn.Module, params: P.Params, *args: Any, **kwargs: An
 
     fn = getattr(module, "__call__")
     extra = _mode_kwargs(fn, False, kwargs)
-    with nn.intercept_methods(intercept):
+    recorder = _tap_recorder(_taps if _taps is not None else [])
+    with nn.intercept_methods(intercept), nn.intercept_methods(recorder):
         jax.eval_shape(lambda p: module.apply({"params": p}, *args, **extra, **kwargs), params)
     return found
 
@@ -219,24 +265,24 @@ def _spec_or_unsupported(module: Any, kernel_shape: Sequence[int], stored_shape:
 
 
 def from_linen(module: nn.Module, params: P.Params, *example_args: Any,
-               head_patterns: Sequence[str] = (), **example_kwargs: Any) -> LinenModel:
+               head_patterns: Sequence[str] = (), info: Any = None, **example_kwargs: Any) -> LinenModel:
     """Describe a Linen model once so that every method can adapt it.
 
     Traces ``module.apply({"params": params}, *example_args, **example_kwargs)`` (shapes only,
-    nothing is computed) and records the layers that hold a kernel: their kind, input and output
-    axis groups, and stack axes under ``nn.scan``. ``head_patterns`` are regexes of a task
-    head's parameter paths, trained whole by the :class:`~jpeft.train.trainer.Trainer`.
+    nothing is computed) and records the layers that hold a kernel (their kind, input and output
+    axis groups, and stack axes under ``nn.scan``) and the taps the model calls
+    (:mod:`jpeft.models.taps`: the sizes activation-space methods need are read off them).
+    ``head_patterns`` are regexes of a task head's parameter paths, trained whole by the
+    :class:`~jpeft.train.trainer.Trainer`; ``info`` sets fields explicitly (they win).
 
     Example::
 
         model = jpeft.from_linen(mlp, params, x)
         delta = jpeft.lora(jpeft.LoraConfig(targets="proj$")).init(key, params, model.info())
     """
-    from jpeft.core.transform import ModelInfo
-
-    layers = describe_linen(module, params, *example_args, **example_kwargs)
-    info = ModelInfo(family=type(module).__name__, layers=layers, head_patterns=tuple(head_patterns))
-    return LinenModel(module, info)
+    calls: list[TapCall] = []
+    layers = describe_linen(module, params, *example_args, _taps=calls, **example_kwargs)
+    return LinenModel(module, _info(type(module).__name__, layers, calls, head_patterns, info))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,11 +392,8 @@ class NnxModel:
             args: Sequence[Any], kwargs: Mapping[str, Any], ctx: Any, method: Any) -> Any:
         from flax import nnx
 
-        if interceptors:
-            raise NotImplementedError(
-                "activation-space methods (adapters, prefix, prompt, P-tuning) attach to taps of "
-                "Linen models; on an NNX model use weight-space methods (lora, ia3, bitfit, "
-                "freeze, full, diff_pruning)")
+        from jpeft.models import taps as T
+
         module = self.module(params)
         module.set_attributes(deterministic=not ctx.train, use_running_average=not ctx.train,
                               raise_if_not_found=False)
@@ -366,8 +409,12 @@ class NnxModel:
             fn = getattr(module, method)
         else:
             fn = lambda *a, **kw: method(module, *a, **kw)
-        with _nnx_hooks(parts):
-            return fn(*args, **kwargs)
+        T._NNX_INTERCEPTORS.append(tuple(interceptors))
+        try:
+            with _nnx_hooks(parts):
+                return fn(*args, **kwargs)
+        finally:
+            T._NNX_INTERCEPTORS.pop()
 
     def _attach(self, module: Any, parts: Sequence[HookPart]) -> None:
         from flax import nnx
@@ -423,13 +470,17 @@ def describe_nnx(module: Any) -> dict[str, L.LayerSpec]:
     return found
 
 
-def from_nnx(module: Any, *, head_patterns: Sequence[str] = ()) -> tuple[NnxModel, dict[str, Any]]:
+def from_nnx(module: Any, *example_args: Any, head_patterns: Sequence[str] = (), info: Any = None,
+             **example_kwargs: Any) -> tuple[NnxModel, dict[str, Any]]:
     """Split an NNX module into a model jpeft runs and its frozen base parameters.
 
     Returns ``(model, params)``: ``params`` is the module's ``nnx.Param`` state as a nested dict
     of arrays (list entries keyed ``"0"``, ``"1"``, …), the tree every method, ``jpeft.apply``,
     ``merge``, the ``Trainer`` and the checkpoints take; ``model.module(params)`` rebuilds an
-    NNX module (for example from merged weights). The module passed in is not changed.
+    NNX module (for example from merged weights). The module passed in is not changed. The
+    layers are read off the module's graph; with example inputs the model is also traced once
+    (shapes only) to record its taps (:class:`jpeft.models.taps.NnxTap`), as :func:`from_linen`
+    does. ``info`` sets :class:`~jpeft.core.transform.ModelInfo` fields explicitly.
 
     Example::
 
@@ -438,11 +489,18 @@ def from_nnx(module: Any, *, head_patterns: Sequence[str] = ()) -> tuple[NnxMode
     """
     from flax import nnx
 
-    from jpeft.core.transform import ModelInfo
+    from jpeft.core.transform import ApplyContext
 
     graphdef, params_state, rest = nnx.split(module, nnx.Param, ...)
     params = _str_keys(nnx.to_pure_dict(params_state))
-    info = ModelInfo(family=type(module).__name__, layers=describe_nnx(module),
-                     head_patterns=tuple(head_patterns))
+    layers = describe_nnx(module)
     template = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_state)
-    return NnxModel(graphdef, template, rest, info), params
+    model = NnxModel(graphdef, template, rest, _info(type(module).__name__, layers, None,
+                                                    head_patterns, info))
+    if example_args or example_kwargs:
+        calls: list[TapCall] = []
+        jax.eval_shape(lambda p: model.run(p, [], [_tap_recorder(calls)], example_args,
+                                           example_kwargs, ApplyContext(), None), params)
+        model = dataclasses.replace(model, model_info=_info(type(module).__name__, layers, calls,
+                                                            head_patterns, info))
+    return model, params

@@ -46,7 +46,8 @@ class ModelInfo:
 
     Weight-space methods need none of them on a model whose adapted kernels are 2-D; ``layers``
     (filled by :func:`jpeft.from_linen` / :func:`jpeft.from_nnx`) describes DenseGeneral, Einsum,
-    Conv and stacked layers. Activation-space methods need sizes (``hidden_size``, ...) and ask
+    Conv and stacked layers, and ``taps`` counts the calls of each tap kind
+    (:mod:`jpeft.models.taps`) of such a described model (``None``: not counted). Activation-space methods need sizes (``hidden_size``, ...) and ask
     for the ones they use by name (:meth:`require`). ``head_patterns`` are regexes of the task
     head's parameter paths (trained by every method, as HF PEFT's ``modules_to_save`` does for
     sequence classification).
@@ -65,6 +66,7 @@ class ModelInfo:
     has_bias: bool = True
     matmul_dtype: str | None = None  # the config's: matmul operand dtype, float32 accumulation
     layers: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+    taps: Mapping[str, int] | None = dataclasses.field(default=None, compare=False, hash=False)
 
     @property
     def kv_heads(self) -> int:

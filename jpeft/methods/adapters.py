@@ -53,7 +53,7 @@ from jpeft.core import paths as P
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 from jpeft.core.paths import layer_index
 from jpeft.models.common import linear
-from jpeft.models.taps import ATTN_OUT, FFN_OUT, is_tap
+from jpeft.models.taps import ATTN_OUT, FFN_OUT, is_tap, require_taps
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -143,6 +143,8 @@ def adapters(config: AdapterConfig, *, placement: tuple[str, ...], name: str) ->
 
     def init(rng: jax.Array, base: P.Params, info: ModelInfo | None = None) -> dict[str, Any]:
         info = resolve_info(info)
+        require_taps(info.taps, name, kinds)
+        info.require(name, "hidden_size", "num_layers")
         d, m = info.hidden_size, config.size
         layers = _layers(config, info)
         keys = jax.random.split(rng, len(layers) * len(kinds)).reshape(len(layers), len(kinds))

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 
 from jpeft.core import paths as P
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
-from jpeft.models.taps import ATTN_KV, is_tap
+from jpeft.models.taps import ATTN_KV, is_tap, require_taps
 
 INITS = ("normal", "zero")
 LABEL = "prefix"
@@ -251,6 +251,8 @@ def prefix(config: PrefixConfig = PrefixConfig(), *, name: str = "prefix") -> Tr
 
     def init(rng: jax.Array, base: P.Params, info: ModelInfo | None = None) -> dict[str, Any]:
         info = resolve_info(info)
+        require_taps(info.taps, name, (ATTN_KV,))
+        info.require(name, "num_layers", "num_heads", "head_dim")
         layers = prefix_layers(config, info, name)
         n_tok, width = config.num_virtual_tokens, table_width(info, len(layers))
         k_emb, k_hidden, k_out = jax.random.split(rng, 3)

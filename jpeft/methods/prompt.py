@@ -56,7 +56,7 @@ import jax.numpy as jnp
 
 from jpeft.core import paths as P
 from jpeft.core.transform import ApplyContext, Interceptor, ModelInfo, Transform, resolve_info
-from jpeft.models.taps import EMBED_INPUTS, is_tap
+from jpeft.models.taps import EMBED_INPUTS, is_tap, require_taps
 
 INITS = ("random", "vocab", "text")
 LABEL = "prompt"
@@ -225,6 +225,8 @@ def prompt(config: PromptConfig = PromptConfig(), *, name: str = "prompt") -> Tr
 
     def init(rng: jax.Array, base: P.Params, info: ModelInfo | None = None) -> dict[str, Any]:
         info = resolve_info(info)
+        require_taps(info.taps, name, (EMBED_INPUTS,))
+        info.require(name, "hidden_size")
         return {"prompt": init_prompts(config, rng, base, info, name)}
 
     def interceptors(delta: Any, ctx: ApplyContext) -> list[Interceptor]:

@@ -54,6 +54,7 @@ from jpeft.core import paths as P
 from jpeft.core.dropout import dropout as apply_dropout
 from jpeft.core.transform import ApplyContext, Interceptor, ModelInfo, Transform, resolve_info
 from jpeft.methods.prompt import LABEL, prompt_interceptor, validate_num_virtual_tokens
+from jpeft.models.taps import EMBED_INPUTS, require_taps
 
 ENCODERS = ("mlp", "lstm")
 
@@ -222,6 +223,8 @@ def ptuning(config: PTuningConfig = PTuningConfig(), *, name: str = "ptuning") -
 
     def init(rng: jax.Array, base: P.Params, info: ModelInfo | None = None) -> dict[str, Any]:
         info = resolve_info(info)
+        require_taps(info.taps, name, (EMBED_INPUTS,))
+        info.require(name, "hidden_size")
         return init_encoder(config, rng, info)
 
     def interceptors(delta: Any, ctx: ApplyContext) -> list[Interceptor]:

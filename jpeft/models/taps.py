@@ -18,13 +18,20 @@ kind               arguments (and return value)                 used by
 ``ffn.out``        ``h (B,T,D)``: FFN output projection,        Houlsby / Pfeiffer adapters
                    before the residual add and LayerNorm
 =================  ===========================================  ==================================
+
+A model jpeft did not write gets the same attachment points with one call each: ``Tap(kind,
+layer=i)(h)`` inside a Linen ``@nn.compact`` method, or an :class:`NnxTap` attribute of an NNX
+module (``self.ffn_tap = NnxTap("ffn.out", layer=i)``, then ``h = self.ffn_tap(h)``). Taps inside
+``nn.scan`` / ``nnx.scan`` bodies have no static layer number and are not supported.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+from flax import nnx
 
 EMBED_INPUTS = "embed.inputs"
 ATTN_KV = "attn.kv"
@@ -44,7 +51,62 @@ class Tap(nn.Module):
         return args[0] if len(args) == 1 else args
 
 
+class NnxTap(nnx.Module):
+    """The NNX form of :class:`Tap`: identity, unless a method attached to its kind."""
+
+    def __init__(self, kind: str, layer: int | None = None):
+        if kind not in KINDS:
+            raise ValueError(f"unknown tap kind {kind!r}; the kinds are {list(KINDS)}")
+        self.kind = kind
+        self.layer = layer
+
+    def __call__(self, *args: Any) -> Any:
+        call = lambda *a: a[0] if len(a) == 1 else a
+        context = _NnxContext(self)
+        for intercept in (_NNX_INTERCEPTORS[-1] if _NNX_INTERCEPTORS else ()):
+            call = (lambda inner, fn: lambda *a, **k: fn(inner, a, k, context))(call, intercept)
+        return call(*args)
+
+
+class _NnxContext:
+    """What a Linen interceptor reads of its context (``module``, ``method_name``)."""
+
+    method_name = "__call__"
+
+    def __init__(self, module: Any):
+        self.module = module
+
+
+_NNX_INTERCEPTORS: list[Sequence[Any]] = []  # the interceptors of the NNX calls being traced
+
+
 def is_tap(context: Any, kind: str) -> bool:
-    """Whether an interceptor ``context`` is a call of a tap of this kind."""
+    """Whether an interceptor ``context`` is a call of a tap of this kind (Linen or NNX)."""
     module = context.module
-    return isinstance(module, Tap) and module.kind == kind and context.method_name == "__call__"
+    return (isinstance(module, (Tap, NnxTap)) and module.kind == kind
+            and context.method_name == "__call__")
+
+
+EXAMPLE = {
+    EMBED_INPUTS: ("embeds, mask, types = jpeft.Tap('embed.inputs')(embeds, mask, types)  "
+                   "# before position embeddings"),
+    ATTN_KV: "k, v, mask = jpeft.Tap('attn.kv', layer=i)(k, v, mask)  # k, v: (B, S, H, Dh)",
+    ATTN_OUT: "h = jpeft.Tap('attn.out', layer=i)(h)  # attention output, before the residual",
+    FFN_HIDDEN: "h = jpeft.Tap('ffn.hidden', layer=i)(h)  # the FFN activation",
+    FFN_OUT: "h = jpeft.Tap('ffn.out', layer=i)(h)  # FFN output, before the residual",
+}
+
+
+def require_taps(taps: Mapping[str, int] | None, method: str, kinds: Sequence[str]) -> None:
+    """Raise, with the lines to add, when a described model (``taps`` known) lacks a kind."""
+    if taps is None:
+        return
+    missing = [k for k in kinds if not taps.get(k)]
+    if missing:
+        lines = "\n".join(f"    {EXAMPLE[k]}" for k in missing)
+        raise ValueError(
+            f"{method} attaches to the tap(s) {missing}, which this model never calls. Add one "
+            f"call per place (and per layer i) in the model's code, e.g. in a Linen "
+            f"@nn.compact method:\n{lines}\n(NNX: create jpeft.NnxTap(kind, layer=i) in "
+            "__init__ and call it at that place.) Then describe the model again with "
+            "jpeft.from_linen / jpeft.from_nnx and example inputs.")
