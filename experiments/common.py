@@ -8,8 +8,11 @@ Settings are layered: the dataclass defaults < the experiment's TOML layers (see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import os
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -32,13 +35,13 @@ def training_fields(*, method: str = "lora", model: str, epochs: float = 1.0, ba
         ("data_dir", str | None, f(default=None, metadata={"help": "folder with the data files (default: ../shared/data/<dataset>, else the Hub)"})),
         ("output_dir", str | None, f(default=None, metadata={"help": "run directory (default runs/<task>-<method>-s<seed>)"})),
         ("epochs", float, f(default=epochs, metadata={"help": "passes over the training set (ignored with --max-steps)"})),
-        ("max_steps", int | None, f(default=None, metadata={"help": "train exactly this many steps"})),
+        ("max_steps", int | None, f(default=None, metadata={"help": "train exactly this many steps (none: --epochs)"})),
         ("batch_size", int, f(default=batch_size, metadata={"help": "training batch size"})),
         ("eval_batch_size", int, f(default=eval_batch_size, metadata={"help": "evaluation batch size"})),
         ("max_length", int, f(default=max_length, metadata={"help": "tokens per example (truncation)"})),
         ("buckets", tuple[int, ...], f(default=(), metadata={"help": "padded lengths (default: powers of two from 16 to max_length); batches group examples of one bucket"})),
         ("group_by_length", bool, f(default=True, metadata={"help": "batch examples of the same length bucket together (less padding)"})),
-        ("max_train_samples", int | None, f(default=None, metadata={"help": "use only the first N training examples"})),
+        ("max_train_samples", int | None, f(default=None, metadata={"help": "use only the first N training examples (none: all)"})),
         ("seed", int, f(default=0, metadata={"help": "seed for init, data order and dropout"})),
         ("lr", float, f(default=lr, metadata={"help": "peak learning rate"})),
         ("weight_decay", float, f(default=0.01, metadata={"help": "AdamW decoupled weight decay"})),
@@ -47,28 +50,111 @@ def training_fields(*, method: str = "lora", model: str, epochs: float = 1.0, ba
         ("clip_norm", float, f(default=1.0, metadata={"help": "gradient clipping by global norm (0: off)"})),
         ("group_lr", dict[str, float], f(default_factory=dict, metadata={"help": "lr multiplier per parameter group (head: the task head)"})),
         ("group_weight_decay", dict[str, float], f(default_factory=dict, metadata={"help": "weight decay per parameter group"})),
-        ("eval_every", int, f(default=0, metadata={"help": "evaluate every N steps (0: 4 times per run)"})),
+        ("eval_every", int | None, f(default=None, metadata={"help": "evaluate every N steps (none: 4 times per run)"})),
         ("log_every", int, f(default=1, metadata={"help": "log training metrics every N steps"})),
         ("progress", bool, f(default=True, metadata={"help": "show a progress bar"})),
         ("mesh", str | None, f(default=None, metadata={"help": "device mesh, e.g. 'data=4,fsdp=2' (default: all devices on data when there are several)"})),
         ("remat", bool, f(default=False, metadata={"help": "rematerialise each transformer layer (recompute activations in the backward pass: less memory, more compute)"})),
         ("base_dtype", str, f(default="float32", metadata={"help": "dtype of the frozen base and of the model's compute: float32 or bfloat16 (the delta, trained base leaves, gradients and optimizer state stay float32)"})),
         ("matmul_dtype", str, f(default="float32", metadata={"help": "operand dtype of the transformer's matmuls: float32, or bfloat16 (bf16 products accumulated in float32, forward and backward; uses AMX on recent x86 CPUs and tensor cores on GPUs)"})),
-        ("save_every", int, f(default=0, metadata={"help": "checkpoint every N steps (0: at each evaluation and at the end; -1: never)"})),
-        ("keep_checkpoints", int, f(default=2, metadata={"help": "how many recent checkpoints to keep"})),
-        ("resume", bool, f(default=True, metadata={"help": "continue from the run directory's latest checkpoint if there is one"})),
+        ("save_every", int | None, f(default=None, metadata={"help": "checkpoint every N steps (none: at each evaluation and at the end; -1: never)"})),
+        ("keep_checkpoints", int, f(default=2, metadata={"help": "how many recent checkpoints to keep (>= 1)"})),
+        ("resume", bool, f(default=True, metadata={"help": "continue from the run directory's latest checkpoint if there is one; false: start afresh (an earlier run's files are moved into superseded-<time>/, never deleted)"})),
+        ("divergence_factor", float | None, f(default=10.0, metadata={"help": "stop when a step's loss exceeds this many times the run's starting loss (none: stop only on non-finite values)"})),
         ("allow_base_mismatch", bool, f(default=False, metadata={"help": "restore a checkpoint made on another base model"})),
     ]
 
 
+# The numeric flags' allowed values: (low, high, low inclusive, high inclusive, integer, how
+# to write "unset" (None allowed) or a special value, and what it means). Checked by the config
+# class's __post_init__, so a TOML layer, --config file and flag are all checked alike.
+INT, REAL = True, False
+RANGES: dict[str, tuple[float, float, bool, bool, bool, str]] = {
+    "epochs": (0, math.inf, False, False, REAL, ""),
+    "max_steps": (1, math.inf, True, False, INT, "none: --epochs"),
+    "batch_size": (1, math.inf, True, False, INT, ""),
+    "eval_batch_size": (1, math.inf, True, False, INT, ""),
+    "max_length": (2, math.inf, True, False, INT, ""),
+    "max_train_samples": (1, math.inf, True, False, INT, "none: all"),
+    "seed": (0, 2**32, True, False, INT, ""),
+    "lr": (0, math.inf, False, False, REAL, ""),
+    "weight_decay": (0, math.inf, True, False, REAL, ""),
+    "warmup_ratio": (0, 1, True, False, REAL, ""),
+    "clip_norm": (0, math.inf, True, False, REAL, "0: no clipping"),
+    "eval_every": (1, math.inf, True, False, INT, "none: 4 times per run"),
+    "log_every": (1, math.inf, True, False, INT, ""),
+    "save_every": (1, math.inf, True, False, INT, "none: at each evaluation; -1: never"),
+    "keep_checkpoints": (1, math.inf, True, False, INT, ""),
+    "divergence_factor": (1, math.inf, False, False, REAL, "none: only non-finite values stop"),
+    "num_processes": (1, math.inf, True, False, INT, "none: single process"),
+    "process_id": (0, math.inf, True, False, INT, "none: single process"),
+    "coordinator_timeout": (1, math.inf, True, False, INT, ""),
+    "max_eval_samples": (1, math.inf, True, False, INT, "none: all"),
+    "max_test_mrs": (1, math.inf, True, False, INT, "none: all"),
+    "num_beams": (1, math.inf, True, False, INT, ""),
+    "length_penalty": (-math.inf, math.inf, False, False, REAL, ""),
+    "max_new_tokens": (1, math.inf, True, False, INT, ""),
+    "decode_batch_size": (1, math.inf, True, False, INT, ""),
+}
+SPECIAL = {"save_every": (-1,)}  # values allowed outside the range
+
+
+def validate_training_config(cfg: Any) -> None:
+    """The config class's ``__post_init__``: every numeric flag in its range, the method spec
+    well formed, the group settings finite."""
+    from jpeft.train.optim import check_number
+
+    for name, (low, high, low_in, high_in, integer, note) in RANGES.items():
+        if not hasattr(cfg, name):
+            continue
+        value = getattr(cfg, name)
+        if value is None and note.startswith("none"):
+            continue
+        if value in SPECIAL.get(name, ()):
+            continue
+        check_number(f"--{name.replace('_', '-')}", value, low, high, low_in, high_in, integer, note)
+    for flag in ("group_lr", "group_weight_decay"):
+        for group, value in dict(getattr(cfg, flag, {})).items():
+            check_number(f"--{flag.replace('_', '-')} {group}", value, 0, math.inf, True, False, REAL)
+    for size in tuple(getattr(cfg, "buckets", ())):
+        check_number("--buckets entry", size, 1, math.inf, True, False, INT)
+    check_method_spec(cfg.method)
+    if getattr(cfg, "num_processes", None) is not None and getattr(cfg, "process_id", None) is not None \
+            and cfg.process_id >= cfg.num_processes:
+        raise ValueError(f"--process-id={cfg.process_id} is out of range: give an integer in "
+                         f"[0, {cfg.num_processes}) (--num-processes={cfg.num_processes})")
+
+
+def check_method_spec(spec: str) -> None:
+    """Refuse a malformed ``--method`` ('lora+', 'lora ', '+bitfit', unknown names, repeats)."""
+    from jpeft.methods import REGISTRY
+
+    parts = spec.split("+")
+    bad = [p for p in parts if p not in REGISTRY]
+    if not bad and len(set(parts)) == len(parts):
+        return
+    if any(p != p.strip() for p in parts):
+        why = "has spaces around a name"
+    elif any(not p for p in parts):
+        why = "has an empty part (a leading, trailing or doubled '+')"
+    elif bad:
+        why = f"names unknown method(s) {bad}"
+    else:
+        why = "names a method twice"
+    raise ValueError(f"--method={spec!r} {why}; give known method names joined by '+' without "
+                     f"spaces, e.g. 'lora' or 'lora+bitfit'. Known methods: {', '.join(REGISTRY)}")
+
+
 def make_config_class(name: str, fields: list[Field]) -> type:
-    """A frozen config dataclass: ``fields`` plus one sub-config per known method."""
+    """A frozen config dataclass: ``fields`` plus one sub-config per known method; its
+    ``__post_init__`` is :func:`validate_training_config`."""
     from jpeft.methods import REGISTRY
 
     fields = list(fields)
     for method, spec in REGISTRY.items():
         fields.append((method, spec.config_cls, dataclasses.field(default_factory=spec.config_cls)))
-    return dataclasses.make_dataclass(name, fields, frozen=True)
+    return dataclasses.make_dataclass(name, fields, frozen=True,
+                                      namespace={"__post_init__": validate_training_config})
 
 
 def scan_flag(argv: Sequence[str], flag: str, default: str | None) -> str | None:
@@ -180,6 +266,30 @@ def cast_frozen_base(base: Any, keep: Sequence[str], dtype: str) -> Any:
     return P.unflatten(out)
 
 
+def check_base(model: str, base: Any) -> None:
+    """Refuse a base whose weights hold non-finite values (a damaged weights file)."""
+    import jax.numpy as jnp
+
+    from jpeft.core import paths as P
+
+    for path, leaf in P.flatten(base).items():
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):
+            raise CliError(f"--model={model}: the weight {path} holds non-finite values; the weights "
+                           "file is damaged. Download the model again.")
+
+
+def check_max_length(max_length: int, config: Any) -> None:
+    """Refuse a ``--max-length`` beyond the model's position embeddings (positions past the table
+    would be clamped silently)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    usable = positions - (config.pad_token_id + 1 if getattr(config, "is_roberta", False) else 0)
+    if max_length > usable:
+        raise CliError(f"--max-length={max_length} is out of range for this model: give an integer "
+                       f"in [2, {usable}] (it has {positions} position embeddings)")
+
+
 def finalize_state(transform: Any, state: Any) -> tuple[Any, Any, bool]:
     """``(state with the finalized delta, finalized delta, changed)``: what is kept after
     training (prefix tuning without its MLP, diff pruning's sparse delta)."""
@@ -195,69 +305,198 @@ def finalize_state(transform: Any, state: Any) -> tuple[Any, Any, bool]:
     return state._replace(trainable={**state.trainable, "delta": kept}), kept, True
 
 
+# ----------------------------------------------------------------------------------------------
+# The run directory: owned (locked) for the run's lifetime, resumed only by the same run
+
+OUTPUTS = ("checkpoints", "adapter", "metrics.jsonl", "summary.json", "curves.png", "config.json",
+           "predictions.jsonl")  # what a run writes into its directory
+IDENTITY = ("task", "method", "method_config")  # a resumed checkpoint must match these
+
+
+class CliError(Exception):
+    """An expected failure whose message already says what to fix (printed without traceback)."""
+
+
+def run_identity(cfg: Any, task: str) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by this configuration."""
+    from jpeft.config import to_dict
+
+    return {"task": task, "method": cfg.method,
+            "method_config": {name: to_dict(getattr(cfg, name)) for name in cfg.method.split("+")}}
+
+
+def identity_mismatch(saved: dict[str, Any], identity: dict[str, Any]) -> str | None:
+    """The first field of ``identity`` the checkpoint metadata ``saved`` differs in, as text."""
+    for field in IDENTITY:
+        if saved.get(field) != identity[field]:
+            if field == "method_config":
+                old, new = saved.get(field) or {}, identity[field]
+                diff = [f"{name}.{k}: {old.get(name, {}).get(k)!r} -> {v!r}"
+                        for name, cfg in new.items() for k, v in cfg.items()
+                        if old.get(name, {}).get(k) != v]
+                return f"method config ({'; '.join(diff[:4]) or f'{old} -> {new}'})"
+            return f"{field} ({saved.get(field)!r} there, {identity[field]!r} now)"
+    return None
+
+
+def prepare_output_dir(out_dir: Path) -> Path:
+    """Create ``out_dir`` (normal permissions) or refuse it with a message naming --output-dir."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CliError(f"--output-dir={out_dir} is a file; pass a folder (it is created if missing)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"--output-dir={out_dir} cannot be created ({err.strerror or err}); choose a "
+                       "folder you can write to") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise CliError(f"--output-dir={out_dir} is not writable; choose a folder you can write to")
+    return out_dir
+
+
+def _newest_meta(ckpt_dir: Path) -> dict[str, Any] | None:
+    """The metadata of the newest checkpoint step whose metadata is readable (``None``: none)."""
+    from jpeft.checkpoint import CheckpointError, CheckpointManager
+
+    if not ckpt_dir.is_dir():
+        return None
+    manager = CheckpointManager(ckpt_dir)
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return manager.read_meta(step)
+        except CheckpointError:
+            continue
+    return None
+
+
+def move_aside(out_dir: Path, report=print) -> Path | None:
+    """Move an earlier run's outputs (:data:`OUTPUTS`) into ``out_dir/superseded-<UTC time>/``;
+    nothing else in ``out_dir`` is touched. Returns that folder (``None``: nothing to move)."""
+    import datetime
+
+    present = [name for name in OUTPUTS if (out_dir / name).exists()]
+    if not present:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    target = out_dir / f"superseded-{stamp}"
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = out_dir / f"superseded-{stamp}-{suffix}"
+    target.mkdir()
+    for name in present:
+        os.replace(out_dir / name, target / name)
+    report(f"fresh start in {out_dir}: moved the earlier run's {', '.join(present)} into {target}")
+    return target
+
+
+@contextlib.contextmanager
+def run_directory(cfg: Any, out_dir: Path, task: str):
+    """Own ``out_dir`` for the run: create it, lock it (:class:`jpeft.train.logging.RunDirLock`),
+    refuse to resume another configuration's checkpoints (naming the field and both values),
+    and on a fresh start move an earlier run's outputs aside. Yields the directory."""
+    from jpeft.train.logging import RunDirLock
+
+    prepare_output_dir(out_dir)
+    with RunDirLock(out_dir):
+        checkpointed = cfg.save_every != -1
+        saved = _newest_meta(out_dir / "checkpoints") if cfg.resume and checkpointed else None
+        if saved is not None:
+            mismatch = identity_mismatch(saved, run_identity(cfg, task))
+            if mismatch is not None:
+                raise CliError(
+                    f"{out_dir} holds checkpoints of another run: its {mismatch}. Resuming would "
+                    "train that run's state on this configuration. Choose another --output-dir, or "
+                    "pass --resume=false to start afresh there (the earlier run's files are moved "
+                    "into superseded-<time>/, not deleted).")
+        else:
+            move_aside(out_dir)
+        yield out_dir
+
+
+class Saver:
+    """Checkpoints on the configured schedule (:class:`jpeft.train.loop.Checkpointer`)."""
+
+    def __init__(self, cfg: Any, manager: Any, meta: dict[str, Any], steps_per_epoch: int) -> None:
+        self.cfg, self.manager, self.meta, self.steps_per_epoch = cfg, manager, meta, steps_per_epoch
+
+    def due(self, step: int, evaluated: bool) -> bool:
+        every = self.cfg.save_every
+        return (every is not None and every > 0 and step % every == 0) or (every is None and evaluated)
+
+    def save(self, state: Any, info: dict[str, Any]) -> None:
+        step = int(state.step)
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        self.manager.save(step, state, {**self.meta, **info, "step": step,
+                                        "data_position": {"epoch": epoch, "batch": batch}})
+
+    def describe(self, step: int | None) -> str:
+        if step is None:
+            return "No checkpoint of this run holds a finite state."
+        return f"The newest checkpoint, {self.manager.directory}/{step}, holds the last finite state."
+
+
 def checkpointing(cfg: Any, out_dir: Path, trainer: Any, state: Any, base: Any, total_steps: int,
                   steps_per_epoch: int, metrics_path: Path, meta: dict[str, Any]):
-    """Resume from the run directory's latest checkpoint (if any, and ``--resume``), and return
-    ``(state, on_step)`` where ``on_step`` saves checkpoints on the configured schedule.
-    ``meta`` (e.g. the task) is stored with every checkpoint."""
-    import shutil
-
+    """Resume from the run directory's newest checkpoint that verifies (if any, and
+    ``--resume``) and return ``(state, saver, start_loss)``: ``saver`` (``None`` when
+    checkpointing is off) saves on the configured schedule, ``start_loss`` is the resumed run's
+    starting loss (for the divergence guard). ``meta`` (e.g. the task) is stored with every
+    checkpoint. Call inside :func:`run_directory`."""
     import jax
 
     import jpeft
     from jpeft.checkpoint import CheckpointError, CheckpointManager, fingerprint
-    from jpeft.config import to_dict
     from jpeft.train.logging import read_metrics
     from jpeft.train.trainer import head_paths
 
-    if cfg.save_every < 0 or jax.process_count() > 1:
-        if cfg.save_every >= 0:
+    if cfg.save_every == -1 or jax.process_count() > 1:
+        if cfg.save_every != -1:
             print("multi-process run: checkpointing is off (not supported across processes yet)")
         metrics_path.unlink(missing_ok=True)
-        return state, None
-    ckpt_dir = out_dir / "checkpoints"
-    if not cfg.resume:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a fresh run replaces older checkpoints
-    manager = CheckpointManager(ckpt_dir, max_to_keep=cfg.keep_checkpoints)
+        return state, None, None
+    manager = CheckpointManager(out_dir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     base_fp = fingerprint(base, exclude=head_paths(base, trainer.info))
-    latest = manager.latest_step()
-    method_config = {name: to_dict(getattr(cfg, name)) for name in cfg.method.split("+")}
-    if latest is not None:
-        saved = manager.read_meta(latest)
-        if (saved.get("method"), saved.get("method_config")) != (cfg.method, method_config):
-            raise CheckpointError(
-                f"{manager.directory} holds checkpoints of another configuration (method "
-                f"{saved.get('method')!r}, {saved.get('method_config')}); pick another --output-dir "
-                "or pass --resume=false to start afresh there.")
-        state, _ = manager.restore(state, fingerprint=base_fp,
-                                   allow_base_mismatch=cfg.allow_base_mismatch)
-        kept = [r for r in read_metrics(metrics_path) if r["step"] <= latest] \
+    identity = run_identity(cfg, meta.get("task", ""))
+
+    def check_meta(step: int, saved: dict[str, Any]) -> None:
+        mismatch = identity_mismatch(saved, identity)
+        if mismatch is not None:
+            raise CheckpointError(f"checkpoint {manager.directory}/{step} is of another run: its "
+                                  f"{mismatch}; pass --resume=false to start afresh")
+
+    start_loss = None
+    restored = manager.restore_verified(state, fingerprint=base_fp, check_meta=check_meta,
+                                        allow_base_mismatch=cfg.allow_base_mismatch) if cfg.resume else None
+    if restored is not None:
+        state, saved, step = restored
+        start_loss = saved.get("start_loss")
+        kept = [r for r in read_metrics(metrics_path) if r["step"] <= step] \
             if metrics_path.is_file() else []
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        print(f"resumed from {manager.directory}/{latest} (step {int(state.step)} of {total_steps})")
+        print(f"resumed from {manager.directory}/{step} (step {int(state.step)} of {total_steps})")
     else:
         metrics_path.unlink(missing_ok=True)
+    meta = {"jpeft_version": jpeft.__version__, **identity, "base_model": str(cfg.model),
+            "base_fingerprint": base_fp, **meta, "total_steps": total_steps}
+    return state, Saver(cfg, manager, meta, steps_per_epoch), start_loss
 
-    meta = {
-        "jpeft_version": jpeft.__version__,
-        "method": cfg.method,
-        "method_config": method_config,
-        "base_model": str(cfg.model),
-        "base_fingerprint": base_fp,
-        **meta,
-        "total_steps": total_steps,
-    }
 
-    def on_step(state, evaluated: bool) -> None:
-        step = int(state.step)
-        due = (cfg.save_every > 0 and step % cfg.save_every == 0) or \
-              (cfg.save_every == 0 and evaluated)
-        if due:
-            epoch, batch = divmod(step, steps_per_epoch)
-            position = {"epoch": epoch, "batch": batch}
-            manager.save(step, state, {**meta, "step": step, "data_position": position})
+def train_loop(trainer: Any, state: Any, batches, evaluate, cfg: Any, total_steps: int,
+               steps_per_epoch: int, log: Any, saver: Saver | None, start_loss: float | None):
+    """:func:`jpeft.train.loop.fit` with the run's flags; a divergence names the checkpoint that
+    holds the last finite state."""
+    from jpeft.train.loop import DivergenceError, LoopConfig, fit
 
-    return state, on_step
+    loop = LoopConfig(total_steps, steps_per_epoch, cfg.log_every,
+                      cfg.eval_every or max(1, total_steps // 4), cfg.progress, cfg.divergence_factor)
+    try:
+        return fit(trainer, state, batches, evaluate, loop, log, checkpoint=saver,
+                   start_loss=start_loss)
+    except DivergenceError as err:
+        kept = saver.describe(err.last_checkpoint) if saver is not None else \
+            "Checkpointing was off (--save-every=-1)."
+        raise DivergenceError(f"{err} {kept} No adapter or summary was written.", err.step,
+                              err.last_checkpoint) from None
 
 
 def optim_config(cfg: Any):
@@ -289,14 +528,59 @@ def write_adapter(out_dir: Path, cfg: Any, transform: Any, delta: Any, params: A
                  method_configs=method_configs(transform, cfg.method), model=model, overwrite=True)
 
 
-def cli_main(prog: str, parse_args, run, argv: Sequence[str] | None) -> int:
-    """Parse, run, and turn the errors a user can fix into ``prog: error: ...`` and exit code 2."""
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The failures a user can fix (bad input, files, permissions, corrupt files, divergence)."""
     from jpeft.checkpoint import CheckpointError
+    from jpeft.train.logging import RunDirLocked
+    from jpeft.train.loop import DivergenceError
+
+    errors: list[type[BaseException]] = [CliError, ValueError, OSError, CheckpointError, RunDirLocked,
+                                         DivergenceError]
+    with contextlib.suppress(ImportError):
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    with contextlib.suppress(ImportError):
+        from datasets.exceptions import DatasetGenerationError
+
+        errors.append(DatasetGenerationError)
+    return tuple(errors)
+
+
+def one_paragraph(err: BaseException, limit: int = 1500) -> str:
+    """``err``'s message on one line (at most ``limit`` characters); the cause's message is added
+    when the error's own says little (``datasets``' wrappers)."""
+    text = " ".join(str(err).split())
+    cause = err.__cause__ or err.__context__
+    if cause is not None and len(text) < 80 and not isinstance(err, CliError):
+        text = f"{text} ({type(cause).__name__}: {' '.join(str(cause).split())})"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+@contextlib.contextmanager
+def reading(what: str, fix: str):
+    """Turn an expected failure while reading ``what`` (a file, naming its flag) into a
+    :class:`CliError` that names it and says ``fix``."""
+    try:
+        yield
+    except CliError:
+        raise
+    except expected_errors() as err:
+        raise CliError(f"{what}: {type(err).__name__}: {one_paragraph(err, 600)}. {fix}") from err
+
+
+def cli_main(prog: str, parse_args, run, argv: Sequence[str] | None) -> int:
+    """Parse and run. Every expected failure (:func:`expected_errors`) becomes one paragraph,
+    ``prog: error: ...``, and exit code 2 (3 for a divergence); anything else keeps its
+    traceback. ``JPEFT_TRACEBACK=1`` shows the traceback of expected failures too."""
+    from jpeft.train.loop import DivergenceError
 
     cfg = parse_args(argv)
     try:
         run(cfg)
-    except (FileNotFoundError, ValueError, CheckpointError, RuntimeError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+    except expected_errors() as err:
+        if os.environ.get("JPEFT_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {one_paragraph(err)}", file=sys.stderr)
+        return 3 if isinstance(err, DivergenceError) else 2
     return 0

@@ -39,10 +39,14 @@ from experiments.common import (
     CONFIG_DIR,
     build_method,
     cast_frozen_base,
+    check_base,
     check_base_dtype,
     checkpointing,
+    CliError,
     cli_main,
     finalize_state,
+    reading,
+    run_directory,
     make_config_class,
     method_layers,
     model_matmul_dtype,
@@ -50,6 +54,7 @@ from experiments.common import (
     parse_experiment_args,
     run_mesh,
     scan_flag,
+    train_loop,
     training_fields,
     write_adapter,
 )
@@ -58,19 +63,19 @@ E2E_CONFIG_DIR = CONFIG_DIR / "e2e"
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # What --full-recipe sets (the LoRA and prefix-tuning papers train 5 epochs on every pair and
 # decode every test MR with beam search).
-FULL_RECIPE = {"epochs": 5.0, "max_steps": None, "max_train_samples": None, "max_test_mrs": 0,
-               "max_eval_samples": 0, "num_beams": 5, "eval_every": 0}
+FULL_RECIPE = {"epochs": 5.0, "max_steps": None, "max_train_samples": None, "max_test_mrs": None,
+               "max_eval_samples": None, "num_beams": 5, "eval_every": None}
 
 
 def e2e_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     f = dataclasses.field
     fields = training_fields(model=DEFAULT_MODEL, batch_size=8, eval_batch_size=32, max_length=128,
                              lr=2e-4)
-    fields = [(n, t, f(default=300, metadata={"help": "train exactly this many steps (0 or none: --epochs)"}))
+    fields = [(n, t, f(default=300, metadata={"help": "train exactly this many steps (none: --epochs)"}))
               if n == "max_steps" else (n, t, fd) for n, t, fd in fields]
     return fields + [
-        ("max_eval_samples", int, f(default=256, metadata={"help": "dev pairs for the dev loss (0: all 4,672)"})),
-        ("max_test_mrs", int, f(default=100, metadata={"help": "distinct test MRs decoded and scored (0: all 630)"})),
+        ("max_eval_samples", int | None, f(default=256, metadata={"help": "dev pairs for the dev loss (none: all 4,672)"})),
+        ("max_test_mrs", int | None, f(default=100, metadata={"help": "distinct test MRs decoded and scored (none: all 630)"})),
         ("decode_split", str, f(default="test", metadata={"help": "split decoded and scored: test or dev"})),
         ("num_beams", int, f(default=1, metadata={"help": "1: greedy; N > 1: beam search"})),
         ("length_penalty", float, f(default=1.0, metadata={"help": "beam search: score / length**length_penalty"})),
@@ -100,28 +105,22 @@ def load_model(cfg: Any) -> tuple[Any, Any, Any]:
     """``(model, params, tokenizer)`` for ``cfg.model`` (folder, Hub id or GGUF file)."""
     from jpeft.models import auto_from_pretrained, auto_tokenizer
 
-    model, base = auto_from_pretrained(cfg.model, remat=cfg.remat,
-                                       matmul_dtype=model_matmul_dtype(cfg.matmul_dtype))
+    with reading(f"--model={cfg.model}", "Pass --model=FOLDER (config.json, *.safetensors and "
+                 "tokenizer files) or a .gguf file of a decoder LM; download it again if a file is "
+                 "damaged."):
+        model, base = auto_from_pretrained(cfg.model, remat=cfg.remat,
+                                           matmul_dtype=model_matmul_dtype(cfg.matmul_dtype))
+        tokenizer = auto_tokenizer(cfg.model)
     if not hasattr(model, "init_cache"):
         raise ValueError(f"--model={cfg.model} is a {type(model).__name__}; the E2E experiment needs a "
                          "decoder LM (Llama family or GPT-2)")
-    return model, base, auto_tokenizer(cfg.model)
+    check_base(cfg.model, base)
+    return model, base, tokenizer
 
 
 def run(cfg: Any) -> dict[str, Any]:
     """Train, decode and score one configuration; returns the summary (also written to disk)."""
-    import jax
-    import numpy as np
-
     from jpeft.config import to_dict
-    from jpeft.core import paths as P
-    from jpeft.data import e2e as D
-    from jpeft.data.batching import num_epoch_batches
-    from jpeft.generate import generate
-    from jpeft.nlg_metrics import e2e_scores
-    from jpeft.train.logging import MetricsLog, plot_curves, read_metrics
-    from jpeft.train.loop import LoopConfig, fit
-    from jpeft.train.trainer import Trainer, causal_lm_loss, trainable_base_paths
 
     t_start = time.perf_counter()
     build_method(cfg)  # refuse a bad method spec or config before loading anything
@@ -129,12 +128,56 @@ def run(cfg: Any) -> dict[str, Any]:
     if cfg.decode_split not in ("test", "dev", "validation"):
         raise ValueError(f"--decode-split={cfg.decode_split!r}; choose test or dev")
     out_dir = Path(cfg.output_dir or f"runs/e2e-{cfg.method}-s{cfg.seed}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    with run_directory(cfg, out_dir, "e2e"):
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        return _run(cfg, out_dir, t_start)
 
-    train_ds = D.load_e2e("train", cfg.data_dir)
-    dev_ds = D.load_e2e("validation", cfg.data_dir)
-    decode_ds = D.load_e2e(cfg.decode_split, cfg.data_dir)
+
+def load_split(split: str, data_dir: str | None) -> Any:
+    """One E2E split; a file that is empty, not UTF-8, without the ``mr``/``ref`` header or
+    without rows is a message naming it."""
+    from jpeft.data import e2e as D
+
+    folder = Path(data_dir) if data_dir is not None else D.default_data_dir()
+    path = folder / D.FILES[D._split(split)]
+    fix = ("--data-dir must hold the E2E CSV files (UTF-8, header mr,ref) from "
+           "tuetschek/e2e-dataset")
+    if path.is_file():
+        raw = path.read_bytes()
+        if not raw.strip():
+            raise CliError(f"{path} is empty; {fix}")
+        try:
+            header = raw.decode("utf-8").split("\n", 1)[0]
+        except UnicodeDecodeError as err:
+            line = raw[:err.start].count(b"\n") + 1
+            raise CliError(f"{path} is not UTF-8 text (byte {raw[err.start]:#04x} on line {line}); "
+                           f"{fix}") from None
+        columns = [c.strip().strip('"') for c in header.split(",")]
+        if columns[:2] != ["mr", "ref"]:
+            raise CliError(f"{path}: the header (line 1) is {header[:80]!r}, not 'mr,ref'; {fix}")
+    with reading(str(path), fix):
+        dataset = D.load_e2e(split, data_dir)
+    if len(dataset) == 0:
+        raise CliError(f"{path} holds no examples; {fix}")
+    return dataset
+
+
+def _run(cfg: Any, out_dir: Path, t_start: float) -> dict[str, Any]:
+    """The run proper, inside the owned run directory."""
+    import jax
+    import numpy as np
+
+    from jpeft.core import paths as P
+    from jpeft.data import e2e as D
+    from jpeft.data.batching import num_epoch_batches
+    from jpeft.generate import generate
+    from jpeft.nlg_metrics import e2e_scores
+    from jpeft.train.logging import MetricsLog, plot_curves, read_metrics
+    from jpeft.train.trainer import Trainer, causal_lm_loss, trainable_base_paths
+
+    train_ds = load_split("train", cfg.data_dir)
+    dev_ds = load_split("validation", cfg.data_dir)
+    decode_ds = load_split(cfg.decode_split, cfg.data_dir)
     if cfg.max_train_samples:
         train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
     if cfg.max_eval_samples:
@@ -181,18 +224,16 @@ def run(cfg: Any) -> dict[str, Any]:
             count += tokens
         return {"dev_loss": total / max(count, 1.0)}
 
-    eval_every = cfg.eval_every or max(1, total_steps // 4)
     metrics_path = out_dir / "metrics.jsonl"
-    state, save = checkpointing(cfg, out_dir, trainer, state, base, total_steps, steps_per_epoch,
-                                metrics_path, {"task": "e2e"})
+    state, saver, start_loss = checkpointing(cfg, out_dir, trainer, state, base, total_steps,
+                                             steps_per_epoch, metrics_path, {"task": "e2e"})
     first_eval = evaluate(trainer, state) if int(state.step) == 0 else None
     with MetricsLog(metrics_path) as log:
         if first_eval is not None:
             log.write({"split": "dev", "step": 0, **first_eval})
             print(f"step 0: dev_loss={first_eval['dev_loss']:.4f}")
-        state, final, _ = fit(trainer, state, batches, evaluate,
-                              LoopConfig(total_steps, steps_per_epoch, cfg.log_every, eval_every,
-                                         cfg.progress), log, on_step=save)
+        state, final, _ = train_loop(trainer, state, batches, evaluate, cfg, total_steps,
+                                     steps_per_epoch, log, saver, start_loss)
     state, kept, changed = finalize_state(transform, state)
     if changed:
         final = evaluate(trainer, state)
@@ -259,8 +300,8 @@ def run(cfg: Any) -> dict[str, Any]:
         "matmul_dtype": cfg.matmul_dtype,
         "jax_backend": jax.default_backend(),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     write_adapter(out_dir, cfg, transform, kept, params, model, base)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[summary] e2e {cfg.method}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items())
           + f" | dev_loss {final['dev_loss']:.4f} | trainable {counts.trainable:,d} ({counts.percent:.2f}%)"
           f" | {summary['steps']} steps | decode {summary['decode']['tokens_per_s']} tok/s | wall "

@@ -31,8 +31,13 @@ from experiments.common import (  # noqa: F401  (cast_frozen_base is part of thi
     cast_frozen_base,
     check_base_dtype,
     checkpointing,
+    CliError,
+    check_base,
+    check_max_length,
     cli_main,
     finalize_state,
+    reading,
+    run_directory,
     make_config_class,
     method_configs,
     method_layers,
@@ -41,6 +46,7 @@ from experiments.common import (  # noqa: F401  (cast_frozen_base is part of thi
     parse_experiment_args,
     run_mesh,
     scan_flag,
+    train_loop,
     training_fields,
     write_adapter,
 )
@@ -56,6 +62,7 @@ def glue_fields() -> list[tuple[str, Any, dataclasses.Field]]:
         ("coordinator_address", str | None, f(default=None, metadata={"help": "multi-process: host:port of process 0 (else JPEFT_COORDINATOR / JAX_COORDINATOR_ADDRESS; none: single process)"})),
         ("num_processes", int | None, f(default=None, metadata={"help": "multi-process: number of processes (else JPEFT_NUM_PROCESSES)"})),
         ("process_id", int | None, f(default=None, metadata={"help": "multi-process: this process's id in [0, num_processes) (else JPEFT_PROCESS_ID)"})),
+        ("coordinator_timeout", int, f(default=300, metadata={"help": "multi-process: seconds to wait for all processes to join before giving up"})),
         ("regression_bias", str, f(default="label_mean", metadata={"help": "regression tasks (STS-B): the head's output bias starts at the training labels' mean ('label_mean') or at 0 ('zero')"})),
     ]
 
@@ -122,20 +129,13 @@ def run(cfg: Any) -> dict[str, Any]:
     from jpeft.train import distributed
 
     # Before anything touches a device: join the other processes (no-op for a single one).
-    distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
+                           timeout_s=cfg.coordinator_timeout)
 
     import jax
-    import jax.numpy as jnp
-    from transformers import AutoTokenizer
 
     from jpeft.config import to_dict
     from jpeft.data import glue as G
-    from jpeft.metrics import glue_metrics, majority_baseline
-    from jpeft.models import bert
-    from jpeft.models.hub import resolve_model_dir
-    from jpeft.train.logging import MetricsLog, plot_curves, read_metrics
-    from jpeft.train.loop import LoopConfig, fit, predict
-    from jpeft.train.trainer import Trainer, classification_loss, regression_loss
 
     t_start = time.perf_counter()
     task = G.get_task(cfg.task)
@@ -147,22 +147,88 @@ def run(cfg: Any) -> dict[str, Any]:
     multi = jax.process_count() > 1
     if multi and jax.process_index() > 0:
         out_dir = out_dir / f"process-{jax.process_index()}"  # process 0 owns the run directory
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    with run_directory(cfg, out_dir, cfg.task):
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        return _run(cfg, task, out_dir, multi, t_start)
 
-    train_ds = G.load_glue(task, "train", cfg.data_dir)
-    dev_ds = G.load_glue(task, "validation", cfg.data_dir)
+
+def load_split(task: Any, split: str, data_dir: str | None) -> Any:
+    """One split, its local file checked first (:func:`check_glue_file`): a bad file is a
+    message naming it and the problem."""
+    from jpeft.data import glue as G
+
+    root = Path(data_dir) if data_dir is not None else G.default_data_dir()
+    if data_dir is None and not root.is_dir():
+        return G.load_glue(task, split, data_dir)  # the Hub
+    path = G.local_file(task, split, root)
+    if path.is_file():
+        check_glue_file(task, path)
+    with reading(str(path), "Pass --data-dir=FOLDER holding the task's files in the original GLUE "
+                            "TSV layout."):
+        dataset = G.load_glue(task, split, data_dir)
+    if len(dataset) == 0:
+        raise CliError(f"{path} holds no examples; --data-dir must hold the task's files in the "
+                       "original GLUE TSV layout")
+    return dataset
+
+
+def check_glue_file(task: Any, path: Path) -> None:
+    """Refuse an empty file, one that is not UTF-8, or one whose header lacks the task's columns."""
+    raw = path.read_bytes()
+    fix = "--data-dir must hold the task's files in the original GLUE TSV layout (tab separated, UTF-8)"
+    if not raw.strip():
+        raise CliError(f"{path} is empty; {fix}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise CliError(f"{path} is not UTF-8 text (byte {raw[err.start]:#04x} on line {line}); {fix}") from None
+    first = text.split("\n", 1)[0].rstrip("\r").split("\t")
+    if task.columns is not None:  # no header row (CoLA): a fixed number of columns
+        if len(first) != len(task.columns):
+            raise CliError(f"{path}: line 1 has {len(first)} tab-separated columns, {task.name} files have "
+                           f"{len(task.columns)} ({', '.join(task.columns)}) and no header; {fix}")
+        return
+    missing = [c for c in (*task.local_text, task.local_label) if c not in first]
+    if missing:
+        raise CliError(f"{path}: the header (line 1) lacks the column(s) {missing}; found {first[:8]}. "
+                       f"{task.name} files need {[*task.local_text, task.local_label]}; {fix}")
+
+
+def _run(cfg: Any, task: Any, out_dir: Path, multi: bool, t_start: float) -> dict[str, Any]:
+    """The run proper, inside the owned run directory."""
+    import jax
+    import jax.numpy as jnp
+    from transformers import AutoTokenizer
+
+    from jpeft.data import glue as G
+    from jpeft.metrics import glue_metrics, majority_baseline
+    from jpeft.models import bert
+    from jpeft.models.hub import resolve_model_dir
+    from jpeft.train import distributed
+    from jpeft.train.logging import MetricsLog, plot_curves, read_metrics
+    from jpeft.train.loop import predict
+    from jpeft.train.trainer import Trainer, classification_loss, regression_loss
+
+    train_ds = load_split(task, "train", cfg.data_dir)
+    dev_ds = load_split(task, "validation", cfg.data_dir)
     if cfg.max_train_samples:
         train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
-    model_dir = resolve_model_dir(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    fix = ("Pass --model=FOLDER holding a BERT-family config.json, model.safetensors and tokenizer "
+           "files (download it again if a file is damaged).")
+    with reading(f"--model={cfg.model}", fix):
+        model_dir = resolve_model_dir(cfg.model)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model, base = bert.from_pretrained(model_dir, num_labels=task.num_labels, seed=cfg.seed,
+                                           remat=cfg.remat,
+                                           matmul_dtype=model_matmul_dtype(cfg.matmul_dtype))
+    check_base(cfg.model, base)
+    check_max_length(cfg.max_length, model.config)
     transform = build_method(cfg, tokenizer)
     train = G.encode(train_ds, tokenizer, task, cfg.max_length)
     dev = G.encode(dev_ds, tokenizer, task, cfg.max_length)
     buckets = tuple(cfg.buckets) or G.default_buckets(cfg.max_length)
 
-    model, base = bert.from_pretrained(model_dir, num_labels=task.num_labels, seed=cfg.seed,
-                                       remat=cfg.remat, matmul_dtype=model_matmul_dtype(cfg.matmul_dtype))
     if task.is_regression and cfg.regression_bias == "label_mean":
         base = start_regression_head_at(base, model.info().head_patterns, float(train.labels.mean()))
     if cfg.base_dtype != "float32":
@@ -209,14 +275,12 @@ def run(cfg: Any) -> dict[str, Any]:
         outputs, labels = (_predict_multihost if multi else predict)(trainer, state, dev_batches)
         return glue_metrics(task, outputs, labels)
 
-    eval_every = cfg.eval_every or max(1, total_steps // 4)
     metrics_path = out_dir / "metrics.jsonl"
-    state, save = checkpointing(cfg, out_dir, trainer, state, base, total_steps,
-                                steps_per_epoch, metrics_path, {"task": cfg.task})
+    state, saver, start_loss = checkpointing(cfg, out_dir, trainer, state, base, total_steps,
+                                             steps_per_epoch, metrics_path, {"task": cfg.task})
     with MetricsLog(metrics_path) as log:
-        state, final, _ = fit(trainer, state, batches, evaluate,
-                              LoopConfig(total_steps, steps_per_epoch, cfg.log_every, eval_every,
-                                         cfg.progress), log, on_step=save)
+        state, final, _ = train_loop(trainer, state, batches, evaluate, cfg, total_steps,
+                                     steps_per_epoch, log, saver, start_loss)
     # What is kept after training (prefix tuning without its MLP, diff pruning's sparse delta) is
     # what the final metrics describe.
     state, kept, changed = finalize_state(transform, state)
@@ -250,9 +314,9 @@ def run(cfg: Any) -> dict[str, Any]:
         "process_count": jax.process_count(),
         "jax_backend": jax.default_backend(),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if not multi:  # the inference export: finalized delta + trained head, loadable in one call
         write_adapter(out_dir, cfg, transform, kept, trainer.params(state), model, base)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     metric_text = ", ".join(f"{k}={v:.4f}" for k, v in final.items())
     print(f"[summary] {task.name} {cfg.method}: {metric_text} | trainable {counts.trainable:,d} "
           f"({counts.percent:.2f}%) of {counts.total:,d} | {summary['steps']} steps | "

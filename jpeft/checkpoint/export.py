@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.checkpoint.hf_peft import _atomic_dir
+from jpeft.checkpoint.hf_peft import _atomic_dir, read_json_object
 from jpeft.checkpoint.orbax_ckpt import CheckpointError, fingerprint
 from jpeft.core import paths as P
 from jpeft.core.transform import Transform, merge
@@ -220,6 +220,7 @@ def save_adapter(path: str | os.PathLike[str], transform: Transform, delta: Any,
     trained = list(dict.fromkeys([*heads, *transform.trainable_base(params)]))
     for p in trained:
         tensors[f"params/{p}"] = flat[p]
+    _check_finite(str(path), tensors, saving=True)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -245,16 +246,96 @@ def save_adapter(path: str | os.PathLike[str], transform: Transform, delta: Any,
     return Path(path)
 
 
+def _bad(file: Path, field: str, why: str) -> CheckpointError:
+    return CheckpointError(f"{file}: field {field!r} {why}; re-export the adapter with save_adapter")
+
+
 def read_adapter_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``adapter.json`` of a jpeft adapter folder."""
+    """The ``adapter.json`` of a jpeft adapter folder, its fields' types checked: a syntax error,
+    a document that is not an object or a wrongly typed field names the file and the field."""
     file = Path(path) / ADAPTER_JSON
     if not file.is_file():
         raise CheckpointError(f"{path} has no {ADAPTER_JSON}; is it a jpeft adapter (save_adapter)?")
-    meta = json.loads(file.read_text())
+    try:
+        meta = read_json_object(file)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{file}: format {meta.get('format')!r} v{meta.get('format_version')}, "
                               f"expected {FORMAT!r} v{FORMAT_VERSION}")
+    for field in ("method_spec", "base_fingerprint"):
+        if not isinstance(meta.get(field), str):
+            raise _bad(file, field, f"is {meta.get(field)!r}, not a string")
+    configs = meta.get("method_configs", {})
+    if not isinstance(configs, dict) or not all(isinstance(v, dict) for v in configs.values()):
+        raise _bad(file, "method_configs", "is not an object of objects (one per method)")
+    if not isinstance(meta.get("params", []), list) or not all(isinstance(p, str) for p in meta.get("params", [])):
+        raise _bad(file, "params", "is not a list of parameter paths")
+
+    def check_skeleton(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                check_skeleton(value, f"{where}.{key}")
+        elif not isinstance(node, str):
+            raise _bad(file, where, f"is {node!r}; delta entries are tensor names")
+
+    if not isinstance(meta.get("delta"), dict):
+        raise _bad(file, "delta", f"is {type(meta.get('delta')).__name__}, not an object")
+    check_skeleton(meta["delta"], "delta")
     return meta
+
+
+def _expected_deltas(transform: Transform, model: Any, base: P.Params) -> list[dict[str, Any]]:
+    """The flat ``{path: ShapeDtypeStruct}`` of the delta this transform makes on this base, as
+    trained and as finalized (those that can be computed abstractly)."""
+    out = []
+    info = model.info()
+    for make in (lambda key: transform.init(key, base, info),
+                 lambda key: transform.finalize(transform.init(key, base, info))):
+        try:
+            shapes = P.flatten(jax.eval_shape(make, jax.random.key(0)))
+        except Exception:  # noqa: BLE001 (a method whose init needs more than shapes: not checked)
+            continue
+        if shapes not in out:
+            out.append(shapes)
+    return out
+
+
+def _check_delta(label: str, delta: Any, expected: list[dict[str, Any]], configs: str) -> None:
+    """Refuse a delta whose keys, shapes or dtypes differ from every expected structure."""
+    if not expected:
+        return
+    flat = P.flatten(delta)
+    best = min(expected, key=lambda e: len(set(e) ^ set(flat)))
+    missing, unexpected = sorted(set(best) - set(flat)), sorted(set(flat) - set(best))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {['delta/' + k for k in missing[:6]]}"
+                        f"{f' and {len(missing) - 6} more' if len(missing) > 6 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors {['delta/' + k for k in unexpected[:6]]}"
+                        f"{f' and {len(unexpected) - 6} more' if len(unexpected) > 6 else ''}")
+    for key in sorted(set(best) & set(flat)):
+        got, want = flat[key], best[key]
+        if tuple(got.shape) != tuple(want.shape) or jnp.dtype(got.dtype) != jnp.dtype(want.dtype):
+            problems.append(f"delta/{key} is {tuple(got.shape)} {jnp.dtype(got.dtype).name}, the method "
+                            f"expects {tuple(want.shape)} {jnp.dtype(want.dtype).name}")
+            if len(problems) >= 4:
+                break
+    if problems:
+        raise CheckpointError(f"adapter {label} does not fit its method on this base ({configs}): "
+                              + "; ".join(problems) + ". Is the config's rank (or size) the one "
+                              "the tensors were trained with, and the base the one it was made on?")
+
+
+def _check_finite(label: str, tensors: Mapping[str, Any], saving: bool = False) -> None:
+    bad = [k for k, v in tensors.items()
+           if jnp.issubdtype(jnp.asarray(v).dtype, jnp.inexact) and not bool(jnp.isfinite(v).all())]
+    if bad:
+        what = ("is not written: the state is non-finite (a diverged run)" if saving else
+                "is refused: it was saved from a diverged run or damaged")
+        raise CheckpointError(f"adapter {label} holds non-finite values (NaN or inf) in "
+                              f"{sorted(bad)[:6]} and {what}")
 
 
 def load_adapter(path: str | os.PathLike[str], model: Any, base: P.Params, *,
@@ -263,14 +344,17 @@ def load_adapter(path: str | os.PathLike[str], model: Any, base: P.Params, *,
 
     ``params`` is ``base`` with the saved trained leaves put in. A base whose fingerprint differs
     from the saved one raises :class:`~jpeft.checkpoint.CheckpointError` (naming both) unless
-    ``allow_base_mismatch``.
+    ``allow_base_mismatch``. So does an adapter whose ``adapter.json`` is malformed, whose tensors
+    are missing, unexpected, non-finite, or of another shape or dtype than the method (with its
+    saved config, e.g. LoRA's rank) makes on this base, or which lacks a trained leaf.
     """
     from safetensors.flax import load_file
 
-    from jpeft.config import from_dict
+    from jpeft.config import ConfigError, from_dict
     from jpeft.methods import REGISTRY, build, parse_spec
 
     meta = read_adapter_meta(path)
+    file = Path(path) / ADAPTER_JSON
     found = base_fingerprint(model, base)
     saved = meta.get("base_fingerprint")
     if saved != found and not allow_base_mismatch:
@@ -278,23 +362,50 @@ def load_adapter(path: str | os.PathLike[str], model: Any, base: P.Params, *,
             f"adapter {path} was made on another base model ({meta.get('base_model')!r}): expected "
             f"base fingerprint {saved}, found {found}. Load the base it was trained on, or pass "
             "allow_base_mismatch=True to load anyway.")
-    names = parse_spec(meta["method_spec"])
-    configs = {name: from_dict(REGISTRY[name].config_cls, meta["method_configs"].get(name, {}))
-               for name in names}
+    try:
+        names = parse_spec(meta["method_spec"])
+    except ValueError as err:
+        raise _bad(file, "method_spec", f"is not a method spec ({err})") from None
+    configs = {}
+    for name in names:
+        try:
+            configs[name] = from_dict(REGISTRY[name].config_cls, meta["method_configs"].get(name, {}))
+        except (ConfigError, ValueError, TypeError) as err:
+            raise _bad(file, f"method_configs.{name}", f"is invalid ({err})") from None
     transform = build(meta["method_spec"], configs)
-    tensors = load_file(str(Path(path) / ADAPTER_TENSORS))
+    weights = Path(path) / ADAPTER_TENSORS
+    try:
+        tensors = load_file(str(weights))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {ADAPTER_TENSORS}") from None
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own SafetensorError)
+        raise CheckpointError(f"{weights} cannot be read ({type(err).__name__}: {err}); the file is "
+                              "truncated or damaged") from None
+    referenced = set(P.flatten(meta["delta"]).values()) | {f"params/{p}" for p in meta["params"]}
+    missing, unexpected = sorted(referenced - set(tensors)), sorted(set(tensors) - referenced)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match {file}: missing tensors {missing[:6]}, "
+                              f"unexpected tensors {unexpected[:6]}")
+    _check_finite(str(path), tensors)
     delta = _rebuild(meta["delta"], tensors)
+    described = ", ".join(f"{n}: {meta['method_configs'].get(n, {})}" for n in names)
+    _check_delta(str(path), delta, _expected_deltas(transform, model, base), described)
     flat = P.flatten(base)
+    trained = set(head_paths(model, base)) | set(transform.trainable_base(base))
+    lacking = sorted(trained - set(meta["params"]))
+    if lacking:
+        raise CheckpointError(f"adapter {path} lacks trained leaves {lacking[:6]} that {meta['method_spec']!r} "
+                              "trains on this model (another num_labels or architecture?)")
     for p in meta["params"]:
         key = f"params/{p}"
-        if key not in tensors:
-            raise CheckpointError(f"{ADAPTER_TENSORS} lacks the tensor {key!r}")
         if p not in flat:
             raise CheckpointError(f"adapter leaf {p!r} is not a parameter of this model")
         value, old = tensors[key], flat[p]
         if tuple(value.shape) != tuple(np.shape(old)):
             raise CheckpointError(f"adapter leaf {p!r} has shape {tuple(value.shape)}, the model's "
                                   f"{tuple(np.shape(old))} (another num_labels or architecture?)")
+        if jnp.issubdtype(value.dtype, jnp.inexact) != jnp.issubdtype(jnp.asarray(old).dtype, jnp.inexact):
+            raise CheckpointError(f"adapter leaf {p!r} is {value.dtype}, the model's is {jnp.asarray(old).dtype}")
         flat[p] = jnp.asarray(value, dtype=jnp.asarray(old).dtype)
     return transform, delta, P.unflatten(flat)
 

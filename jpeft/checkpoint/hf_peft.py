@@ -317,7 +317,7 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     cfg_file = folder / ADAPTER_CONFIG
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{folder} has no {ADAPTER_CONFIG}; is it a PEFT adapter folder?")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = _read_config(cfg_file)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (folder / PICKLE_WEIGHTS).is_file():
@@ -329,10 +329,77 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     from safetensors import safe_open
 
     tensors: dict[str, np.ndarray] = {}
-    with safe_open(str(weights), framework="flax") as f:  # flax: bf16/fp16 readable without torch
-        for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-            tensors[key] = np.asarray(jax.device_get(f.get_tensor(key)), dtype=np.float32)
+    try:
+        with safe_open(str(weights), framework="flax") as f:  # flax: bf16/fp16 readable without torch
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                tensors[key] = np.asarray(jax.device_get(f.get_tensor(key)), dtype=np.float32)
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own SafetensorError)
+        raise ValueError(f"{weights} cannot be read ({type(err).__name__}: {err}); the file is "
+                         "truncated or damaged") from None
+    bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
+    if bad:
+        raise ValueError(f"{weights} holds non-finite values (NaN or inf) in {bad[:6]}; the adapter "
+                         "is refused")
     return cfg, tensors
+
+
+# The types of the config fields the loaders read (others are refused or ignored by name).
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "peft_type": ((str,), "a string"),
+    "task_type": ((str, type(None)), "a string or null"),
+    "r": ((int,), "an integer"),
+    "lora_alpha": ((int, float), "a number"),
+    "lora_dropout": ((int, float, type(None)), "a number"),
+    "use_rslora": ((bool,), "true or false"),
+    "bias": ((str,), "a string"),
+    "target_modules": ((list, str, type(None)), "a list of names or a regex string"),
+    "exclude_modules": ((list, str, type(None)), "a list of names or a regex string"),
+    "feedforward_modules": ((list, str, type(None)), "a list of names or a regex string"),
+    "rank_pattern": ((dict, type(None)), "an object"),
+    "alpha_pattern": ((dict, type(None)), "an object"),
+    "layers_to_transform": ((int, list, type(None)), "an integer or a list of integers"),
+    "num_virtual_tokens": ((int,), "an integer"),
+    "token_dim": ((int, type(None)), "an integer"),
+    "num_layers": ((int, type(None)), "an integer"),
+    "num_attention_heads": ((int, type(None)), "an integer"),
+    "num_transformer_submodules": ((int, type(None)), "an integer"),
+    "encoder_hidden_size": ((int, type(None)), "an integer"),
+    "prefix_projection": ((bool,), "true or false"),
+}
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; a ``ValueError`` names the file and the problem
+    (not UTF-8, a syntax error with its line and column, another JSON type)."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err.msg} at line {err.lineno}, column "
+                         f"{err.colno}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict: syntax errors, a document that is not an object and
+    wrongly typed or out-of-range fields name the file and the field."""
+    cfg = read_json_object(file)
+    for field, (types, text) in _FIELD_TYPES.items():
+        if field not in cfg:
+            continue
+        value = cfg[field]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ValueError(f"{file}: field {field!r} is {value!r}; it must be {text}")
+    for field in ("r", "num_virtual_tokens"):
+        if field in cfg and cfg[field] < 1:
+            raise ValueError(f"{file}: field {field!r} is {cfg[field]!r}; it must be an integer >= 1")
+    dropout = cfg.get("lora_dropout")
+    if dropout is not None and not 0 <= dropout < 1:
+        raise ValueError(f"{file}: field 'lora_dropout' is {dropout!r}; it must be in [0, 1)")
+    return cfg
 
 
 def _weight_leaf(flat: Mapping[str, Any], module: str) -> str | None:
@@ -649,6 +716,9 @@ def _atomic_dir(path: Path, write: Callable[[Path], None], overwrite: bool) -> N
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would stay on the renamed folder
     try:
         write(tmp)
         old = None

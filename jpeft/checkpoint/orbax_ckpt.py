@@ -255,6 +255,7 @@ class CheckpointManager:
             return None
         failed: list[StepFailed] = []
         for step in steps:
+            verified = False
             try:
                 verified = self.verify_files(step)
                 meta = self.read_meta(step)
@@ -263,6 +264,12 @@ class CheckpointManager:
                 state, meta = self.restore(like, fingerprint=fingerprint, step=step,
                                            allow_base_mismatch=allow_base_mismatch, _meta=meta)
             except StepFailed as err:
+                if verified and err.what == "state" and "mismatch" in err.why.lower():
+                    raise CheckpointError(
+                        f"checkpoint step {step} in {self.directory} is intact but holds a training "
+                        "state of another structure (other optimizer settings, e.g. --clip-norm, "
+                        "--group-lr, or another method version): resume with the settings it was "
+                        "written with, or pass --resume=false to start afresh.") from None
                 failed.append(err)
                 continue
             if not verified:

@@ -25,6 +25,9 @@ jax 0.10, set explicitly here so that an older default cannot silently fail).
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -77,12 +80,15 @@ def settings(coordinator_address: str | None = None, num_processes: int | None =
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
-               *, timeout_s: int = 300) -> bool:
+               *, timeout_s: int = 300, report: Any = None) -> bool:
     """Connect this process to the others (``jax.distributed.initialize``).
 
     Must run before anything touches a device (``jax.devices()``, the first array). Returns
     ``True`` if the process joined a multi-process run, ``False`` for the single-process no-op
     (nothing configured, or ``num_processes == 1``). Calling it again is a no-op.
+
+    Says on stderr (``report``) whom it waits for; when the processes have not all joined within
+    ``timeout_s`` seconds it raises :class:`TimeoutError` naming the coordinator and what to check.
     """
     global _initialized_here
     if _initialized_here or jax.distributed.is_initialized():
@@ -93,18 +99,56 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     explicit = any(v is not None for v in s.values())
     if not explicit and not _auto_cluster():
         return False
-    if explicit and s["coordinator_address"] is not None and (
-            s["num_processes"] is None or s["process_id"] is None) and not _auto_cluster():
+    if explicit and (s["coordinator_address"] is None or s["num_processes"] is None
+                     or s["process_id"] is None) and not _auto_cluster():
         raise ValueError(
-            "multi-process training needs the coordinator address, the number of processes and "
-            f"this process's id; got {s} (set --num-processes/--process-id or "
-            "JPEFT_NUM_PROCESSES/JPEFT_PROCESS_ID)")
+            "multi-process training needs the coordinator address (host:port of process 0), the "
+            "number of processes and this process's id; got "
+            f"coordinator={s['coordinator_address']}, processes={s['num_processes']}, "
+            f"id={s['process_id']} (set --coordinator-address/--num-processes/--process-id or "
+            "JPEFT_COORDINATOR/JPEFT_NUM_PROCESSES/JPEFT_PROCESS_ID)")
+    if timeout_s < 1:
+        raise ValueError(f"timeout_s={timeout_s} is out of range: give an integer >= 1")
     if s["process_id"] is not None and s["num_processes"] is not None and not (
             0 <= s["process_id"] < s["num_processes"]):
         raise ValueError(f"process id {s['process_id']} is outside [0, {s['num_processes']})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**({k: v for k, v in s.items() if v is not None} if explicit else {}),
-                               initialization_timeout=timeout_s)
+    say = report or (lambda text: print(text, file=sys.stderr, flush=True))
+    if explicit:
+        role = ("the coordinator: waiting for the other "
+                f"{s['num_processes'] - 1} process(es) to connect to {s['coordinator_address']}"
+                if s["process_id"] == 0 else
+                f"connecting to the coordinator (process 0) at {s['coordinator_address']}")
+        say(f"process {s['process_id']} of {s['num_processes']}: {role} (up to {timeout_s} s)")
+    else:
+        say(f"joining the cluster's processes that JAX detects (up to {timeout_s} s)")
+    failure = (f"multi-process start-up failed: not all {s['num_processes'] or 'detected'} processes "
+               f"joined at coordinator {s['coordinator_address'] or '(auto-detected)'} within "
+               f"{timeout_s} s. Start every process (ids 0 to N-1) with the same "
+               "--coordinator-address and --num-processes, check that process 0's host and port are "
+               "reachable from here, or raise the timeout (--coordinator-timeout).")
+    # JAX aborts the whole process (a C++ check failure and a stack dump) when its deadline
+    # passes: a watchdog says what went wrong and exits first.
+    done = threading.Event()
+
+    def watchdog() -> None:
+        start = time.monotonic()
+        while not done.wait(min(30.0, max(timeout_s - (time.monotonic() - start), 0.0))):
+            waited = time.monotonic() - start
+            if waited >= timeout_s:
+                say(f"error: {failure}")
+                os._exit(2)
+            say(f"still waiting for the other processes ({waited:.0f} s of {timeout_s} s)")
+
+    threading.Thread(target=watchdog, daemon=True, name="jpeft-distributed-watchdog").start()
+    try:
+        jax.distributed.initialize(**({k: v for k, v in s.items() if v is not None} if explicit else {}),
+                                   initialization_timeout=timeout_s + 30)
+    except Exception as err:  # JAX raises XlaRuntimeError (UNAVAILABLE ...) for some failures
+        text = " ".join(str(err).split())[:300]
+        raise TimeoutError(f"{failure} ({type(err).__name__}: {text})") from None
+    finally:
+        done.set()
     _initialized_here = True
     return True
 

@@ -81,3 +81,122 @@ def plot_curves(records: list[dict[str, Any]], out_png: str | os.PathLike[str], 
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Run-directory ownership
+
+LOCK_NAME = ".jpeft.lock"
+
+
+class RunDirLocked(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of ``pid`` in clock ticks since boot (Linux ``/proc``), else ``None``: with
+    the pid it identifies a process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    recorded = holder.get("start")
+    return recorded is None or _process_start(pid) in (None, recorded)
+
+
+class RunDirLock:
+    """``<directory>/.jpeft.lock`` (pid, host, start time, command) for the lifetime of a run.
+
+    ``acquire`` creates it atomically; a lock held by a live process on this host, or by any
+    process on another host (whose liveness cannot be checked here), raises
+    :class:`RunDirLocked` naming the holder. A lock whose process is gone (killed, crashed) is
+    taken over with a note through ``report``. Use as a context manager.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], report: Any = print) -> None:
+        self.path = Path(directory) / LOCK_NAME
+        self.report = report
+        self.held = False
+
+    def _record(self) -> dict[str, Any]:
+        import datetime
+        import socket
+        import sys
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+                "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "command": sys.argv}
+
+    def acquire(self) -> RunDirLock:
+        import socket
+
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(self._record(), fh)
+                self.held = True
+                return self
+            try:
+                holder = json.loads(self.path.read_text() or "{}")
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            except (OSError, ValueError):
+                holder = {}
+            if not isinstance(holder, dict):
+                holder = {}
+            who = (f"process {holder.get('pid')} on host {holder.get('host')!r} (since "
+                   f"{holder.get('since')}, command: {' '.join(map(str, holder.get('command') or []))[:200]})"
+                   if holder else "an unreadable lock file")
+            if holder.get("host") not in (None, socket.gethostname()):
+                raise RunDirLocked(
+                    f"{self.path.parent} is in use by {who}. Two runs in one folder would overwrite "
+                    "each other's checkpoints, metrics and adapter: choose another --output-dir, or, "
+                    f"if that run is gone, delete {self.path}.")
+            if holder and _alive(holder):
+                raise RunDirLocked(
+                    f"{self.path.parent} is in use by {who}. Two runs in one folder would overwrite "
+                    "each other's checkpoints, metrics and adapter: wait for it to finish or choose "
+                    "another --output-dir.")
+            stale = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+            try:
+                os.replace(self.path, stale)  # one process wins the take-over
+            except FileNotFoundError:
+                continue
+            stale.unlink(missing_ok=True)
+            self.report(f"note: took over the lock of {self.path.parent} from {who}, which is no "
+                        "longer running")
+        raise RunDirLocked(f"could not take the lock {self.path}: other processes keep taking it")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        try:
+            holder = json.loads(self.path.read_text())
+            if holder.get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+        self.held = False
+
+    def __enter__(self) -> RunDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

@@ -12,6 +12,8 @@ learning-rate multiplier unless it has its own, and is not decayed unless
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -20,6 +22,31 @@ import optax
 
 HEAD = "head"
 NO_DECAY = "no_decay"
+
+
+def range_text(low: float, high: float, low_in: bool, high_in: bool, integer: bool) -> str:
+    """``"an integer >= 1"``, ``"a finite number in [0, 1)"`` ..."""
+    kind = "an integer" if integer else "a finite number"
+    lo, hi = (str(int(x)) if float(x).is_integer() else f"{x:g}" for x in (low, high))
+    if math.isinf(low) and math.isinf(high):
+        return kind
+    if math.isinf(high):
+        return f"{kind} {'>=' if low_in else '>'} {lo}"
+    if math.isinf(low):
+        return f"{kind} {'<=' if high_in else '<'} {hi}"
+    return f"{kind} in {'[' if low_in else '('}{lo}, {hi}{']' if high_in else ')'}"
+
+
+def check_number(flag: str, value: Any, low: float, high: float, low_in: bool, high_in: bool,
+                 integer: bool, note: str = "") -> None:
+    """Raise ``ValueError`` naming ``flag``, its value and the allowed range unless ``value`` is in it."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and (not integer or float(value).is_integer()) \
+        and (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
+    if not ok:
+        extra = f" ({note})" if note else ""
+        raise ValueError(f"{flag}={value!r} is out of range: give "
+                         f"{range_text(low, high, low_in, high_in, integer)}{extra}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +71,17 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        inf = math.inf
+        check_number("lr", self.lr, 0, inf, False, False, False)
+        check_number("weight_decay", self.weight_decay, 0, inf, True, False, False)
+        check_number("warmup_ratio", self.warmup_ratio, 0, 1, True, False, False)
+        check_number("clip_norm", self.clip_norm, 0, inf, True, False, False, "0: no clipping")
+        check_number("b1", self.b1, 0, 1, True, False, False)
+        check_number("b2", self.b2, 0, 1, True, False, False)
+        check_number("eps", self.eps, 0, inf, False, False, False)
+        for name, groups in (("group_lr", self.group_lr), ("group_weight_decay", self.group_weight_decay)):
+            for group, value in dict(groups).items():
+                check_number(f"{name}[{group!r}]", value, 0, inf, True, False, False)
 
 
 def learning_rate_schedule(config: OptimConfig, total_steps: int,

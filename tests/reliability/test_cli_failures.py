@@ -1,0 +1,286 @@
+"""The issue's bad inputs and injected faults against ``python -m experiments.glue``, on a tiny
+model and tiny data: each is a clear refusal (exit 2, one paragraph naming the flag or file, no
+traceback), a divergence stop (exit 3) or a recovery. Nothing may end silently wrong or lose
+files, and no expected failure may print a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import glue as E
+from tests.reliability.tiny_cli import glue_args, tiny_glue_dir, tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny model and data, a persistent compilation cache, and one finished 4-step run
+    (checkpoints at steps 2 and 4) that tests copy."""
+    import jax
+
+    root = tmp_path_factory.mktemp("cli")
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(root / "jax-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    model, data = tiny_model_dir(root), tiny_glue_dir(root)
+    done = root / "done"
+    assert E.main(glue_args(model, data, done, "--save-every=2")) == 0
+    yield {"root": root, "model": model, "data": data, "done": done}
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def refused(capsys, argv, *needles, code=2) -> str:
+    """Run the CLI, assert exit ``code`` with a one-paragraph message holding ``needles``."""
+    try:
+        got = E.main(argv)
+    except SystemExit as exit_:  # refused while parsing
+        got = exit_.code
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert "Traceback" not in err, err
+    message = [line for line in err.splitlines() if "error:" in line]
+    assert message, err
+    for needle in needles:
+        assert needle in message[-1], (needle, message[-1])
+    return message[-1]
+
+
+# -- numbers and specs (refused while parsing, before anything is loaded) -------------------------
+
+@pytest.mark.parametrize("flag, needle", [
+    ("--lr=nan", "--lr=nan"), ("--lr=0", "--lr=0"), ("--lr=-1e-3", "--lr"), ("--lr=inf", "--lr=inf"),
+    ("--max-steps=0", "--max-steps=0"), ("--max-steps=-5", "--max-steps=-5"),
+    ("--epochs=-1", "--epochs"), ("--epochs=0", "--epochs"), ("--epochs=nan", "--epochs"),
+    ("--batch-size=0", "--batch-size=0"), ("--eval-batch-size=-2", "--eval-batch-size"),
+    ("--max-length=0", "--max-length"), ("--max-length=1", "--max-length"),
+    ("--keep-checkpoints=0", "--keep-checkpoints=0"), ("--save-every=0", "--save-every=0"),
+    ("--save-every=-2", "--save-every"), ("--eval-every=0", "--eval-every=0"),
+    ("--log-every=0", "--log-every=0"), ("--warmup-ratio=1.5", "--warmup-ratio"),
+    ("--weight-decay=-1", "--weight-decay"), ("--clip-norm=-1", "--clip-norm"),
+    ("--lora.dropout=1.5", "lora.dropout"), ("--lora.dropout=nan", "lora.dropout"),
+    ("--seed=-1", "--seed"), ("--max-train-samples=0", "--max-train-samples"),
+    ("--divergence-factor=0.5", "--divergence-factor"), ("--group-lr=head=-1", "--group-lr"),
+    ("--method=lora+", "empty part"), ("--method=lora ", "spaces"), ("--method=+lora", "empty part"),
+    ("--method=lora+lora", "twice"), ("--method=lorax", "lorax"),
+    ("--process-id=3 --num-processes=2", "--process-id=3"),
+])
+def test_nonsense_numbers_and_specs_are_refused_with_the_range(capsys, tmp_path, flag, needle):
+    out = tmp_path / "run"
+    message = refused(capsys, ["--task=sst2", f"--output-dir={out}", *flag.split()], needle)
+    assert any(word in message for word in ("give", "must be", "method", "known"))
+    assert not out.exists()
+
+
+def test_multi_process_without_a_coordinator_is_refused(capsys, tmp_path):
+    refused(capsys, ["--num-processes=2", "--process-id=1", f"--output-dir={tmp_path / 'r'}"],
+            "coordinator")
+
+
+# -- data, model and output folder (refused before training) ------------------------------------
+
+def _data_with(world, tmp_path, content: bytes, name: str = "train.tsv") -> Path:
+    data = tmp_path / "glue"
+    shutil.copytree(world["data"], data)
+    (data / "SST-2" / name).write_bytes(content)
+    return data
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"", "is empty"),
+    (b"sentence\tlabel\n", "no examples"),
+    (b"text\tscore\ngood film\t1\n", "lacks the column"),
+    (b"sentence\tlabel\ngood \xff\xfe film\t1\n", "not UTF-8"),
+    (b"sentence\tlabel\ngood film\tmaybe\n", "unknown label"),
+])
+def test_bad_data_files_name_the_file(capsys, world, tmp_path, content, needle):
+    data = _data_with(world, tmp_path, content)
+    refused(capsys, glue_args(world["model"], data, tmp_path / "run"), needle, "train.tsv")
+
+
+def test_a_missing_data_file_names_it(capsys, world, tmp_path):
+    data = tmp_path / "glue"
+    shutil.copytree(world["data"], data)
+    (data / "SST-2" / "dev.tsv").unlink()
+    refused(capsys, glue_args(world["model"], data, tmp_path / "run"), "dev.tsv", "--data-dir")
+
+
+def _model_copy(world, tmp_path) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    return model
+
+
+def test_model_path_that_is_a_file(capsys, world, tmp_path):
+    file = tmp_path / "model.bin"
+    file.write_text("x")
+    refused(capsys, glue_args(file, world["data"], tmp_path / "run"), "--model", "is a file")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "missing"])
+def test_a_damaged_model_file_is_a_message(capsys, world, tmp_path, damage):
+    model = _model_copy(world, tmp_path)
+    weights = model / "model.safetensors"
+    raw = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(raw[: len(raw) // 2])
+    elif damage == "header":
+        weights.write_bytes(raw[:8] + b"\xff" * 64 + raw[72:])
+    else:
+        weights.unlink()
+    refused(capsys, glue_args(model, world["data"], tmp_path / "run"), "--model")
+
+
+def test_non_finite_weights_are_refused(capsys, world, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = _model_copy(world, tmp_path)
+    tensors = load_file(str(model / "model.safetensors"))
+    key = sorted(k for k in tensors if k.endswith("query.weight"))[0]
+    tensors[key] = np.full_like(tensors[key], np.nan)
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    refused(capsys, glue_args(model, world["data"], tmp_path / "run"), "non-finite", "--model")
+
+
+def test_output_dir_that_is_a_file(capsys, world, tmp_path):
+    file = tmp_path / "out"
+    file.write_text("keep me")
+    refused(capsys, glue_args(world["model"], world["data"], file), "--output-dir", "is a file")
+    assert file.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_output_dir(capsys, world, tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        refused(capsys, glue_args(world["model"], world["data"], parent / "run"), "--output-dir")
+    finally:
+        parent.chmod(0o700)
+
+
+def test_max_length_beyond_the_position_embeddings(capsys, world, tmp_path):
+    refused(capsys, glue_args(world["model"], world["data"], tmp_path / "run", "--max-length=64"),
+            "--max-length=64", "40")
+
+
+# -- the run directory: locks, resume identity, fresh starts -----------------------------------
+
+def _copy_run(world, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(world["done"], out)
+    return out
+
+
+def test_a_live_lock_refuses_a_second_run(capsys, world, tmp_path):
+    from jpeft.train.logging import LOCK_NAME, RunDirLock
+
+    out = _copy_run(world, tmp_path)
+    before = sorted(p.name for p in out.iterdir())
+    with RunDirLock(out):  # this (live) process holds it
+        message = refused(capsys, glue_args(world["model"], world["data"], out), "in use by",
+                          str(os.getpid()))
+    assert "--output-dir" in message
+    assert sorted(p.name for p in out.iterdir()) == before and not (out / LOCK_NAME).exists()
+
+
+def test_a_lock_on_another_host_is_refused(capsys, world, tmp_path):
+    from jpeft.train.logging import LOCK_NAME
+
+    out = _copy_run(world, tmp_path)
+    (out / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere.example"}))
+    refused(capsys, glue_args(world["model"], world["data"], out), "elsewhere.example", LOCK_NAME)
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("--task=rte", "task ('sst2' there, 'rte' now)"),
+    ("--lora.r=4", "lora.r: 8 -> 4"),
+    ("--method=ia3", "method ('lora' there, 'ia3' now)"),
+])
+def test_resume_refuses_another_configuration(capsys, world, tmp_path, flag, needle):
+    out = _copy_run(world, tmp_path)
+    before = {p.name: p.stat().st_mtime for p in out.iterdir()}
+    message = refused(capsys, [*glue_args(world["model"], world["data"], out), flag], needle)
+    assert "--resume=false" in message
+    assert {p.name: p.stat().st_mtime for p in out.iterdir()} == before  # nothing touched
+
+
+def test_a_fresh_start_moves_the_old_run_aside_and_keeps_foreign_files(capsys, world, tmp_path):
+    out = _copy_run(world, tmp_path)
+    (out / "checkpoints" / "notes.txt").write_text("mine")
+    (out / "mine.txt").write_text("mine too")
+    old_adapter = (out / "adapter" / "adapter.safetensors").read_bytes()
+    assert E.main([*glue_args(world["model"], world["data"], out), "--resume=false", "--lr=5e-3"]) == 0
+    moved = [p for p in out.iterdir() if p.name.startswith("superseded-")]
+    assert len(moved) == 1
+    assert (moved[0] / "checkpoints" / "notes.txt").read_text() == "mine"
+    assert (moved[0] / "adapter" / "adapter.safetensors").read_bytes() == old_adapter
+    assert (out / "mine.txt").read_text() == "mine too"
+    assert "moved the earlier run's" in capsys.readouterr().out
+    mode = (out / "adapter").stat().st_mode & 0o777
+    assert mode & 0o055 == 0o055 & ~_umask(), oct(mode)  # normal permissions, not 0700
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_stale_lock_is_taken_over_with_a_note(capsys, world, tmp_path):
+    from jpeft.train.logging import LOCK_NAME
+
+    out = _copy_run(world, tmp_path)
+    import socket
+
+    (out / LOCK_NAME).write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
+    assert E.main(glue_args(world["model"], world["data"], out, "--max-steps=5")) == 0
+    text = capsys.readouterr().out
+    assert "took over the lock" in text and "resumed from" in text
+    assert not (out / LOCK_NAME).exists()
+
+
+# -- divergence and damaged checkpoints --------------------------------------------------------
+
+def test_divergence_stops_with_exit_3_and_writes_no_adapter(capsys, world, tmp_path):
+    from jpeft.checkpoint import CheckpointManager
+    from jpeft.train.logging import read_metrics
+
+    out = tmp_path / "run"
+    message = refused(capsys, glue_args(world["model"], world["data"], out, "--lr=1e3",
+                                        "--clip-norm=0", "--max-steps=12", "--save-every=2",
+                                        "--warmup-ratio=0"),
+                      "diverged at step", "learning rate", "1000", code=3)
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+    manager = CheckpointManager(out / "checkpoints")
+    for step in manager.all_steps():
+        state = manager.read_state(step)
+        import jax
+
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["trainable"]))
+    if manager.all_steps():
+        assert f"/{max(manager.all_steps())}" in message
+    step = int(message.split("diverged at step ")[1].split(":")[0])
+    assert read_metrics(out / "metrics.jsonl")[-1]["step"] == step
+
+
+def test_flipped_bytes_in_the_newest_checkpoint_fall_back_and_the_run_completes(capsys, world, tmp_path):
+    out = _copy_run(world, tmp_path)
+    data = max((p for p in (out / "checkpoints" / "4" / "state" / "d").iterdir()),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    for i in range(len(raw) // 3, len(raw) // 3 + 64):
+        raw[i] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert E.main(glue_args(world["model"], world["data"], out, "--max-steps=6")) == 0
+    text = capsys.readouterr().out
+    assert "failed verification" in text and "resuming from step 2" in text
+    assert "resumed from" in text and "/2 (step 2 of 6)" in text
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+    assert any((out / "checkpoints" / "_corrupt").iterdir())
