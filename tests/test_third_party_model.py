@@ -1,0 +1,221 @@
+"""jpeft on a model it did not write: the Llama 3 architecture of Google's tunix (an NNX library,
+installed from PyPI as ``google-tunix``), with a tiny random config.
+
+tunix's code is used as it ships. Its MLP projections are ``nnx.Linear`` layers, which jpeft's
+weight-space methods adapt; its attention projections are tunix's own ``Einsum`` module (a raw
+``w`` parameter used with ``jnp.einsum``), which they do not (asserted below). Adapters need
+attachment points: the test adds jpeft taps to a model instance by wrapping its sub-modules
+(model surgery, as Hugging Face PEFT does), without editing tunix's source.
+
+Printed numbers (``pytest -s``): parameter count, max |Δ| of the identity, merge and checkpoint
+checks, and the losses of each short training run.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jpeft
+from jpeft.checkpoint import CheckpointManager, fingerprint
+from jpeft.core import paths as P
+from jpeft.train.optim import OptimConfig
+from jpeft.train.trainer import Trainer, causal_lm_loss
+
+llama = pytest.importorskip(
+    "tunix.models.llama3.model",
+    reason="the third-party model test needs google-tunix (installed by scripts/dev.sh)")
+
+pytestmark = pytest.mark.real
+
+KEY = jax.random.key(0)
+B, T, V = 2, 8, 128
+CONFIG = dict(num_layers=2, vocab_size=V, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8,
+              num_kv_heads=2, rope_theta=10_000, norm_eps=1e-5)
+MLP = r"mlp/(gate_proj|up_proj|down_proj)$"
+STEPS = 6
+# the model's positional inputs, in order, as batch keys (the trainer passes them positionally)
+MODEL_INPUTS = ("input_ids", "positions", "cache", "attention_mask")
+
+
+def _inputs():
+    ids = jax.random.randint(jax.random.key(1), (B, T), 0, V)
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+    return ids, positions, None, causal
+
+
+def _batch():
+    ids, positions, cache, mask = _inputs()
+    return {"input_ids": ids, "positions": positions, "cache": cache, "attention_mask": mask,
+            "loss_mask": jnp.ones((B, T), jnp.int32)}
+
+
+def _randomized(params):
+    """Random weights everywhere (tunix initialises the MLP kernels to zero; norms stay one)."""
+    flat = P.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(flat))
+    out = {}
+    for key, (path, leaf) in zip(keys, sorted(flat.items())):
+        if leaf.ndim < 2:
+            out[path] = leaf
+        else:
+            fan_in = leaf.shape[0] if not path.endswith("o_proj/w") else leaf.shape[0] * leaf.shape[1]
+            std = 1.0 if "embedding" in path else fan_in ** -0.5
+            out[path] = std * jax.random.normal(key, leaf.shape, leaf.dtype)
+    return P.unflatten(out)
+
+
+def lm_loss(out, batch):
+    logits, _cache = out  # tunix's Llama3 returns (logits, cache)
+    return causal_lm_loss(logits, batch)
+
+
+def _max_diff(a, b) -> float:
+    return float(jnp.abs(jnp.asarray(a) - jnp.asarray(b)).max())
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    module = llama.Llama3(llama.ModelConfig(**CONFIG), rngs=nnx.Rngs(0))
+    model, params = jpeft.from_nnx(module)
+    return model, _randomized(params)
+
+
+def _logits(model, params, *inputs):
+    return model.module(params)(*inputs)[0]
+
+
+def _train(model, method, params, steps=STEPS, lr=1e-2):
+    trainer = Trainer(model, method, params, loss=lm_loss,
+                      optim=OptimConfig(lr=lr, warmup_ratio=0.0, schedule="constant"),
+                      total_steps=steps, model_inputs=MODEL_INPUTS)
+    state = trainer.init_state(KEY)
+    losses = []
+    for _ in range(steps):
+        state, metrics = trainer.train_step(state, trainer.frozen, _batch())
+        losses.append(float(metrics["loss"]))
+    return trainer, state, losses
+
+
+def _save_and_restore(tmp_path, trainer, state, params):
+    manager = CheckpointManager(tmp_path)
+    manager.save(STEPS, state, {"base_fingerprint": fingerprint(params)})
+    restored, _ = manager.restore(trainer.init_state(jax.random.key(9)), fingerprint=fingerprint(params))
+    manager.close()
+    saved = P.flatten(jax.device_get(manager.read_state()["trainable"]["delta"]))
+    assert saved.keys() == P.flatten(state.trainable["delta"]).keys()  # no frozen weight is saved
+    return restored
+
+
+def test_the_model_is_tunix_llama3_and_what_jpeft_can_adapt(llama3):
+    model, params = llama3
+    n = P.count_params(params)
+    print(f"\ntunix Llama3 (tiny random config {CONFIG}): {n:,d} parameters")
+    assert n == 2 * (32 * 4 * 8 * 2 + 32 * 2 * 8 * 2 + 3 * 32 * 64 + 2 * 32) + V * 32 * 2 + 32
+    assert sorted(model.info().layers) == sorted(
+        f"layers/{i}/mlp/{p}_proj" for i in range(2) for p in ("gate", "up", "down"))
+    assert all(spec.kind == "dense" for spec in model.info().layers.values())
+    # tunix's attention projections are its own Einsum module (param `w`, no kernel): a pattern
+    # that selects only them matches no layer, and the error lists the layers that exist.
+    with pytest.raises(P.NoMatchError, match=r"(?s)q_proj.*gate_proj"):
+        jpeft.lora(jpeft.LoraConfig(targets=r"attn/q_proj$")).init(KEY, params, model.info())
+
+
+@pytest.mark.parametrize("name", ["lora", "ia3"])
+def test_train_merge_and_checkpoint(llama3, tmp_path, name):
+    model, params = llama3
+    method = {
+        "lora": jpeft.lora(jpeft.LoraConfig(r=4, alpha=8.0, targets=MLP)),
+        "ia3": jpeft.ia3(jpeft.IA3Config(targets=r"mlp/(up_proj|down_proj)$", feedforward=r"down_proj$")),
+    }[name]
+    inputs = _inputs()
+    base = _logits(model, params, *inputs)
+    fresh = method.init(KEY, params, model.info())
+    identity = _max_diff(jpeft.apply(model, method, params, fresh, *inputs)[0], base)
+    print(f"\n{name}: fresh delta, max |adapted - base| = {identity:.3g}")
+    np.testing.assert_allclose(jpeft.apply(model, method, params, fresh, *inputs)[0], base,
+                               rtol=1e-5, atol=1e-5)
+
+    trainer, state, losses = _train(model, method, params, lr=1e-2 if name == "lora" else 5e-2)
+    print(f"{name}: {P.count_params(state.trainable['delta']):,d} trained parameters, "
+          f"losses {[round(x, 4) for x in losses]}")
+    assert losses[-1] < losses[0]
+
+    delta = state.trainable["delta"]
+    adapted = jpeft.apply(model, method, params, delta, *inputs)[0]
+    assert _max_diff(adapted, base) > 1e-3  # training changed the function
+    merged = jpeft.merge(method, params, delta, model.info())
+    merge_diff = _max_diff(_logits(model, merged, *inputs), adapted)
+    print(f"{name}: max |merged - unmerged adapted| = {merge_diff:.3g} "
+          f"(logits up to {float(jnp.abs(adapted).max()):.3g})")
+    np.testing.assert_allclose(_logits(model, merged, *inputs), adapted, rtol=1e-4, atol=1e-4)
+
+    restored = _save_and_restore(tmp_path, trainer, state, params)
+    again = jpeft.apply(model, method, params, restored.trainable["delta"], *inputs)[0]
+    ckpt_diff = _max_diff(again, adapted)
+    print(f"{name}: Orbax save/restore, max |restored - trained| = {ckpt_diff:.3g}")
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(adapted))
+
+
+# -- an adapter, through taps added to the model instance -------------------------------------------
+
+class Tapped(nnx.Module):
+    """Calls the wrapped sub-module, then a jpeft tap on its output (``index``: which element of
+    a tuple output). The wrapped module keeps its parameters, under ``inner``."""
+
+    def __init__(self, inner, kind: str, layer: int, index: int | None = None):
+        self.inner = inner
+        self.tap = jpeft.NnxTap(kind, layer=layer)
+        self.index = index
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        if self.index is None:
+            return self.tap(out)
+        out = list(out)
+        out[self.index] = self.tap(out[self.index])
+        return tuple(out)
+
+
+def add_taps(module):
+    """Houlsby's attachment points on tunix's Llama3: the attention output (``attn`` returns
+    ``(cache, output)``) and the MLP output, both before the residual add."""
+    for i, layer in enumerate(module.layers):
+        layer.attn = Tapped(layer.attn, "attn.out", i, index=1)
+        layer.mlp = Tapped(layer.mlp, "ffn.out", i)
+    return module
+
+
+def test_houlsby_adapter_through_taps_added_to_the_instance(llama3, tmp_path):
+    _, plain_params = llama3
+    module = add_taps(llama.Llama3(llama.ModelConfig(**CONFIG), rngs=nnx.Rngs(0)))
+    inputs = _inputs()
+    model, params = jpeft.from_nnx(module, *inputs)
+    assert model.info().taps == {"attn.out": 2, "ffn.out": 2} and model.info().hidden_size == 32
+    # the same random weights as the plain model (their paths gain an `inner/`)
+    params = P.unflatten({p: P.flatten(plain_params)[p.replace("/inner/", "/")] for p in P.flatten(params)})
+    base = _logits(model, params, *inputs)
+    np.testing.assert_array_equal(np.asarray(base), np.asarray(_logits(llama3[0], plain_params, *inputs)))
+
+    method = jpeft.houlsby(jpeft.AdapterConfig(size=8, activation="swish"))
+    fresh = method.init(KEY, params, model.info())
+    identity = _max_diff(jpeft.apply(model, method, params, fresh, *inputs)[0], base)
+    print(f"\nhoulsby: fresh delta, max |adapted - base| = {identity:.3g}")
+    assert identity == 0.0
+
+    trainer, state, losses = _train(model, method, params)
+    print(f"houlsby: {P.count_params(state.trainable['delta']):,d} trained parameters, "
+          f"losses {[round(x, 4) for x in losses]}")
+    assert losses[-1] < losses[0]
+    adapted = jpeft.apply(model, method, params, state.trainable["delta"], *inputs)[0]
+    assert _max_diff(adapted, base) > 1e-3
+    assert method.merge is None  # adapters act on activations: nothing to merge
+
+    restored = _save_and_restore(tmp_path, trainer, state, params)
+    again = jpeft.apply(model, method, params, restored.trainable["delta"], *inputs)[0]
+    print(f"houlsby: Orbax save/restore, max |restored - trained| = {_max_diff(again, adapted):.3g}")
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(adapted))
