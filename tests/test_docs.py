@@ -92,7 +92,7 @@ def test_page_examples_run(page: Path, tmp_path, monkeypatch):
     for block in runnable:
         name = f"{_page_id(page)}:{block.line}"
         try:
-            exec(compile(block.code, name, "exec"), namespace)
+            exec(compile(block.code, name, "exec", dont_inherit=True), namespace)
         except Exception as error:  # the page and line are the useful part of the report
             raise AssertionError(f"the python block at {name} failed: {error!r}") from error
 
