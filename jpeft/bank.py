@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.core import paths as P
+from jpeft.core.arrays import is_concrete
 from jpeft.core.compile import jit
 from jpeft.core.transform import (
     ApplyContext,
@@ -55,6 +56,7 @@ from jpeft.core.transform import (
     Params,
     Transform,
     apply,
+    resolve_info,
 )
 
 ADAPTERS = "adapters"
@@ -131,7 +133,8 @@ def bank(transform: Transform, size: int, *, heads: bool = True, name: str | Non
         raise ValueError(f"bank: {transform.name!r} is already a bank; a bank of banks is not supported")
     config = BankConfig(size=size, heads=heads, inner=transform.config)
 
-    def init(rng: jax.Array, base: Params, info: ModelInfo) -> Delta:
+    def init(rng: jax.Array, base: Params, info: ModelInfo | None = None) -> Delta:
+        info = resolve_info(info)
         keys = jax.random.split(rng, config.size)
         adapters = stack([transform.init(k, base, info) for k in keys])
         paths = banked_base_paths(transform, base, info, heads)
@@ -154,7 +157,7 @@ def bank(transform: Transform, size: int, *, heads: bool = True, name: str | Non
                 raise ValueError(f"bank: model argument {i} has shape {a.shape}; every argument needs the "
                                  f"batch axis first, of size {b} = len(adapter_index)")
         k = bank_size(delta[ADAPTERS])
-        if not isinstance(index, jax.core.Tracer):
+        if is_concrete(index):
             bad = np.asarray(index)[(np.asarray(index) < 0) | (np.asarray(index) >= k)]
             if bad.size:
                 raise ValueError(f"bank: adapter_index {bad[:5].tolist()} out of range for a bank of {k} deltas")

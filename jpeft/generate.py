@@ -36,6 +36,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jpeft.core.arrays import is_concrete
 from jpeft.core.transform import ApplyContext, Delta, Params, Transform, apply
 
 _COMPILED: dict[tuple[Any, ...], tuple[Any, Any, Callable[..., jax.Array]]] = {}
@@ -162,7 +163,7 @@ def generate(model: Any, transform: Transform, params: Params, delta: Delta, inp
         raise TypeError(f"{type(model).__name__} has no KV cache (init_cache); generate needs a decoder LM "
                         "(jpeft.models.llama, jpeft.models.gpt2)")
     first = attention_mask[:, -1]
-    if not isinstance(first, jax.core.Tracer) and bool(jnp.any(first == 0)):
+    if is_concrete(first) and bool(jnp.any(first == 0)):
         raise ValueError("generate: the prompts must be left-padded (the last column of attention_mask "
                          "must be 1 in every row); pad on the left")
     b, t = input_ids.shape

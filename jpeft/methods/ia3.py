@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.core import layers as L
+from jpeft.core.arrays import is_concrete
 from jpeft.core import paths as P
 from jpeft.core.paths import layer_index
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
@@ -117,14 +118,6 @@ def target_modules(config: IA3Config, base: P.Params) -> dict[str, bool]:
     return {m: is_feedforward(config, m) for m in targets}
 
 
-def _is_concrete(x: Any) -> bool:
-    try:
-        np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return False
-    return True
-
-
 def _group(config: IA3Config, path: str) -> str:
     return "features" if is_feedforward(config, path) else "out"
 
@@ -158,7 +151,7 @@ def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
             if not key.endswith(f"/{LEAF}"):
                 continue
             path = key[: -len(LEAF) - 1]
-            if inverse and _is_concrete(scale) and not np.all(np.asarray(scale) != 0):
+            if inverse and is_concrete(scale) and not np.all(np.asarray(scale) != 0):
                 raise ValueError(
                     f"ia3 unmerge: {path}/{LEAF} has entries exactly 0; the weights they scaled "
                     "were zeroed by merge and cannot be recovered. Keep the base weights instead."

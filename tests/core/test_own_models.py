@@ -275,3 +275,18 @@ def test_optax_masks_gradients_with_nnx_params(twins):
     opt = optax.adam(1e-2)
     updates, _ = opt.update(grads, opt.init(delta))
     assert jax.tree.structure(updates) == jax.tree.structure(delta)
+
+
+def test_a_bank_on_the_nnx_model_runs_each_example_with_its_own_delta(twins):
+    from jpeft.bank import bank, select
+
+    _, nnx_model, params, ids = twins
+    inner = lora(LoraConfig(r=2, alpha=4.0, targets=r"(query|down)$"))
+    method = bank(inner, size=2, heads=False)
+    deltas = perturb(method.init(KEY, params, nnx_model.info()), scale=0.2)
+    index = jnp.array([1, 0])
+    mixed = jpeft.apply(nnx_model, method, params, deltas, ids,
+                        ctx=jpeft.ApplyContext(adapter_index=index))
+    for row, k in enumerate(index.tolist()):
+        alone = jpeft.apply(nnx_model, inner, params, select(deltas, k)["adapters"], ids[row:row + 1])
+        np.testing.assert_allclose(mixed[row], alone[0], rtol=1e-4, atol=1e-5)
