@@ -6,9 +6,10 @@
   hosts); the reason must be given.
 * The ``Example::`` blocks of the docstrings under jpeft/ run as doctest runs its examples, in
   the namespace of their module, after a small shared preamble (a tiny BERT ``model`` with its
-  parameters ``base``, a batch ``ids``/``mask``/``types``, and the public names of ``jpeft`` and
-  ``jpeft.methods``; the module's own names take precedence over the latter). A module whose example does not run is listed
-  in ``BROKEN_EXAMPLES`` with the reason, as an expected failure, until its docstring is fixed.
+  parameters ``base``, a batch ``ids``/``mask``/``types``, ``key``, and the public names of
+  ``jpeft`` and ``jpeft.methods``; the module's own names take precedence over the latter, and
+  ``EXAMPLE_SETUP`` adds names for one module). A module whose example does not run is listed in
+  ``BROKEN_EXAMPLES`` with the reason, as an expected failure, until its docstring is fixed.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def _page_id(page: Path) -> str:
 
 def _page_param(page: Path):
     # the README's example loads the real all-MiniLM-L6-v2 (from its PyPI package, no network)
-    marks = [pytest.mark.real] if "sentence-transformers/all-MiniLM-L6-v2" in page.read_text(encoding="utf-8") else []
+    real = "sentence-transformers/all-MiniLM-L6-v2" in page.read_text(encoding="utf-8")
+    marks = [pytest.mark.real] if real else []
     return pytest.param(page, id=_page_id(page), marks=marks)
 
 
@@ -112,7 +114,8 @@ def test_markers_only_mark_code_blocks():
         for i, line in enumerate(lines):
             if NO_TEST.fullmatch(line.strip()):
                 after = next((l for l in lines[i + 1:] if l.strip()), "")
-                assert FENCE.match(after), f"{_page_id(page)}:{i + 1}: no-test marker not followed by a code block"
+                where = f"{_page_id(page)}:{i + 1}"
+                assert FENCE.match(after), f"{where}: no-test marker not followed by a code block"
 
 
 def test_code_block_extraction(tmp_path):
@@ -270,8 +273,9 @@ def test_docstring_examples_run(path: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for line, code in examples:
         namespace: dict = {"__name__": "docstring_example"}
-        exec(compile(PREAMBLE_IMPORTS, "preamble", "exec"), namespace)
+        run = lambda source, name: exec(compile(source, name, "exec", dont_inherit=True), namespace)
+        run(PREAMBLE_IMPORTS, "preamble")
         namespace.update(own)
-        exec(compile(PREAMBLE_DATA, "preamble", "exec"), namespace)
-        exec(compile(EXAMPLE_SETUP.get(module.__name__, ""), "setup", "exec"), namespace)
-        exec(compile(code, f"{_module_name(path)} (docstring near line {line})", "exec"), namespace)
+        run(PREAMBLE_DATA, "preamble")
+        run(EXAMPLE_SETUP.get(module.__name__, ""), "setup")
+        run(code, f"{_module_name(path)} (docstring near line {line})")
