@@ -183,7 +183,10 @@ def check_glue_file(task: Any, path: Path) -> None:
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
         raise CliError(f"{path} is not UTF-8 text (byte {raw[err.start]:#04x} on line {line}); {fix}") from None
-    first = text.split("\n", 1)[0].rstrip("\r").split("\t")
+    head, _, body = text.partition("\n")
+    if task.columns is None and not body.strip():
+        raise CliError(f"{path} holds no examples (only a header); {fix}")
+    first = head.rstrip("\r").split("\t")
     if task.columns is not None:  # no header row (CoLA): a fixed number of columns
         if len(first) != len(task.columns):
             raise CliError(f"{path}: line 1 has {len(first)} tab-separated columns, {task.name} files have "

@@ -68,11 +68,14 @@ def refused(capsys, argv, *needles, code=2) -> str:
     ("--divergence-factor=0.5", "--divergence-factor"), ("--group-lr=head=-1", "--group-lr"),
     ("--method=lora+", "empty part"), ("--method=lora ", "spaces"), ("--method=+lora", "empty part"),
     ("--method=lora+lora", "twice"), ("--method=lorax", "lorax"),
-    ("--process-id=3 --num-processes=2", "--process-id=3"),
+    (("--process-id=3", "--num-processes=2"), "--process-id=3"),
 ])
 def test_nonsense_numbers_and_specs_are_refused_with_the_range(capsys, tmp_path, flag, needle):
     out = tmp_path / "run"
-    message = refused(capsys, ["--task=sst2", f"--output-dir={out}", *flag.split()], needle)
+    flags = flag if isinstance(flag, tuple) else (flag,)
+    # a missing data folder: should a value get through, the run stops at once (and the test fails)
+    message = refused(capsys, ["--task=sst2", f"--output-dir={out}", f"--data-dir={tmp_path / 'none'}",
+                               *flags], needle)
     assert any(word in message for word in ("give", "must be", "method", "known"))
     assert not out.exists()
 
