@@ -147,7 +147,7 @@ def load_split(split: str, data_dir: str | None) -> Any:
         if not raw.strip():
             raise CliError(f"{path} is empty; {fix}")
         try:
-            header = raw.decode("utf-8").split("\n", 1)[0]
+            header, _, body = raw.decode("utf-8").partition("\n")
         except UnicodeDecodeError as err:
             line = raw[:err.start].count(b"\n") + 1
             raise CliError(f"{path} is not UTF-8 text (byte {raw[err.start]:#04x} on line {line}); "
@@ -155,6 +155,8 @@ def load_split(split: str, data_dir: str | None) -> Any:
         columns = [c.strip().strip('"') for c in header.split(",")]
         if columns[:2] != ["mr", "ref"]:
             raise CliError(f"{path}: the header (line 1) is {header[:80]!r}, not 'mr,ref'; {fix}")
+        if not body.strip():
+            raise CliError(f"{path} holds no examples (only a header); {fix}")
     with reading(str(path), fix):
         dataset = D.load_e2e(split, data_dir)
     if len(dataset) == 0:

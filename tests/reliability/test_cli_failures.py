@@ -287,3 +287,41 @@ def test_flipped_bytes_in_the_newest_checkpoint_fall_back_and_the_run_completes(
     assert "resumed from" in text and "/2 (step 2 of 6)" in text
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
     assert any((out / "checkpoints" / "_corrupt").iterdir())
+
+
+# -- the E2E CLI shares the boundary --------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, needle", [
+    ("--max-test-mrs=0", "--max-test-mrs=0"), ("--max-eval-samples=0", "--max-eval-samples=0"),
+    ("--max-steps=0", "--max-steps=0"), ("--num-beams=0", "--num-beams=0"),
+    ("--max-new-tokens=-1", "--max-new-tokens"), ("--length-penalty=nan", "--length-penalty"),
+    ("--method=lora+", "empty part"),
+])
+def test_e2e_numbers_and_specs_are_refused(capsys, tmp_path, flag, needle):
+    from experiments import e2e
+
+    try:
+        code = e2e.main([f"--output-dir={tmp_path / 'run'}", f"--data-dir={tmp_path / 'none'}", flag])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"", "is empty"),
+    (b"meaning,text\n\"a\",\"b\"\n", "not 'mr,ref'"),
+    (b"mr,ref\n\"name[\xff]\",\"x\"\n", "not UTF-8"),
+    (b"mr,ref\n", "no examples"),
+])
+def test_e2e_bad_data_files_name_the_file(capsys, tmp_path, content, needle):
+    from experiments import e2e
+
+    data = tmp_path / "e2e"
+    data.mkdir()
+    for name in ("trainset.csv", "devset.csv", "testset_w_refs.csv"):
+        (data / name).write_bytes(b'mr,ref\n"name[x]","x"\n')
+    (data / "trainset.csv").write_bytes(content)
+    code = e2e.main([f"--output-dir={tmp_path / 'run'}", f"--data-dir={data}", "--progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "trainset.csv" in err and "Traceback" not in err, err
