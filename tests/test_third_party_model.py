@@ -29,7 +29,7 @@ llama = pytest.importorskip(
     "tunix.models.llama3.model",
     reason="the third-party model test needs google-tunix (installed by scripts/dev.sh)")
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 KEY = jax.random.key(0)
 B, T, V = 2, 8, 128
