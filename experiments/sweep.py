@@ -7,6 +7,7 @@
 
     python -m experiments.sweep --seeds=0,1,2 --methods=lora,houlsby --tasks=mrpc,rte
     python -m experiments.sweep --rebuild --out=results/glue
+    python -m experiments.sweep --rebuild --collect-from=/work/sweep_wt/results/glue --out=results/glue
 
 A method written ``METHOD@VARIANT`` adds ``--config=configs/variants/<METHOD>_<VARIANT>.toml``.
 
@@ -87,11 +88,10 @@ def check_name(name: str, what: str) -> None:
                          "(they become file and folder names)")
 
 
-def _with_recipe(run_dir: Path) -> dict[str, Any]:
-    """The run's summary, with its ``config.json`` stored in it as ``"config"`` and its dev
-    evaluations (``metrics.jsonl``'s dev records) as ``"evals"`` (once)."""
-    path = run_dir / "summary.json"
-    summary = json.loads(path.read_text())
+def _summary_with_recipe(run_dir: Path) -> tuple[dict[str, Any], bool]:
+    """The run's summary with its ``config.json`` as ``"config"`` and its dev evaluations
+    (``metrics.jsonl``'s dev records) as ``"evals"``, and whether either was added."""
+    summary = json.loads((run_dir / "summary.json").read_text())
     config, metrics = run_dir / "config.json", run_dir / "metrics.jsonl"
     changed = False
     if "config" not in summary and config.is_file():
@@ -101,8 +101,14 @@ def _with_recipe(run_dir: Path) -> dict[str, Any]:
         records = (json.loads(line) for line in metrics.read_text().splitlines() if '"dev"' in line)
         summary["evals"] = [r for r in records if r.get("split") == "dev"]
         changed = True
+    return summary, changed
+
+
+def _with_recipe(run_dir: Path) -> dict[str, Any]:
+    """The run's summary, its recipe and dev evaluations stored in its ``summary.json`` (once)."""
+    summary, changed = _summary_with_recipe(run_dir)
     if changed:
-        path.write_text(json.dumps(summary, indent=2))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -253,6 +259,24 @@ def seeded_runs(out: Path) -> list[dict[str, Any]]:
     return runs
 
 
+def collect(src: Path, out: Path) -> list[str]:
+    """Copy every finished seeded run's ``summary.json`` under ``<src>/runs`` (with its recipe
+    and dev evaluations added; the source is only read, a sweep may be writing there) into
+    ``<out>/runs/<same name>/``; only the summary travels (no checkpoints, adapters or per-step
+    logs). Returns the copied names."""
+    copied = []
+    for summary in sorted((src / "runs").glob("*/summary.json")):
+        data, _ = _summary_with_recipe(summary.parent)
+        name = summary.parent.name
+        if not name.endswith(f"-s{data.get('seed')}"):
+            continue
+        dest = out / "runs" / name
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "summary.json").write_text(json.dumps(data, indent=2))
+        copied.append(name)
+    return copied
+
+
 def cpu_name() -> str:
     """The CPU's model name (as lscpu gives it) and the number of cores."""
     name = platform.processor() or platform.machine()
@@ -287,7 +311,7 @@ def previous_cells(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
 
 def seeded_note(runs: list[dict[str, Any]]) -> str:
     models = ", ".join(sorted({str(r.get("model", "?")).rstrip("/").split("/")[-1] for r in runs}))
-    return (f"GLUE dev results of `python -m experiments.sweep --seeds=...`: {len(runs)} runs of "
+    return (f"GLUE dev results of `python -m experiments.sweep --seeds=...`: {len(runs)} run{"s" if len(runs) != 1 else ""} of "
             f"{models}, one process each, every run's `summary.json` (with its recipe) under `runs/`; "
             f"`python -m experiments.sweep --rebuild` rewrites this table from them. Each cell: the mean "
             f"± the sample standard deviation over its seeds (n = number of seeds), in points, on "
@@ -330,6 +354,9 @@ def main(argv: list[str] | None = None, runner: Runner = _run_logged) -> int:
     parser.add_argument("--rebuild", action="store_true",
                         help="run nothing: rewrite <out>/results.{md,json} from the runs' summary.json "
                              "files (a seeded table when <out>/runs holds seeded runs)")
+    parser.add_argument("--collect-from", default=None, metavar="DIR",
+                        help="with --rebuild: first copy the finished seeded runs' summary.json files "
+                             "from DIR/runs (e.g. a sweep running in another worktree) into <out>/runs")
     args = parser.parse_args(argv)
     methods, tasks = args.methods.split(","), args.tasks.split(",")
     try:
@@ -345,7 +372,12 @@ def main(argv: list[str] | None = None, runner: Runner = _run_logged) -> int:
     except ValueError as err:
         parser.error(str(err))
     out = Path(args.out)
+    if args.collect_from is not None and not args.rebuild:
+        parser.error("--collect-from goes with --rebuild")
     if args.rebuild:
+        if args.collect_from is not None:
+            names = collect(Path(args.collect_from), out)
+            print(f"collected {len(names)} run(s) from {args.collect_from}: {', '.join(names)}")
         runs = seeded_runs(out)
         if runs or seeds is not None:
             if not runs:

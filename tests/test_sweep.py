@@ -189,3 +189,23 @@ def test_tagged_search_runs_get_their_own_folders_and_rows(tmp_path):
     assert "| lora~lr3e-3 | " in md and "| lora~lr3e-4 | " in md
     with pytest.raises(SystemExit):
         main([f"--out={tmp_path}", "--tag=../x", "--seeds=0"], runner=_fake_runner(SCORES, []))
+
+
+def test_collect_copies_finished_summaries_only_and_rebuilds(tmp_path):
+    src, dst = tmp_path / "sweep", tmp_path / "repo"
+    assert main([f"--out={src}", "--methods=lora", "--tasks=sst2", "--seeds=0,1"],
+                runner=_fake_runner(SCORES, [])) == 0
+    (src / "runs" / "sst2-lora-s2" / "checkpoints").mkdir(parents=True)  # a run still going
+    first = src / "runs" / "sst2-lora-s0" / "summary.json"
+    first.write_text(json.dumps({k: v for k, v in json.loads(first.read_text()).items() if k != "evals"}))
+    before = first.read_text()
+    with pytest.raises(SystemExit):
+        main([f"--out={dst}", f"--collect-from={src}"])
+    assert main(["--rebuild", f"--collect-from={src}", f"--out={dst}"]) == 0
+    assert sorted(p.name for p in (dst / "runs").iterdir()) == ["sst2-lora-s0", "sst2-lora-s1"]
+    assert [p.name for p in (dst / "runs" / "sst2-lora-s0").iterdir()] == ["summary.json"]
+    summary = json.loads((dst / "runs" / "sst2-lora-s1" / "summary.json").read_text())
+    assert summary["config"]["lr"] == 1e-3 and summary["evals"][0]["step"] == 2
+    assert "evals" in json.loads((dst / "runs" / "sst2-lora-s0" / "summary.json").read_text())
+    assert first.read_text() == before  # the sweep's own folder is only read
+    assert "| lora | 100 (1.00%) | 85.5 ± 0.7 (n=2, 1 min) |" in (dst / "results.md").read_text()
