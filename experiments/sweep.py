@@ -311,7 +311,7 @@ def previous_cells(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
 
 def seeded_note(runs: list[dict[str, Any]]) -> str:
     models = ", ".join(sorted({str(r.get("model", "?")).rstrip("/").split("/")[-1] for r in runs}))
-    return (f"GLUE dev results of `python -m experiments.sweep --seeds=...`: {len(runs)} run{"s" if len(runs) != 1 else ""} of "
+    return (f"GLUE dev results of `python -m experiments.sweep --seeds=...`: {len(runs)} run{'s' if len(runs) != 1 else ''} of "
             f"{models}, one process each, every run's `summary.json` (with its recipe) under `runs/`; "
             f"`python -m experiments.sweep --rebuild` rewrites this table from them. Each cell: the mean "
             f"± the sample standard deviation over its seeds (n = number of seeds), in points, on "
