@@ -31,8 +31,9 @@ dense ``w`` and ``α`` plus their Adam moments would cost six copies of it. The 
 weight including the embeddings: set ``embeddings=True`` to follow it.
 
 Delta (mirrors the parameter tree twice): ``{"w": {...: w}, "logits": {...: α}}``. Labels:
-``"no_decay"`` for ``α`` (decay would drag every gate towards ``σ(0)``, i.e. z = 0.5, which means
-nothing) and ``"default"`` for ``w``: decoupled decay pulls ``w`` towards 0, i.e. the weights
+``"gates_no_decay"`` for ``α`` (the ``gates`` group, never decayed: decay would drag every gate
+towards ``σ(0)``, i.e. z = 0.5, which means nothing; ``group_lr={"gates": k}`` sets its learning
+rate) and ``"default"`` for ``w``: decoupled decay pulls ``w`` towards 0, i.e. the weights
 towards ``θ₀``, which helps sparsity.
 
 After training (the paper's magnitude projection onto the L0 ball):
@@ -141,6 +142,8 @@ class DiffPruningConfig:
 
 
 # -- gates ---------------------------------------------------------------------------------------
+
+GATES = "gates_no_decay"  # the optimizer group of the gate logits: "gates", not decayed
 
 def hard_concrete(logits: jax.Array, key: jax.Array | None,
                   config: DiffPruningConfig = DiffPruningConfig()) -> jax.Array:
@@ -343,7 +346,7 @@ def diff_pruning(config: DiffPruningConfig = DiffPruningConfig(), *,
     def labels(delta: Any) -> dict[str, Any]:
         out = {"w": A.label_tree(delta["w"], "default")}
         if "logits" in delta:
-            out["logits"] = A.label_tree(delta["logits"], "gates")
+            out["logits"] = A.label_tree(delta["logits"], GATES)
         return out
 
     def finalize(delta: Any) -> dict[str, Any]:

@@ -35,6 +35,9 @@ from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, FFN_HIDDEN, FFN_O
 Array = jax.Array
 
 
+HEADS = ("classification", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
     """The fields of a Hugging Face BERT/RoBERTa ``config.json`` that the forward pass needs."""
@@ -54,13 +57,16 @@ class BertConfig:
     model_type: str = "bert"
     classifier_dropout: float | None = None
     num_labels: int = 2
-    head: str = "classification"
+    head: str = "classification"  # or "none" (HEADS)
     dtype: str = "float32"
     matmul_dtype: str | None = None
     remat: bool = False
 
     def __post_init__(self) -> None:
         check_matmul_dtype(self.matmul_dtype)
+        if self.head not in HEADS:
+            raise ValueError(f"head={self.head!r}; choose one of {HEADS} ('classification': a task "
+                             "head on the first token, 'none': the sequence output)")
 
     @property
     def compute_dtype(self) -> jnp.dtype:

@@ -173,7 +173,8 @@ class Trainer:
         self.mesh = mesh
         self.compiler_options = dict(default_compiler_options(self.info.matmul_dtype)
                                      if compiler_options is None else compiler_options)
-        jit = functools.partial(compiled_jit, compiler_options=self.compiler_options)
+        self._traces: dict[str, int] = {"train_step": 0, "eval_step": 0, "eval_loss": 0}
+        jit = lambda fn, **kw: compiled_jit(self._counted(fn), compiler_options=self.compiler_options, **kw)
         if mesh is None:
             self.state_sharding = None
             self.train_step = jit(self._train_step, donate_argnums=(0,))
@@ -307,7 +308,18 @@ class Trainer:
                                           self.transform.stage_starts(self.total_steps))
         return float(schedule(step))
 
+    def _counted(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` counting its traces: ``jax.jit`` traces once per compilation (a new shape)."""
+        name = fn.__name__.lstrip("_")
+
+        @functools.wraps(fn)
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            self._traces[name] += 1
+            return fn(*args, **kwargs)
+
+        return traced
+
     def compilations(self) -> dict[str, int]:
-        """How many times each step has been compiled (one per distinct batch shape)."""
-        return {"train_step": self.train_step._cache_size(), "eval_step": self.eval_step._cache_size(),
-                "eval_loss": self.eval_loss._cache_size()}
+        """How many times each step has been compiled (one per distinct batch shape), counted
+        as the number of times ``jax.jit`` traced it."""
+        return dict(self._traces)

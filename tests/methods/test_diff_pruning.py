@@ -410,3 +410,22 @@ def test_minilm_count(minilm_dir):
     layer = 4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 384 + 384) + 4 * 384
     assert body == 6 * layer + 384 * 384 + 384 == 10_794_624
     assert counts.trainable == 2 * body + 770 == 21_590_018
+
+
+def test_gate_logits_are_not_decayed_by_the_default_optimizer():
+    """The logits' group is ``gates`` without weight decay (a zero gradient leaves them as they
+    are), while ``w`` is decayed; ``group_lr={"gates": k}`` still names the group."""
+    import optax
+
+    from jpeft.train.optim import OptimConfig, make_optimizer
+
+    delta = {"w": {"a": jnp.ones((3,))}, "logits": {"a": jnp.full((3,), 5.0)}}
+    labels = diff_pruning(DiffPruningConfig()).labels(delta)
+    assert P.flatten(labels) == {"w/a": "default", "logits/a": "gates_no_decay"}
+    tx = make_optimizer(OptimConfig(lr=0.1, weight_decay=0.5, warmup_ratio=0.0, schedule="constant",
+                                    group_lr={"gates": 2.0}), labels, 10)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, delta)
+    updates, _ = tx.update(zeros, tx.init(delta), delta)
+    new = optax.apply_updates(delta, updates)
+    np.testing.assert_array_equal(new["logits"]["a"], delta["logits"]["a"])
+    assert float(new["w"]["a"][0]) < 1.0

@@ -443,3 +443,10 @@ def test_taps_are_identity_and_called_once_each(family):
             expected[(kind, layer)] = 1
     assert dict(calls) == expected
     assert {kind for kind, _ in calls} == set(taps.KINDS)
+
+
+def test_an_unknown_head_is_refused_up_front():
+    from jpeft.models.bert import BertConfig
+
+    with pytest.raises(ValueError, match=r"head='nonsense'.*'classification', 'none'"):
+        BertConfig(head="nonsense")
