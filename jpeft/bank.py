@@ -213,6 +213,7 @@ def bank(transform: Transform, size: int, *, heads: bool = True, name: str | Non
         config=config,
         init=init,
         labels=labels,
+        group_lr=transform.group_lr,
         penalty=penalty,
         finalize=finalize,
         stats=stats,

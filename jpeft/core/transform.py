@@ -177,6 +177,8 @@ class Transform:
       merge / unmerge: ``(params, delta, info) -> params``; ``None`` for methods that cannot
         fold into the weights.
       labels: ``delta -> tree of optimizer group names`` (e.g. ``"no_decay"``).
+      group_lr: the learning-rate multipliers the method asks for its own groups (LoRA+'s
+        ``{"lora_B": 16}``); ``OptimConfig.group_lr`` overrides them.
       finalize: ``delta -> delta`` kept after training (prefix tuning drops its MLP, diff pruning
         keeps its largest entries).
       stats: ``delta -> {name: float}`` reported after training (diff pruning's density).
@@ -212,6 +214,7 @@ class Transform:
     merge: MergeFn | None = None
     unmerge: MergeFn | None = None
     labels: Callable[[Delta], Any] = _default_labels
+    group_lr: Mapping[str, float] = dataclasses.field(default_factory=dict)
     finalize: Callable[[Delta], Delta] = _keep
     stats: Callable[[Delta], dict[str, float]] = _no_stats
     exclusive: bool = False
@@ -315,6 +318,7 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
         merge=_merge_chain(merge_order, reverse=False) if mergeable else None,
         unmerge=_merge_chain(merge_order, reverse=True) if mergeable else None,
         labels=lambda delta: {t.name: t.labels(delta[t.name]) for t in flat},
+        group_lr={k: v for t in flat for k, v in t.group_lr.items()},
         finalize=lambda delta: {t.name: t.finalize(delta[t.name]) for t in flat},
         stats=lambda delta: {f"{t.name}.{k}": v for t in flat for k, v in t.stats(delta[t.name]).items()},
         adds_tokens=any(t.adds_tokens for t in flat),

@@ -4,7 +4,9 @@ For a target ``Dense`` with kernel ``W (d_in, d_out)`` the adapted layer compute
 
     h = x W + b + s · (dropout(x) A) B,      A (d_in, r),  B (r, d_out),  s = α / r
 
-(``s = α / √r`` with ``use_rslora``, Kalajdzievski 2023). ``B = 0`` at init, so a fresh delta
+(``s = α / √r`` with ``use_rslora``, Kalajdzievski 2023). LoRA+ (Hayou et al., 2024,
+arXiv:2402.12354) trains ``B`` at ``lr_ratio`` times ``A``'s learning rate (the paper's default
+16): the ``B`` leaves are the optimizer group ``"<name>_B"`` with that multiplier. ``B = 0`` at init, so a fresh delta
 leaves the model unchanged. Training uses the factored form and never builds ``W + s·AB``;
 :func:`merge` folds it into the kernel for zero-overhead inference and :func:`unmerge` takes it
 back out. The delta mirrors the parameter tree: ``{..., "query": {"lora_A": A, "lora_B": B}}``.
@@ -66,6 +68,10 @@ class LoraConfig:
     bias: str = dataclasses.field(
         default="none", metadata={"help": "train biases too: 'none', 'all' or 'lora_only'"}
     )
+    lr_ratio: float = dataclasses.field(
+        default=1.0, metadata={"help": "LoRA+ (Hayou et al., 2024): B's learning rate is lr_ratio "
+                                       "times A's (the paper's default: 16; 1: plain LoRA)"}
+    )
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -76,6 +82,10 @@ class LoraConfig:
             raise ValueError(f"lora.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not (isinstance(self.lr_ratio, (int, float)) and math.isfinite(self.lr_ratio)
+                and self.lr_ratio > 0):
+            raise ValueError(f"lora.lr_ratio must be a finite number > 0 (16 in the LoRA+ paper), "
+                             f"got {self.lr_ratio!r}")
 
 
 def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
@@ -187,10 +197,20 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
             flat[f"{path}/kernel"] = (kernel + sign * scale * update).astype(kernel.dtype)
         return P.unflatten(flat)
 
+    plus = config.lr_ratio != 1.0
+    group_b = f"{name}_B"
+
+    def labels(delta: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: group_b if plus and getattr(path[-1], "key", None) == "lora_B" else "default",
+            delta)
+
     return Transform(
         name=name,
         config=config,
         init=init,
+        labels=labels,
+        group_lr={group_b: float(config.lr_ratio)} if plus else {},
         layer_hook=layer_hook,
         delta_layout=lambda path, leaf: ("stack", "in", "rank") if leaf == "lora_A" else ("stack", "rank", "out"),
         trainable_base=trainable_base,

@@ -209,7 +209,9 @@ class Trainer:
                 "base": P.unflatten(base_labels(P.flatten(trainable["base"]), self.head_paths))}
 
     def optimizer(self, trainable: dict[str, Any]) -> optax.GradientTransformation:
-        return make_optimizer(self.optim_config, self.labels(trainable), self.total_steps,
+        config = dataclasses.replace(
+            self.optim_config, group_lr={**self.transform.group_lr, **self.optim_config.group_lr})
+        return make_optimizer(config, self.labels(trainable), self.total_steps,
                               self.transform.stage_starts(self.total_steps))
 
     def init_state(self, rng: jax.Array) -> TrainState:

@@ -163,3 +163,27 @@ def test_minilm_count_equals_hf_peft(minilm_dir):
     counts = trainer.counts(trainer.init_state(jax.random.key(0)))
     assert counts.trainable == 74_498
     assert counts.total == 22_713_986 + 73_728
+
+
+def test_lora_plus_trains_b_at_lr_ratio_times_a():
+    """LoRA+: with Adam's first step (update = lr · sign(g)), |ΔB| = lr_ratio · |ΔA|; the plain
+    config keeps one group."""
+    import optax
+
+    from jpeft.train.optim import OptimConfig, make_optimizer
+
+    delta = {"q": {"lora_A": jnp.ones((4, 2)), "lora_B": jnp.ones((2, 3))}}
+    grads = jax.tree_util.tree_map(lambda x: 0.3 * jnp.ones_like(x), delta)
+    plain = lora(LoraConfig())
+    assert set(jax.tree_util.tree_leaves(plain.labels(delta))) == {"default"} and plain.group_lr == {}
+    method = lora(LoraConfig(lr_ratio=16.0))
+    assert method.group_lr == {"lora_B": 16.0}
+    config = OptimConfig(lr=1e-3, weight_decay=0.0, warmup_ratio=0.0, schedule="constant",
+                         group_lr=dict(method.group_lr))
+    tx = make_optimizer(config, method.labels(delta), 10)
+    updates, _ = tx.update(grads, tx.init(delta), delta)
+    step_a = float(jnp.abs(updates["q"]["lora_A"]).max())
+    step_b = float(jnp.abs(updates["q"]["lora_B"]).max())
+    np.testing.assert_allclose(step_b / step_a, 16.0, rtol=1e-4)
+    with pytest.raises(ValueError, match="lr_ratio"):
+        LoraConfig(lr_ratio=0.0)
