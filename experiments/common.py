@@ -432,7 +432,9 @@ class Saver:
     def describe(self, step: int | None) -> str:
         if step is None:
             return "No checkpoint of this run holds a finite state."
-        return f"The newest checkpoint, {self.manager.directory}/{step}, holds the last finite state."
+        return (f"The newest checkpoint, {self.manager.directory}/{step}, holds the last finite state "
+                "(it may already carry the start of the divergence: to start over with a lower "
+                "--lr, pass --resume=false; the old files are moved aside).")
 
 
 def checkpointing(cfg: Any, out_dir: Path, trainer: Any, state: Any, base: Any, total_steps: int,

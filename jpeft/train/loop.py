@@ -155,15 +155,15 @@ class _Guard:
         loss = metrics.get("loss")
         if loss is None:
             return None
-        if self.start_loss is None:
+        if self.start_loss is None:  # during the first steps: compare with the earlier ones
+            reference = float(np.mean(self._first)) if self._first else None
             self._first.append(loss)
             if len(self._first) >= START_STEPS or step >= self.config.total_steps:
                 self.start_loss = float(np.mean(self._first))
-            reference = float(np.mean(self._first))
         else:
             reference = self.start_loss
         factor = self.config.divergence_factor
-        if factor is not None and reference > 0 and loss > factor * reference:
+        if factor is not None and reference is not None and reference > 0 and loss > factor * reference:
             return (f"training diverged at step {step}: the loss {loss:.6g} is more than {factor:g}x "
                     f"its start ({reference:.4g}). {self._cause(step)} (LoopConfig.divergence_factor"
                     " / --divergence-factor sets this threshold.)")
