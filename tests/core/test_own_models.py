@@ -290,3 +290,48 @@ def test_a_bank_on_the_nnx_model_runs_each_example_with_its_own_delta(twins):
     for row, k in enumerate(index.tolist()):
         alone = jpeft.apply(nnx_model, inner, params, select(deltas, k)["adapters"], ids[row:row + 1])
         np.testing.assert_allclose(mixed[row], alone[0], rtol=1e-4, atol=1e-5)
+
+
+class NnxWithDropout(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc = nnx.Linear(8, 8, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(self.fc(x))
+
+
+class LinenWithTrainFlag(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return nn.Dropout(0.5, deterministic=not train)(nn.Dense(8, name="fc")(x))
+
+
+@pytest.mark.parametrize("backend", ["linen", "nnx"])
+def test_training_mode_and_dropout_keys_come_from_the_context(backend):
+    x = jnp.ones((4, 8))
+    if backend == "nnx":
+        model, params = jpeft.from_nnx(NnxWithDropout(nnx.Rngs(0, dropout=1)))
+        plain = model.module(params)
+        plain.eval()
+        base_out = plain(x)
+    else:
+        model = LinenWithTrainFlag()
+        params = model.init(KEY, x, False)["params"]
+        base_out = model.apply({"params": params}, x, False)
+    method = lora(LoraConfig(targets="fc$"))
+    delta = method.init(KEY, params)
+    run = lambda ctx: jpeft.apply(model, method, params, delta, x, ctx=ctx)
+    np.testing.assert_allclose(run(jpeft.ApplyContext()), base_out, rtol=1e-6)  # eval: no dropout
+    one = run(jpeft.ApplyContext(train=True, rng=jax.random.key(1)))
+    again = run(jpeft.ApplyContext(train=True, rng=jax.random.key(1)))
+    other = run(jpeft.ApplyContext(train=True, rng=jax.random.key(2)))
+    np.testing.assert_array_equal(one, again)
+    assert float(jnp.abs(one - other).max()) > 0 and float((one == 0).mean()) > 0.2
+
+
+def test_an_unsplit_nnx_module_is_refused_with_the_call_to_make():
+    module = M.NnxMLP(nnx.Rngs(0))
+    method = lora(LoraConfig(targets="fc1$"))
+    with pytest.raises(TypeError, match=r"jpeft.from_nnx"):
+        jpeft.apply(module, method, {}, {}, jnp.ones((2, 8)))
