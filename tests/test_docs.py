@@ -208,19 +208,9 @@ nnx_mlp = NnxMLP(nnx.Rngs(0))
 """,
 }
 
-_SHADOWED = ("`jpeft.methods.{n}.{n}(...)`: the package jpeft.methods re-exports the factory `{n}` under "
-             "the module's own name, so `jpeft.methods.{n}` is the function, not the module "
-             "(AttributeError); `jpeft.{n}(...)` works")
-
 # module -> why its Example:: block does not run (an expected failure until its docstring is fixed;
 # a fixed one shows as XPASS in the summary: then delete its entry)
-BROKEN_EXAMPLES: dict[str, str] = {
-    "jpeft.methods.ia3": _SHADOWED.format(n="ia3"),
-    "jpeft.methods.prefix": _SHADOWED.format(n="prefix"),
-    "jpeft.methods.prompt": _SHADOWED.format(n="prompt"),
-    "jpeft.methods.ptuning": _SHADOWED.format(n="ptuning"),
-    "jpeft.methods.ptuning2": _SHADOWED.format(n="ptuning2"),
-}
+BROKEN_EXAMPLES: dict[str, str] = {}
 
 
 def _module_name(path: Path) -> str:

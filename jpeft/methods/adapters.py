@@ -34,7 +34,7 @@ they run in sequence: the later one adapts the earlier one's output.
 
 Example::
 
-    method = jpeft.methods.adapters.houlsby(AdapterConfig(size=64, activation="swish"))
+    method = jpeft.houlsby(AdapterConfig(size=64, activation="swish"))
     delta = method.init(jax.random.key(0), base, model.info())
 """
 

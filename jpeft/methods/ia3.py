@@ -36,7 +36,7 @@ layers stacked by ``nn.scan`` / ``nnx.scan`` get one vector per layer, ``(*stack
 
 Example::
 
-    method = jpeft.methods.ia3.ia3(IA3Config())
+    method = jpeft.ia3(IA3Config())
     delta = method.init(jax.random.key(0), base, model.info())
 """
 

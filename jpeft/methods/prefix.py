@@ -49,7 +49,7 @@ their learning rate separately from the task head.
 
 Example::
 
-    method = jpeft.methods.prefix.prefix(PrefixConfig(num_virtual_tokens=20, projection=True))
+    method = jpeft.prefix(PrefixConfig(num_virtual_tokens=20, projection=True))
     delta = method.init(jax.random.key(0), base, model.info())
     kept = method.finalize(delta)   # {"prefix": (20, L·2·H·Dh)}, no MLP
 """

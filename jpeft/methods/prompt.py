@@ -39,7 +39,7 @@ are used.
 
 Example::
 
-    method = jpeft.methods.prompt.prompt(PromptConfig(num_virtual_tokens=20, init="vocab"))
+    method = jpeft.prompt(PromptConfig(num_virtual_tokens=20, init="vocab"))
     delta = method.init(jax.random.key(0), base, model.info())     # {"prompt": (20, D)}
 """
 

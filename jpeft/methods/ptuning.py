@@ -35,7 +35,7 @@ holds instead is prompt tuning's with ``E'`` as the prompt. Not mergeable.
 
 Example::
 
-    method = jpeft.methods.ptuning.ptuning(PTuningConfig(num_virtual_tokens=20, encoder_hidden=128))
+    method = jpeft.ptuning(PTuningConfig(num_virtual_tokens=20, encoder_hidden=128))
     delta = method.init(jax.random.key(0), base, model.info())
     kept = method.finalize(delta)    # {"prompt": (20, D)}
 """

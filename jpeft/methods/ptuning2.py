@@ -15,7 +15,7 @@ maps its config onto :class:`~jpeft.methods.prefix.PrefixConfig`; all the machin
 
 Example::
 
-    method = jpeft.methods.ptuning2.ptuning2(PTuningV2Config(num_virtual_tokens=20))
+    method = jpeft.ptuning2(PTuningV2Config(num_virtual_tokens=20))
 """
 
 from __future__ import annotations
