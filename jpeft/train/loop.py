@@ -181,8 +181,9 @@ class _Guard:
 
 
 def _cpu_device() -> Any:
+    """This process's first CPU device (``None`` when there is none)."""
     try:
-        return jax.devices("cpu")[0]
+        return jax.local_devices(backend="cpu")[0]
     except RuntimeError:
         return None
 

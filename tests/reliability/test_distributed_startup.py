@@ -48,3 +48,25 @@ def test_incomplete_settings_are_refused_up_front(kwargs, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="coordinator address"):
         distributed.initialize(**kwargs)
+
+
+@pytest.mark.slow
+def test_two_process_glue_run_reads_metrics_and_checks_the_state_on_each_process(tmp_path):
+    """The loop's read-back, learning rate and finiteness check work when the state spans two
+    processes (each with one CPU device)."""
+    from tests.reliability.tiny_cli import glue_args, tiny_glue_dir, tiny_model_dir
+
+    model, data = tiny_model_dir(tmp_path), tiny_glue_dir(tmp_path)
+    address = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "experiments.glue",
+         *glue_args(model, data, tmp_path / "run", "--eval-batch-size=8"),
+         f"--coordinator-address={address}", "--num-processes=2", f"--process-id={i}",
+         "--coordinator-timeout=120"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in (0, 1)]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+        assert "[summary]" in out
