@@ -211,8 +211,8 @@ class CheckpointManager:
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} was made on another base model "
                 f"({meta.get('base_model')!r}): expected base fingerprint {saved}, found {fingerprint}. "
-                "Load the base it was trained on, or pass allow_base_mismatch=True "
-                "(--allow-base-mismatch) to restore anyway."
+                "Load the base it was trained on, start afresh (--resume=false), or pass "
+                "allow_base_mismatch=True (--allow-base-mismatch) to restore anyway."
             )
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _to_saveable(like))

@@ -214,6 +214,12 @@ def test_resume_refuses_another_configuration(capsys, world, tmp_path, flag, nee
     assert {p.name: p.stat().st_mtime for p in out.iterdir()} == before  # nothing touched
 
 
+def test_resume_refuses_another_base_model(capsys, world, tmp_path):
+    out = _copy_run(world, tmp_path)
+    other = tiny_model_dir(world["root"], seed=1)
+    refused(capsys, glue_args(other, world["data"], out), "another base model", "--resume=false")
+
+
 def test_a_fresh_start_moves_the_old_run_aside_and_keeps_foreign_files(capsys, world, tmp_path):
     out = _copy_run(world, tmp_path)
     (out / "checkpoints" / "notes.txt").write_text("mine")

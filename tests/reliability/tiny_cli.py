@@ -12,20 +12,21 @@ WORDS = ["good", "bad", "great", "awful", "fine", "poor", "nice", "dull", "film"
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def tiny_model_dir(root: Path) -> Path:
-    """``root/model``: a 2-layer BERT (hidden 16) as a Hugging Face folder with a WordPiece vocab."""
+def tiny_model_dir(root: Path, seed: int = 0) -> Path:
+    """``root/model`` (``root/model-<seed>`` for another seed): a 2-layer BERT (hidden 16) as a
+    Hugging Face folder with a WordPiece vocab."""
     import jax
 
     from jpeft.checkpoint.export import export_merged_hf
     from jpeft.methods import build
     from tests.helpers import tiny_bert
 
-    folder = root / "model"
+    folder = root / ("model" if seed == 0 else f"model-{seed}")
     if (folder / "model.safetensors").is_file():
         return folder
-    model, params = tiny_bert()
+    model, params = tiny_bert(seed=seed)
     vocab = SPECIAL + WORDS + [f"w{i}" for i in range(64 - len(SPECIAL) - len(WORDS))]
-    tok = root / "tok"
+    tok = root / f"tok-{seed}"
     tok.mkdir(parents=True, exist_ok=True)
     (tok / "vocab.txt").write_text("\n".join(vocab) + "\n")
     (tok / "tokenizer_config.json").write_text('{"do_lower_case": true, "model_max_length": 40}')
