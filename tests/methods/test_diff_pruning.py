@@ -270,7 +270,7 @@ def test_labels():
     t = diff_pruning()
     labels = t.labels(t.init(jax.random.key(0), params, model.info()))
     assert set(jax.tree_util.tree_leaves(labels["w"])) == {"default"}
-    assert set(jax.tree_util.tree_leaves(labels["logits"])) == {"gates"}
+    assert set(jax.tree_util.tree_leaves(labels["logits"])) == {"gates_no_decay"}
 
 
 def test_jit_and_no_jit_agree():

@@ -25,7 +25,10 @@ from jpeft.models.bert import BertConfig, BertModel, init_params
 from jpeft.train.trainer import Trainer
 from tests.helpers import perturb, tiny_batch, tiny_bert
 
-GRAD_TOL = 1e-6  # relative to the largest gradient entry of the tree
+# relative to the largest gradient entry of the tree; float32 rounding differs with the fusions
+# XLA picks for the recomputed pass: 1.5e-7 to 5.4e-7 on an Intel Xeon, 1.6e-6 for prefix tuning on
+# Llama on an AMD EPYC (the same at the revision before the layer-hook change)
+GRAD_TOL = 5e-6
 LOSS_TOL = 1e-6
 
 METHODS = ["full", "lora", "houlsby", "pfeiffer", "ia3", "prompt", "ptuning", "prefix", "ptuning2",
