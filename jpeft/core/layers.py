@@ -369,6 +369,8 @@ def kernel_spec(path: str, stored_shape: Sequence[int], layers: Mapping[str, Lay
     error that says how to describe the model."""
     if path in layers:
         spec = layers[path]
+        if not spec.stack and len(stored_shape) > len(spec.kernel_shape):
+            spec = spec.with_stack(stored_shape)
         if spec.kind not in KINDS:
             raise UnsupportedLayerError(
                 f"{what}: " + (spec.note or f"the layer at '{path}' is a {spec.module}, which "

@@ -86,7 +86,7 @@ def group_by_module(delta: Any) -> dict[str, dict[str, jax.Array]]:
     return out
 
 
-def _run_hooks(parts: Sequence[HookPart], path: str, leaves_of: Callable[[str], Mapping | None],
+def _run_hooks(parts: Sequence[HookPart], leaves_of: Callable[[str], Mapping | None],
                call: Callable[[jax.Array], jax.Array], x: jax.Array, layer: Layer) -> jax.Array:
     """Chain the parts' hooks around ``call`` (a later part wraps an earlier one)."""
     for part in parts:
@@ -127,7 +127,7 @@ def _linen_layer_interceptor(parts: Sequence[HookPart], targets: set[str], seen:
         index = injected.get(LAYER_INDEX)
         layer = Layer(path, spec, index if index is not None and index.ndim == 0 else None)
         call = lambda x: next_fun(x, *args[1:], **kwargs)
-        return _run_hooks(parts, path, injected.get, call, args[0], layer)
+        return _run_hooks(parts, injected.get, call, args[0], layer)
 
     return intercept
 
@@ -343,7 +343,7 @@ def _nnx_call(original: Callable[..., Any]) -> Callable[..., Any]:
             return {k[len(prefix):]: v.get_value() for k, v in attrs.items() if k.startswith(prefix)}
 
         call = lambda v: original(self, v, *args, **kwargs)
-        return _run_hooks(_ACTIVE_PARTS[-1], path, leaves_of, call, x, layer)
+        return _run_hooks(_ACTIVE_PARTS[-1], leaves_of, call, x, layer)
 
     __call__.__wrapped__ = original  # type: ignore[attr-defined]
     return __call__

@@ -158,8 +158,6 @@ def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
                 )
             kernel = flat[f"{path}/kernel"]
             spec = L.kernel_spec(path, kernel.shape, layers, "ia3 merge")
-            if len(kernel.shape) > len(spec.kernel_shape) and not spec.stack:
-                spec = spec.with_stack(kernel.shape)
             group = _group(config, path)
             factor = L.broadcast_group(spec, scale, group)
             flat[f"{path}/kernel"] = (kernel / factor if inverse else kernel * factor).astype(kernel.dtype)

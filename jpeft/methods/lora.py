@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jpeft.core import layers as L
 from jpeft.core import paths as P
 from jpeft.core.dropout import dropout
+from jpeft.core.model import group_by_module
 from jpeft.core.paths import layer_index
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 
@@ -187,12 +188,10 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
     def _fold(params: P.Params, delta: Any, sign: float, info: ModelInfo | None) -> P.Params:
         flat = P.flatten(params)
         layers = resolve_info(info).layers
-        for path, leaves in _modules(delta).items():
+        for path, leaves in group_by_module(delta).items():
             _, scale = rank_and_scale(config, path)
             kernel = flat[f"{path}/kernel"]
             spec = L.kernel_spec(path, kernel.shape, layers, "lora merge")
-            if len(spec.stack) == 0 and len(kernel.shape) > len(spec.kernel_shape):
-                spec = spec.with_stack(kernel.shape)
             update = L.low_rank_kernel(spec, leaves["lora_A"], leaves["lora_B"])
             flat[f"{path}/kernel"] = (kernel + sign * scale * update).astype(kernel.dtype)
         return P.unflatten(flat)
@@ -217,9 +216,3 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
         merge=lambda params, delta, info=None: _fold(params, delta, 1.0, info),
         unmerge=lambda params, delta, info=None: _fold(params, delta, -1.0, info),
     )
-
-
-def _modules(delta: Any) -> dict[str, dict[str, jax.Array]]:
-    from jpeft.core.model import group_by_module
-
-    return group_by_module(delta)

@@ -103,8 +103,6 @@ def delta_rules(transform: Any, delta: Any, base: Any, info: Any, mesh: Mesh, ru
         for module, leaves in group_by_module(sub).items():
             kernel = flat_base[f"{module}/kernel"]
             spec = L.kernel_spec(module, kernel.shape, info.layers, part.name)
-            if not spec.stack and len(kernel.shape) > len(spec.kernel_shape):
-                spec = spec.with_stack(kernel.shape)
             kernel_spec = leaf_spec(f"{module}/kernel", tuple(kernel.shape), mesh, rules, min_shard_size)
             for leaf in leaves:
                 pspec = L.follow_kernel(spec, tuple(kernel_spec), part.delta_layout(module, leaf))
