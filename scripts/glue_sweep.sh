@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The seeded GLUE sweep of results/glue/PLAN.md, in its order: the cells that ended at or below the
 # majority class first (seed 0), the jpeft/PEFT comparison (SST-2 and MRPC, LoRA and full
-# fine-tuning, seeds 0-2, both libraries), seeds 1 and 2 of the failing cells, then every other
-# cell. Each step is one process (one run at a time); finished runs are skipped, so running this
-# script again resumes where it stopped. A failed run does not stop the later steps.
+# fine-tuning, both libraries; seed 0 early, after the first CoLA cells, then seeds 1-2), seeds 1
+# and 2 of the failing cells, then every other cell. Each step is one process (one run at a
+# time); finished runs are skipped, so running this script again resumes where it stopped. A failed run does not stop the later steps.
 #
 #   PYTHON=/path/to/python OUT=results/glue bash scripts/glue_sweep.sh
 set -u
@@ -19,17 +19,19 @@ step() {
     echo "=== $(date -u +%FT%TZ) sweep $*"
     "$PYTHON" -m experiments.sweep --out="$OUT" "$@" || status=1
 }
+compare() {  # jpeft against Hugging Face PEFT on the same recipe: jpeft's cells, then PyTorch's
+    step --tasks=sst2,mrpc --methods=lora,full --seeds="$1"
+    echo "=== $(date -u +%FT%TZ) peft_compare --seeds=$1"
+    "$PYTHON" -m experiments.peft_compare --tasks=sst2,mrpc --methods=lora,full --seeds="$1" \
+        --out="$OUT/peft_compare" --jpeft="$OUT" || status=1
+}
+step --tasks=cola --methods=pfeiffer,ia3,bitfit --seeds=0  # done or in progress before seed 0 of the comparison
+compare 0
 for seeds in 0 1,2; do
     step --tasks=cola --methods=$COLA_FAILING --seeds=$seeds
     step --tasks=rte --methods=$RTE_FAILING --seeds=$seeds
     step --tasks=stsb --methods=$STSB_FAILING --seeds=$seeds
-    if [ "$seeds" = 0 ]; then
-        # jpeft against Hugging Face PEFT on the same recipe: jpeft's cells, then PyTorch's
-        step --tasks=sst2,mrpc --methods=lora,full --seeds=0,1,2
-        echo "=== $(date -u +%FT%TZ) peft_compare"
-        "$PYTHON" -m experiments.peft_compare --tasks=sst2,mrpc --methods=lora,full --seeds=0,1,2 \
-            --out="$OUT/peft_compare" --jpeft="$OUT" || status=1
-    fi
+    if [ "$seeds" = 0 ]; then compare 1,2; fi
 done
 step --tasks=cola,rte,mrpc,stsb --methods=$ALL --seeds=0,1,2
 step --tasks=sst2 --methods=$ALL --seeds=0,1
