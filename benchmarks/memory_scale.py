@@ -48,6 +48,7 @@ from jpeft.train.trainer import (
     Trainer,
     TrainState,
     classification_loss,
+    head_paths,
     trainable_base_paths,
 )
 
@@ -65,15 +66,25 @@ def abstract_trainer(config: BertConfig, base_dtype: str) -> tuple[Trainer, Any,
     model = BertModel(dataclasses.replace(config, dtype=base_dtype))
     ids = jnp.ones((1, 4), jnp.int32)
     base = jax.eval_shape(lambda k: model.init(k, ids, ids, ids)["params"], jax.random.key(0))
-    base = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), base)
     transform = lora(LoraConfig(r=8, alpha=16.0, targets=r"(query|value)$"))
+    cast = lambda frozen: {k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(base_dtype)) for k, v in frozen.items()}
+    return trainer_over(model, transform, base, _float32_loss,
+                        ("input_ids", "attention_mask", "token_type_ids"), cast)
+
+
+def trainer_over(model: Any, transform: Any, base: Any, loss: Any, model_inputs: tuple[str, ...],
+                 cast_frozen: Any) -> tuple[Trainer, Any, dict[str, Any]]:
+    """:func:`abstract_trainer` for any model: ``base`` abstract (float32), ``cast_frozen`` maps
+    the abstract frozen leaves (flat dict) to the frozen tree the step takes."""
+    base = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), base)
     trainer = Trainer.__new__(Trainer)  # Trainer.__init__ places real arrays on devices
     trainer.model, trainer.transform, trainer.info = model, transform, model.info()
-    trainer.loss, trainer.model_inputs = _float32_loss, ("input_ids", "attention_mask", "token_type_ids")
+    trainer.loss, trainer.model_inputs = loss, model_inputs
     trainer.optim_config, trainer.total_steps = OptimConfig(), 1000
     trainer.base_trainable_paths = trainable_base_paths(transform, base, trainer.info)
+    trainer.head_paths = frozenset(head_paths(base, trainer.info))
     trainable_flat, frozen = P.partition(base, trainer.base_trainable_paths)
-    frozen = {k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(base_dtype)) for k, v in frozen.items()}
+    frozen = cast_frozen(frozen)
     info = trainer.info
     delta = jax.eval_shape(lambda k, b: transform.init(k, b, info), jax.random.key(0),
                            P.combine(trainable_flat, frozen))
@@ -89,20 +100,11 @@ def measure(config: BertConfig, fsdp: int, remat: bool, base_dtype: str, batch: 
             ) -> dict[str, Any]:
     config = dataclasses.replace(config, remat=remat)
     trainer, state, frozen = abstract_trainer(config, base_dtype)
-    mesh = S.make_mesh(f"data={DEVICES // fsdp},fsdp={fsdp}")
-    state_sh, frozen_sh = S.tree_shardings(state, mesh), S.tree_shardings(frozen, mesh)
-    batch_sh = S.batch_sharding(mesh)
     abstract_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32)
                       for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
     abstract_batch["labels"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
     abstract_batch["weights"] = jax.ShapeDtypeStruct((batch,), jnp.float32)
-    step = jax.jit(trainer._train_step, donate_argnums=(0,),
-                   in_shardings=(state_sh, frozen_sh, batch_sh),
-                   out_shardings=(state_sh, S.replicated(mesh)))
-    t0 = time.perf_counter()
-    compiled = step.lower(state, frozen, abstract_batch).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
+    mem, compile_s = compiled_memory(trainer, state, frozen, abstract_batch, fsdp)
 
     def residuals(trainable, frozen, batch):
         loss = lambda t: trainer._loss(t, frozen, batch, jax.random.key(0))[0]
@@ -121,6 +123,21 @@ def measure(config: BertConfig, fsdp: int, remat: bool, base_dtype: str, batch: 
         "temp_bytes": int(mem.temp_size_in_bytes), "alias_bytes": int(mem.alias_size_in_bytes),
         "saved_activation_bytes": int(activations), "compile_s": round(compile_s, 1),
     }
+
+
+def compiled_memory(trainer: Trainer, state: Any, frozen: Any, abstract_batch: dict[str, Any],
+                    fsdp: int) -> tuple[Any, float]:
+    """The ``memory_analysis()`` of ``trainer``'s train step compiled (not run) on a
+    ``data × fsdp`` mesh of the :data:`DEVICES` devices, and the compile time in seconds."""
+    mesh = S.make_mesh(f"data={DEVICES // fsdp},fsdp={fsdp}")
+    state_sh, frozen_sh = S.tree_shardings(state, mesh), S.tree_shardings(frozen, mesh)
+    batch_sh = S.batch_sharding(mesh)
+    step = jax.jit(trainer._train_step, donate_argnums=(0,),
+                   in_shardings=(state_sh, frozen_sh, batch_sh),
+                   out_shardings=(state_sh, S.replicated(mesh)))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, abstract_batch).compile()
+    return compiled.memory_analysis(), time.perf_counter() - t0
 
 
 def markdown_table(rows: list[dict[str, Any]], title: str) -> str:

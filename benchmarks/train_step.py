@@ -136,17 +136,22 @@ def worker_jpeft(config: str, steps: int, batch: int, length: int, matmul_dtype:
             "trainable": P.count_params(state.trainable), "peak_rss_mb": _peak_rss_mb()}
 
 
-def worker_peft(config: str, steps: int, batch: int, length: int, matmul_dtype: str) -> dict[str, Any]:
+def worker_peft(config: str, steps: int, batch: int, length: int, matmul_dtype: str,
+                model_dir: str | None = None) -> dict[str, Any]:
+    """``model_dir``: MiniLM's folder (``None``: resolved through jpeft, which imports JAX into
+    this process and so adds JAX's memory to its peak RSS)."""
     import contextlib
 
     import torch
     import transformers
 
-    from jpeft.models.hub import resolve_model_dir
-
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    path = str(resolve_model_dir("sentence-transformers/all-MiniLM-L6-v2"))
+    if model_dir is None:
+        from jpeft.models.hub import resolve_model_dir
+
+        model_dir = str(resolve_model_dir("sentence-transformers/all-MiniLM-L6-v2"))
+    path = model_dir
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     ids, mask, types, labels = (torch.as_tensor(x).long() for x in _batch_arrays(batch, length))
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if matmul_dtype == "bfloat16"

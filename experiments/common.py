@@ -1,9 +1,11 @@
-"""What the experiment CLIs (``experiments.glue``, ``experiments.e2e``) share: the training
-flags, the layering of TOML configs, building the method, casting the frozen base, and
-checkpointing/resuming a run directory.
+"""What the experiment CLIs (``experiments.glue``, ``experiments.e2e``) share: the run config
+(nested dataclasses), the layering of TOML configs, building the method, casting the frozen base,
+and checkpointing/resuming a run directory.
 
-Settings are layered: the dataclass defaults < the experiment's TOML layers (see
-:func:`method_layers`) < ``--config=FILE`` < command-line flags.
+Settings are layered (:func:`jpeft.config.parse`): the dataclass defaults < the experiment's TOML
+layers (see :func:`method_layers`) < ``--config=FILE`` < command-line flags. A flag and a TOML key
+have the same name: ``lr``, ``batch_size`` (the :data:`~jpeft.config.Flat` groups below keep
+their fields' own names) and ``lora.r`` (one group per method).
 """
 
 from __future__ import annotations
@@ -14,60 +16,23 @@ import json
 import math
 import os
 import sys
-import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from jpeft.config import Flat, parse, read_toml
+from jpeft.methods import REGISTRY
+from jpeft.train.optim import OptimConfig, check_number
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BASE_DTYPES = ("float32", "bfloat16")
-Field = tuple[str, Any, dataclasses.Field]
+Layers = list[tuple[str, Mapping[str, Any]]]
+Run = TypeVar("Run", bound="RunConfig")
 
-
-def training_fields(*, method: str = "lora", model: str, epochs: float = 1.0, batch_size: int = 32,
-                    eval_batch_size: int = 128, max_length: int = 128, lr: float = 5e-4) -> list[Field]:
-    """The flags every experiment has (model, data, schedule, optimizer, logging, scale,
-    checkpointing); defaults that differ between experiments are arguments."""
-    f = dataclasses.field
-    return [
-        ("method", str, f(default=method, metadata={"help": "method or '+'-joined combination"})),
-        ("model", str, f(default=model, metadata={"help": "model folder, Hub id or .gguf file"})),
-        ("data_dir", str | None, f(default=None, metadata={"help": "folder with the data files (default: ../shared/data/<dataset>, else the Hub)"})),
-        ("output_dir", str | None, f(default=None, metadata={"help": "run directory (default runs/<task>-<method>-s<seed>)"})),
-        ("epochs", float, f(default=epochs, metadata={"help": "passes over the training set (ignored with --max-steps)"})),
-        ("max_steps", int | None, f(default=None, metadata={"help": "train exactly this many steps (none: --epochs)"})),
-        ("batch_size", int, f(default=batch_size, metadata={"help": "training batch size"})),
-        ("eval_batch_size", int, f(default=eval_batch_size, metadata={"help": "evaluation batch size"})),
-        ("max_length", int, f(default=max_length, metadata={"help": "tokens per example (truncation)"})),
-        ("buckets", tuple[int, ...], f(default=(), metadata={"help": "padded lengths (default: powers of two from 16 to max_length); batches group examples of one bucket"})),
-        ("group_by_length", bool, f(default=True, metadata={"help": "batch examples of the same length bucket together (less padding)"})),
-        ("max_train_samples", int | None, f(default=None, metadata={"help": "use only the first N training examples (none: all)"})),
-        ("seed", int, f(default=0, metadata={"help": "seed for init, data order and dropout"})),
-        ("lr", float, f(default=lr, metadata={"help": "peak learning rate"})),
-        ("weight_decay", float, f(default=0.01, metadata={"help": "AdamW decoupled weight decay"})),
-        ("warmup_ratio", float, f(default=0.06, metadata={"help": "linear warmup fraction of the steps"})),
-        ("schedule", str, f(default="linear", metadata={"help": "linear, cosine or constant"})),
-        ("clip_norm", float, f(default=1.0, metadata={"help": "gradient clipping by global norm (0: off)"})),
-        ("group_lr", dict[str, float], f(default_factory=dict, metadata={"help": "lr multiplier per parameter group (head: the task head)"})),
-        ("group_weight_decay", dict[str, float], f(default_factory=dict, metadata={"help": "weight decay per parameter group"})),
-        ("eval_every", int | None, f(default=None, metadata={"help": "evaluate every N steps (none: 4 times per run)"})),
-        ("log_every", int, f(default=1, metadata={"help": "log training metrics every N steps"})),
-        ("progress", bool, f(default=True, metadata={"help": "show a progress bar"})),
-        ("mesh", str | None, f(default=None, metadata={"help": "device mesh, e.g. 'data=4,fsdp=2' (default: all devices on data when there are several)"})),
-        ("remat", bool, f(default=False, metadata={"help": "rematerialise each transformer layer (recompute activations in the backward pass: less memory, more compute)"})),
-        ("base_dtype", str, f(default="float32", metadata={"help": "dtype of the frozen base and of the model's compute: float32 or bfloat16 (the delta, trained base leaves, gradients and optimizer state stay float32)"})),
-        ("matmul_dtype", str, f(default="float32", metadata={"help": "operand dtype of the transformer's matmuls: float32, or bfloat16 (bf16 products accumulated in float32, forward and backward; uses AMX on recent x86 CPUs and tensor cores on GPUs)"})),
-        ("save_every", int | None, f(default=None, metadata={"help": "checkpoint every N steps (none: at each evaluation and at the end; -1: never)"})),
-        ("keep_checkpoints", int, f(default=2, metadata={"help": "how many recent checkpoints to keep (>= 1)"})),
-        ("resume", bool, f(default=True, metadata={"help": "continue from the run directory's latest checkpoint if there is one; false: start afresh (an earlier run's files are moved into superseded-<time>/, never deleted)"})),
-        ("divergence_factor", float | None, f(default=10.0, metadata={"help": "stop when a step's loss exceeds this many times the run's starting loss (none: stop only on non-finite values)"})),
-        ("allow_base_mismatch", bool, f(default=False, metadata={"help": "restore a checkpoint made on another base model"})),
-    ]
-
-
-# The numeric flags' allowed values: (low, high, low inclusive, high inclusive, integer, how
-# to write "unset" (None allowed) or a special value, and what it means). Checked by the config
-# class's __post_init__, so a TOML layer, --config file and flag are all checked alike.
+# The numeric flags' allowed values: (low, high, low inclusive, high inclusive, integer, how to
+# write "unset" (None allowed) or a special value, and what it means). Each group's
+# __post_init__ checks its fields (:func:`check_ranges`), so a TOML layer, --config file and flag
+# are all checked alike; OptimConfig checks its own.
 INT, REAL = True, False
 RANGES: dict[str, tuple[float, float, bool, bool, bool, str]] = {
     "epochs": (0, math.inf, False, False, REAL, ""),
@@ -77,10 +42,6 @@ RANGES: dict[str, tuple[float, float, bool, bool, bool, str]] = {
     "max_length": (2, math.inf, True, False, INT, ""),
     "max_train_samples": (1, math.inf, True, False, INT, "none: all"),
     "seed": (0, 2**32, True, False, INT, ""),
-    "lr": (0, math.inf, False, False, REAL, ""),
-    "weight_decay": (0, math.inf, True, False, REAL, ""),
-    "warmup_ratio": (0, 1, True, False, REAL, ""),
-    "clip_norm": (0, math.inf, True, False, REAL, "0: no clipping"),
     "eval_every": (1, math.inf, True, False, INT, "none: 4 times per run"),
     "log_every": (1, math.inf, True, False, INT, ""),
     "save_every": (1, math.inf, True, False, INT, "none: at each evaluation; -1: never"),
@@ -99,30 +60,118 @@ RANGES: dict[str, tuple[float, float, bool, bool, bool, str]] = {
 SPECIAL = {"save_every": (-1,)}  # values allowed outside the range
 
 
-def validate_training_config(cfg: Any) -> None:
-    """The config class's ``__post_init__``: every numeric flag in its range, the method spec
-    well formed, the group settings finite."""
-    from jpeft.train.optim import check_number
+def check_ranges(group: object) -> None:
+    """Every field of ``cfg`` named in :data:`RANGES` in its range (``ValueError`` naming the flag)."""
+    for f in dataclasses.fields(group):
+        if f.name not in RANGES:
+            continue
+        low, high, low_in, high_in, integer, note = RANGES[f.name]
+        value = getattr(group, f.name)
+        if (value is None and note.startswith("none")) or value in SPECIAL.get(f.name, ()):
+            continue
+        check_number(f"--{f.name.replace('_', '-')}", value, low, high, low_in, high_in, integer, note)
 
-    for name, (low, high, low_in, high_in, integer, note) in RANGES.items():
-        if not hasattr(cfg, name):
-            continue
-        value = getattr(cfg, name)
-        if value is None and note.startswith("none"):
-            continue
-        if value in SPECIAL.get(name, ()):
-            continue
-        check_number(f"--{name.replace('_', '-')}", value, low, high, low_in, high_in, integer, note)
-    for flag in ("group_lr", "group_weight_decay"):
-        for group, value in dict(getattr(cfg, flag, {})).items():
-            check_number(f"--{flag.replace('_', '-')} {group}", value, 0, math.inf, True, False, REAL)
-    for size in tuple(getattr(cfg, "buckets", ())):
-        check_number("--buckets entry", size, 1, math.inf, True, False, INT)
-    check_method_spec(cfg.method)
-    if getattr(cfg, "num_processes", None) is not None and getattr(cfg, "process_id", None) is not None \
-            and cfg.process_id >= cfg.num_processes:
-        raise ValueError(f"--process-id={cfg.process_id} is out of range: give an integer in "
-                         f"[0, {cfg.num_processes}) (--num-processes={cfg.num_processes})")
+
+def setting(default: Any, help: str) -> Any:
+    """A config field with a default and the ``--help`` text of its flag."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    """How the frozen base is stored and computed, and on which devices."""
+
+    base_dtype: str = setting("float32", "dtype of the frozen base and of the model's compute: float32 or bfloat16 (the delta, trained base leaves, gradients and optimizer state stay float32); int8 (per output channel) or nf4 (4-bit NormalFloat, blocks of 64) quantize the frozen matmul weights, computed in float32 (docs/quantized-base.md)")
+    matmul_dtype: str = setting("float32", "operand dtype of the transformer's matmuls: float32, or bfloat16 (bf16 products accumulated in float32, forward and backward; uses AMX on recent x86 CPUs and tensor cores on GPUs)")
+    remat: bool = setting(False, "rematerialise each transformer layer (recompute activations in the backward pass: less memory, more compute)")
+    mesh: str | None = setting(None, "device mesh, e.g. 'data=4,fsdp=2' (default: all devices on data when there are several)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data is, how it is cut and batched."""
+
+    data_dir: str | None = setting(None, "folder with the data files (default: ../shared/data/<dataset>, else the Hub)")
+    max_length: int = setting(128, "tokens per example (truncation)")
+    buckets: tuple[int, ...] = setting((), "padded lengths (default: powers of two from 16 to max_length); batches group examples of one bucket")
+    group_by_length: bool = setting(True, "batch examples of the same length bucket together (less padding)")
+    max_train_samples: int | None = setting(None, "use only the first N training examples (none: all)")
+    batch_size: int = setting(32, "training batch size")
+    eval_batch_size: int = setting(128, "evaluation batch size")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        for size in self.buckets:
+            check_number("--buckets entry", size, 1, math.inf, True, False, INT)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """How long to train, and how often to evaluate and log (the loop's LoopConfig once the
+    number of steps is known)."""
+
+    epochs: float = setting(1.0, "passes over the training set (ignored with --max-steps)")
+    max_steps: int | None = setting(None, "train exactly this many steps (none: --epochs)")
+    eval_every: int | None = setting(None, "evaluate every N steps (none: 4 times per run)")
+    log_every: int = setting(1, "log training metrics every N steps")
+    progress: bool = setting(True, "show a progress bar")
+    divergence_factor: float | None = setting(10.0, "stop when a step's loss exceeds this many times the run's starting loss (none: stop only on non-finite values)")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    """The run directory and its checkpoints."""
+
+    output_dir: str | None = setting(None, "run directory (default runs/<task>-<method>-s<seed>)")
+    save_every: int | None = setting(None, "checkpoint every N steps (none: at each evaluation and at the end; -1: never)")
+    keep_checkpoints: int = setting(2, "how many recent checkpoints to keep (>= 1)")
+    resume: bool = setting(True, "continue from the run directory's latest checkpoint if there is one; false: start afresh (an earlier run's files are moved into superseded-<time>/, never deleted)")
+    allow_base_mismatch: bool = setting(False, "restore a checkpoint made on another base model")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+def default_of(cls: type, **values: Any) -> Any:
+    """A ``default_factory`` giving ``cls(**values)``."""
+    return dataclasses.field(default_factory=lambda: cls(**values))
+
+
+def with_method_fields(cls: type) -> type:
+    """Add one field per registered method (``lora: LoraConfig`` -> ``--lora.r``) to ``cls``
+    before it becomes a dataclass: a method registered in its own file gets its flags here."""
+    for name, spec in REGISTRY.items():
+        cls.__annotations__[name] = spec.config_cls
+        setattr(cls, name, default_of(spec.config_cls))
+    return cls
+
+
+@dataclasses.dataclass(frozen=True)
+@with_method_fields
+class RunConfig:
+    """What every experiment takes: the method and its per-method configs (``--lora.r``), the
+    base model, the seed, and the groups above (their flags unprefixed: ``--lr``, ``--batch-size``)."""
+
+    method: str = setting("lora", "method or '+'-joined combination")
+    model: str = setting("sentence-transformers/all-MiniLM-L6-v2", "model folder, Hub id or .gguf file")
+    seed: int = setting(0, "seed for init, data order and dropout")
+    data: Flat[DataConfig] = default_of(DataConfig)
+    optim: Flat[OptimConfig] = default_of(OptimConfig)
+    loop: Flat[LoopSettings] = default_of(LoopSettings)
+    checkpoint: Flat[CheckpointSettings] = default_of(CheckpointSettings)
+    compute: Flat[ComputeConfig] = default_of(ComputeConfig)
+    # and one field per registered method (with_method_fields)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        check_method_spec(self.method)
+
+    def method_config(self, name: str) -> Any:
+        """The config of method ``name`` (one of :data:`jpeft.methods.REGISTRY`)."""
+        return getattr(self, name)
 
 
 def check_method_spec(spec: str) -> None:
@@ -145,18 +194,6 @@ def check_method_spec(spec: str) -> None:
                      f"spaces, e.g. 'lora' or 'lora+bitfit'. Known methods: {', '.join(REGISTRY)}")
 
 
-def make_config_class(name: str, fields: list[Field]) -> type:
-    """A frozen config dataclass: ``fields`` plus one sub-config per known method; its
-    ``__post_init__`` is :func:`validate_training_config`."""
-    from jpeft.methods import REGISTRY
-
-    fields = list(fields)
-    for method, spec in REGISTRY.items():
-        fields.append((method, spec.config_cls, dataclasses.field(default_factory=spec.config_cls)))
-    return dataclasses.make_dataclass(name, fields, frozen=True,
-                                      namespace={"__post_init__": validate_training_config})
-
-
 def scan_flag(argv: Sequence[str], flag: str, default: str | None) -> str | None:
     """The value of ``--flag`` in ``argv`` before full parsing (to pick config files)."""
     value = default
@@ -169,7 +206,7 @@ def scan_flag(argv: Sequence[str], flag: str, default: str | None) -> str | None
 
 
 def method_layers(method: str, config_dir: Path, task_key: str | None = None,
-                  argv: Sequence[str] = ()) -> list[tuple[str, dict]]:
+                  argv: Sequence[str] = ()) -> Layers:
     """The TOML layers of ``config_dir``: ``tasks/<task_key>.toml`` (if any), then
     ``<name>.toml`` for each part of ``method`` and its ``[tasks.<task_key>]`` table.
 
@@ -178,17 +215,17 @@ def method_layers(method: str, config_dir: Path, task_key: str | None = None,
     both values (pass the flag, e.g. ``--lr``, to choose)."""
     from jpeft.methods import parse_spec
 
-    layers: list[tuple[str, dict]] = []
+    layers: Layers = []
     top_level: dict[str, tuple[str, Any]] = {}
     if task_key is not None:
         task_file = config_dir / "tasks" / f"{task_key}.toml"
         if task_file.is_file():
-            layers.append((str(task_file), tomllib.loads(task_file.read_text())))
+            layers.append((str(task_file), read_toml(task_file)))
     for name in parse_spec(method):
         path = config_dir / f"{name}.toml"
         if not path.is_file():
             continue
-        data = tomllib.loads(path.read_text())
+        data = read_toml(path)
         per_task = data.pop("tasks", {})
         for key, value in data.items():
             if not isinstance(value, dict):
@@ -205,26 +242,17 @@ def method_layers(method: str, config_dir: Path, task_key: str | None = None,
     return layers
 
 
-def parse_experiment_args(cls: type, argv: Sequence[str] | None, layers_for, prog: str,
-                          description: str) -> Any:
+def parse_experiment_args(cls: type[Run], argv: Sequence[str] | None,
+                          layers_for: Callable[[Sequence[str]], Layers], prog: str,
+                          description: str) -> Run:
     """Parse ``argv`` into ``cls`` over the layers ``layers_for(argv)`` returns."""
-    from jpeft.config import parse_config
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    layers: list[tuple[str, dict]] = []
-    if not any(a in ("-h", "--help") for a in argv):
-        try:
-            layers = layers_for(argv)
-        except ValueError as err:
-            print(f"{prog.split()[-1]}: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-    return parse_config(cls, argv, prog=prog, description=description, layers=layers)
+    return parse(cls, argv, prog=prog, description=description, layers=layers_for)
 
 
-def build_method(cfg: Any, tokenizer: Any = None):
+def build_method(cfg: RunConfig, tokenizer: Any = None):
     from jpeft.methods import build, parse_spec
 
-    configs = {name: getattr(cfg, name) for name in parse_spec(cfg.method)}
+    configs = {name: cfg.method_config(name) for name in parse_spec(cfg.method)}
     return build(cfg.method, configs, tokenizer=tokenizer)
 
 
@@ -244,18 +272,27 @@ def model_matmul_dtype(matmul_dtype: str) -> str | None:
 
 
 def check_base_dtype(dtype: str) -> None:
-    if dtype not in BASE_DTYPES:
-        raise ValueError(f"--base-dtype={dtype!r}; choose one of {', '.join(BASE_DTYPES)}")
+    from jpeft.quant import FORMATS
+
+    if dtype not in (*BASE_DTYPES, *FORMATS):
+        raise ValueError(f"--base-dtype={dtype!r}; choose one of {', '.join((*BASE_DTYPES, *FORMATS))}")
 
 
-def cast_frozen_base(base: Any, keep: Sequence[str], dtype: str) -> Any:
+def cast_frozen_base(base: Any, keep: Sequence[str], dtype: str, transform: Any = None,
+                     info: Any = None) -> Any:
     """``base`` with every floating leaf not in ``keep`` (the trained base paths) cast to
-    ``dtype``; the kept leaves stay float32 (they are trained, with float32 optimizer state)."""
+    ``dtype``; the kept leaves stay float32 (they are trained, with float32 optimizer state).
+
+    ``int8`` / ``nf4``: the frozen matmul kernels quantized (:func:`jpeft.quant.quantize_base`;
+    the leaves ``transform`` rewrites stay float too), every other leaf float32 as loaded."""
     import jax.numpy as jnp
 
+    from jpeft import quant
     from jpeft.core import paths as P
 
     check_base_dtype(dtype)
+    if dtype in quant.FORMATS:
+        return quant.quantize_base(base, dtype, keep=keep, transform=transform, info=info)
     keep = set(keep)
     flat = P.flatten(base)
     out = {}
@@ -317,12 +354,12 @@ class CliError(Exception):
     """An expected failure whose message already says what to fix (printed without traceback)."""
 
 
-def run_identity(cfg: Any, task: str) -> dict[str, Any]:
+def run_identity(cfg: RunConfig, task: str) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this configuration."""
     from jpeft.config import to_dict
 
     return {"task": task, "method": cfg.method,
-            "method_config": {name: to_dict(getattr(cfg, name)) for name in cfg.method.split("+")}}
+            "method_config": {name: to_dict(cfg.method_config(name)) for name in cfg.method.split("+")}}
 
 
 def identity_mismatch(saved: dict[str, Any], identity: dict[str, Any]) -> str | None:
@@ -390,7 +427,7 @@ def move_aside(out_dir: Path, report=print) -> Path | None:
 
 
 @contextlib.contextmanager
-def run_directory(cfg: Any, out_dir: Path, task: str):
+def run_directory(cfg: RunConfig, out_dir: Path, task: str):
     """Own ``out_dir`` for the run: create it, lock it (:class:`jpeft.train.logging.RunDirLock`),
     refuse to resume another configuration's checkpoints (naming the field and both values),
     and on a fresh start move an earlier run's outputs aside. Yields the directory."""
@@ -398,8 +435,8 @@ def run_directory(cfg: Any, out_dir: Path, task: str):
 
     prepare_output_dir(out_dir)
     with RunDirLock(out_dir):
-        checkpointed = cfg.save_every != -1
-        saved = _newest_meta(out_dir / "checkpoints") if cfg.resume and checkpointed else None
+        checkpointed = cfg.checkpoint.save_every != -1
+        saved = _newest_meta(out_dir / "checkpoints") if cfg.checkpoint.resume and checkpointed else None
         if saved is not None:
             mismatch = identity_mismatch(saved, run_identity(cfg, task))
             if mismatch is not None:
@@ -416,11 +453,11 @@ def run_directory(cfg: Any, out_dir: Path, task: str):
 class Saver:
     """Checkpoints on the configured schedule (:class:`jpeft.train.loop.Checkpointer`)."""
 
-    def __init__(self, cfg: Any, manager: Any, meta: dict[str, Any], steps_per_epoch: int) -> None:
+    def __init__(self, cfg: RunConfig, manager: Any, meta: dict[str, Any], steps_per_epoch: int) -> None:
         self.cfg, self.manager, self.meta, self.steps_per_epoch = cfg, manager, meta, steps_per_epoch
 
     def due(self, step: int, evaluated: bool) -> bool:
-        every = self.cfg.save_every
+        every = self.cfg.checkpoint.save_every
         return (every is not None and every > 0 and step % every == 0) or (every is None and evaluated)
 
     def save(self, state: Any, info: dict[str, Any]) -> None:
@@ -437,7 +474,7 @@ class Saver:
                 "--lr, pass --resume=false; the old files are moved aside).")
 
 
-def checkpointing(cfg: Any, out_dir: Path, trainer: Any, state: Any, base: Any, total_steps: int,
+def checkpointing(cfg: RunConfig, out_dir: Path, trainer: Any, state: Any, base: Any, total_steps: int,
                   steps_per_epoch: int, metrics_path: Path, meta: dict[str, Any]):
     """Resume from the run directory's newest checkpoint that verifies (if any, and
     ``--resume``) and return ``(state, saver, start_loss)``: ``saver`` (``None`` when
@@ -451,12 +488,12 @@ def checkpointing(cfg: Any, out_dir: Path, trainer: Any, state: Any, base: Any, 
     from jpeft.train.logging import read_metrics
     from jpeft.train.trainer import head_paths
 
-    if cfg.save_every == -1 or jax.process_count() > 1:
-        if cfg.save_every != -1:
+    if cfg.checkpoint.save_every == -1 or jax.process_count() > 1:
+        if cfg.checkpoint.save_every != -1:
             print("multi-process run: checkpointing is off (not supported across processes yet)")
         metrics_path.unlink(missing_ok=True)
         return state, None, None
-    manager = CheckpointManager(out_dir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
+    manager = CheckpointManager(out_dir / "checkpoints", max_to_keep=cfg.checkpoint.keep_checkpoints)
     base_fp = fingerprint(base, exclude=head_paths(base, trainer.info))
     identity = run_identity(cfg, meta.get("task", ""))
 
@@ -468,7 +505,8 @@ def checkpointing(cfg: Any, out_dir: Path, trainer: Any, state: Any, base: Any, 
 
     start_loss = None
     restored = manager.restore_verified(state, fingerprint=base_fp, check_meta=check_meta,
-                                        allow_base_mismatch=cfg.allow_base_mismatch) if cfg.resume else None
+                                        allow_base_mismatch=cfg.checkpoint.allow_base_mismatch) \
+        if cfg.checkpoint.resume else None
     if restored is not None:
         state, saved, step = restored
         start_loss = saved.get("start_loss")
@@ -483,14 +521,15 @@ def checkpointing(cfg: Any, out_dir: Path, trainer: Any, state: Any, base: Any, 
     return state, Saver(cfg, manager, meta, steps_per_epoch), start_loss
 
 
-def train_loop(trainer: Any, state: Any, batches, evaluate, cfg: Any, total_steps: int,
+def train_loop(trainer: Any, state: Any, batches, evaluate, cfg: RunConfig, total_steps: int,
                steps_per_epoch: int, log: Any, saver: Saver | None, start_loss: float | None):
     """:func:`jpeft.train.loop.fit` with the run's flags; a divergence names the checkpoint that
     holds the last finite state."""
     from jpeft.train.loop import DivergenceError, LoopConfig, fit
 
-    loop = LoopConfig(total_steps, steps_per_epoch, cfg.log_every,
-                      cfg.eval_every or max(1, total_steps // 4), cfg.progress, cfg.divergence_factor)
+    flags = cfg.loop
+    loop = LoopConfig(total_steps, steps_per_epoch, flags.log_every,
+                      flags.eval_every or max(1, total_steps // 4), flags.progress, flags.divergence_factor)
     try:
         return fit(trainer, state, batches, evaluate, loop, log, checkpoint=saver,
                    start_loss=start_loss)
@@ -501,25 +540,17 @@ def train_loop(trainer: Any, state: Any, batches, evaluate, cfg: Any, total_step
                               err.last_checkpoint) from None
 
 
-def optim_config(cfg: Any):
-    """The :class:`jpeft.train.optim.OptimConfig` of the run's flags."""
-    from jpeft.train.optim import OptimConfig
-
-    return OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-                       schedule=cfg.schedule, clip_norm=cfg.clip_norm, group_lr=dict(cfg.group_lr),
-                       group_weight_decay=dict(cfg.group_weight_decay))
-
-
-def run_mesh(cfg: Any):
+def run_mesh(cfg: RunConfig):
     """``--mesh`` as a device mesh; all devices on ``data`` when there are several; else ``None``."""
     import jax
 
     from jpeft.train.sharding import make_mesh
 
-    return make_mesh(cfg.mesh) if (cfg.mesh or jax.device_count() > 1) else None
+    mesh = cfg.compute.mesh
+    return make_mesh(mesh) if (mesh or jax.device_count() > 1) else None
 
 
-def write_adapter(out_dir: Path, cfg: Any, transform: Any, delta: Any, params: Any, model: Any,
+def write_adapter(out_dir: Path, cfg: RunConfig, transform: Any, delta: Any, params: Any, model: Any,
                   base: Any) -> None:
     """``<out_dir>/adapter``: the finalized delta and the trained base leaves, which
     :func:`jpeft.checkpoint.export.load_adapter` loads onto the base in one call."""
@@ -571,7 +602,8 @@ def reading(what: str, fix: str):
         raise CliError(f"{what}: {type(err).__name__}: {one_paragraph(err, 600)}. {fix}") from err
 
 
-def cli_main(prog: str, parse_args, run, argv: Sequence[str] | None) -> int:
+def cli_main(prog: str, parse_args: Callable[[Sequence[str] | None], Run],
+             run: Callable[[Run], Any], argv: Sequence[str] | None) -> int:
     """Parse and run. Every expected failure (:func:`expected_errors`) becomes one paragraph,
     ``prog: error: ...``, and exit code 2 (3 for a divergence); anything else keeps its
     traceback. ``JPEFT_TRACEBACK=1`` shows the traceback of expected failures too."""

@@ -37,27 +37,32 @@ from typing import Any
 
 from experiments.common import (
     CONFIG_DIR,
+    CliError,
+    DataConfig,
+    LoopSettings,
+    RunConfig,
     build_method,
     cast_frozen_base,
     check_base,
     check_base_dtype,
+    check_ranges,
     checkpointing,
-    CliError,
     cli_main,
+    default_of,
     finalize_state,
-    reading,
-    run_directory,
-    make_config_class,
     method_layers,
     model_matmul_dtype,
-    optim_config,
     parse_experiment_args,
+    reading,
+    run_directory,
     run_mesh,
     scan_flag,
+    setting,
     train_loop,
-    training_fields,
     write_adapter,
 )
+from jpeft.config import Flat, apply
+from jpeft.train.optim import OptimConfig
 
 E2E_CONFIG_DIR = CONFIG_DIR / "e2e"
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -67,22 +72,33 @@ FULL_RECIPE = {"epochs": 5.0, "max_steps": None, "max_train_samples": None, "max
                "max_eval_samples": None, "num_beams": 5, "eval_every": None}
 
 
-def e2e_fields() -> list[tuple[str, Any, dataclasses.Field]]:
-    f = dataclasses.field
-    fields = training_fields(model=DEFAULT_MODEL, batch_size=8, eval_batch_size=32, max_length=128,
-                             lr=2e-4)
-    fields = [(n, t, f(default=300, metadata={"help": "train exactly this many steps (none: --epochs)"}))
-              if n == "max_steps" else (n, t, fd) for n, t, fd in fields]
-    return fields + [
-        ("max_eval_samples", int | None, f(default=256, metadata={"help": "dev pairs for the dev loss (none: all 4,672)"})),
-        ("max_test_mrs", int | None, f(default=100, metadata={"help": "distinct test MRs decoded and scored (none: all 630)"})),
-        ("decode_split", str, f(default="test", metadata={"help": "split decoded and scored: test or dev"})),
-        ("num_beams", int, f(default=1, metadata={"help": "1: greedy; N > 1: beam search"})),
-        ("length_penalty", float, f(default=1.0, metadata={"help": "beam search: score / length**length_penalty"})),
-        ("max_new_tokens", int, f(default=64, metadata={"help": "tokens generated per MR at most"})),
-        ("decode_batch_size", int, f(default=32, metadata={"help": "MRs decoded together"})),
-        ("full_recipe", bool, f(default=False, metadata={"help": "5 epochs over every pair, every test MR, 5 beams (overrides those flags)"})),
-    ]
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """What is decoded and scored after training, and how."""
+
+    max_eval_samples: int | None = setting(256, "dev pairs for the dev loss (none: all 4,672)")
+    max_test_mrs: int | None = setting(100, "distinct test MRs decoded and scored (none: all 630)")
+    decode_split: str = setting("test", "split decoded and scored: test or dev")
+    num_beams: int = setting(1, "1: greedy; N > 1: beam search")
+    length_penalty: float = setting(1.0, "beam search: score / length**length_penalty")
+    max_new_tokens: int = setting(64, "tokens generated per MR at most")
+    decode_batch_size: int = setting(32, "MRs decoded together")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class E2EConfig(RunConfig):
+    """An E2E run: :class:`~experiments.common.RunConfig` with this experiment's defaults, and
+    the decoding."""
+
+    model: str = setting(DEFAULT_MODEL, "model folder, Hub id or .gguf file")
+    data: Flat[DataConfig] = default_of(DataConfig, batch_size=8, eval_batch_size=32)
+    optim: Flat[OptimConfig] = default_of(OptimConfig, lr=2e-4)
+    loop: Flat[LoopSettings] = default_of(LoopSettings, max_steps=300)
+    decode: Flat[DecodeConfig] = default_of(DecodeConfig)
+    full_recipe: bool = setting(False, "5 epochs over every pair, every test MR, 5 beams (overrides those flags)")
 
 
 def e2e_buckets(max_length: int) -> tuple[int, ...]:
@@ -91,25 +107,23 @@ def e2e_buckets(max_length: int) -> tuple[int, ...]:
     return (*(b for b in (48, 64, 80, 96) if b < max_length), int(max_length))
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Any:
+def parse_args(argv: Sequence[str] | None = None) -> E2EConfig:
     cfg = parse_experiment_args(
-        make_config_class("E2EConfig", e2e_fields()), argv,
+        E2EConfig, argv,
         lambda a: method_layers(scan_flag(a, "method", "lora"), E2E_CONFIG_DIR, argv=a),
         prog="python -m experiments.e2e", description=__doc__.split("\n\n")[0])
-    if cfg.full_recipe:
-        cfg = dataclasses.replace(cfg, **FULL_RECIPE)
-    return cfg
+    return apply(cfg, FULL_RECIPE) if cfg.full_recipe else cfg
 
 
-def load_model(cfg: Any) -> tuple[Any, Any, Any]:
+def load_model(cfg: E2EConfig) -> tuple[Any, Any, Any]:
     """``(model, params, tokenizer)`` for ``cfg.model`` (folder, Hub id or GGUF file)."""
     from jpeft.models import auto_from_pretrained, auto_tokenizer
 
     with reading(f"--model={cfg.model}", "Pass --model=FOLDER (config.json, *.safetensors and "
                  "tokenizer files) or a .gguf file of a decoder LM; download it again if a file is "
                  "damaged."):
-        model, base = auto_from_pretrained(cfg.model, remat=cfg.remat,
-                                           matmul_dtype=model_matmul_dtype(cfg.matmul_dtype))
+        model, base = auto_from_pretrained(cfg.model, remat=cfg.compute.remat,
+                                           matmul_dtype=model_matmul_dtype(cfg.compute.matmul_dtype))
         tokenizer = auto_tokenizer(cfg.model)
     if not hasattr(model, "init_cache"):
         raise ValueError(f"--model={cfg.model} is a {type(model).__name__}; the E2E experiment needs a "
@@ -118,16 +132,16 @@ def load_model(cfg: Any) -> tuple[Any, Any, Any]:
     return model, base, tokenizer
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: E2EConfig) -> dict[str, Any]:
     """Train, decode and score one configuration; returns the summary (also written to disk)."""
     from jpeft.config import to_dict
 
     t_start = time.perf_counter()
     build_method(cfg)  # refuse a bad method spec or config before loading anything
-    check_base_dtype(cfg.base_dtype)
-    if cfg.decode_split not in ("test", "dev", "validation"):
-        raise ValueError(f"--decode-split={cfg.decode_split!r}; choose test or dev")
-    out_dir = Path(cfg.output_dir or f"runs/e2e-{cfg.method}-s{cfg.seed}")
+    check_base_dtype(cfg.compute.base_dtype)
+    if cfg.decode.decode_split not in ("test", "dev", "validation"):
+        raise ValueError(f"--decode-split={cfg.decode.decode_split!r}; choose test or dev")
+    out_dir = Path(cfg.checkpoint.output_dir or f"runs/e2e-{cfg.method}-s{cfg.seed}")
     with run_directory(cfg, out_dir, "e2e"):
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         return _run(cfg, out_dir, t_start)
@@ -164,7 +178,7 @@ def load_split(split: str, data_dir: str | None) -> Any:
     return dataset
 
 
-def _run(cfg: Any, out_dir: Path, t_start: float) -> dict[str, Any]:
+def _run(cfg: E2EConfig, out_dir: Path, t_start: float) -> dict[str, Any]:
     """The run proper, inside the owned run directory."""
     import jax
     import numpy as np
@@ -177,49 +191,51 @@ def _run(cfg: Any, out_dir: Path, t_start: float) -> dict[str, Any]:
     from jpeft.train.logging import MetricsLog, plot_curves, read_metrics
     from jpeft.train.trainer import Trainer, causal_lm_loss, trainable_base_paths
 
-    train_ds = load_split("train", cfg.data_dir)
-    dev_ds = load_split("validation", cfg.data_dir)
-    decode_ds = load_split(cfg.decode_split, cfg.data_dir)
-    if cfg.max_train_samples:
-        train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
-    if cfg.max_eval_samples:
-        dev_ds = dev_ds.select(range(min(cfg.max_eval_samples, len(dev_ds))))
+    train_ds = load_split("train", cfg.data.data_dir)
+    dev_ds = load_split("validation", cfg.data.data_dir)
+    decode_ds = load_split(cfg.decode.decode_split, cfg.data.data_dir)
+    if cfg.data.max_train_samples:
+        train_ds = train_ds.select(range(min(cfg.data.max_train_samples, len(train_ds))))
+    if cfg.decode.max_eval_samples:
+        dev_ds = dev_ds.select(range(min(cfg.decode.max_eval_samples, len(dev_ds))))
     mrs, references = D.group_references(decode_ds)
-    if cfg.max_test_mrs:
-        mrs, references = mrs[:cfg.max_test_mrs], references[:cfg.max_test_mrs]
+    if cfg.decode.max_test_mrs:
+        mrs, references = mrs[:cfg.decode.max_test_mrs], references[:cfg.decode.max_test_mrs]
 
     model, base, tokenizer = load_model(cfg)
     transform = build_method(cfg, tokenizer)
-    train = D.encode(train_ds, tokenizer, cfg.max_length)
-    dev = D.encode(dev_ds, tokenizer, cfg.max_length)
-    buckets = tuple(cfg.buckets) or e2e_buckets(cfg.max_length)
-    if cfg.base_dtype != "float32":
-        model = type(model)(dataclasses.replace(model.config, dtype=cfg.base_dtype))
-        base = cast_frozen_base(base, trainable_base_paths(transform, base, model.info()), cfg.base_dtype)
+    train = D.encode(train_ds, tokenizer, cfg.data.max_length)
+    dev = D.encode(dev_ds, tokenizer, cfg.data.max_length)
+    buckets = tuple(cfg.data.buckets) or e2e_buckets(cfg.data.max_length)
+    if cfg.compute.base_dtype != "float32":
+        from jpeft.quant import base_compute_dtype
+
+        model = type(model)(dataclasses.replace(model.config, dtype=base_compute_dtype(cfg.compute.base_dtype)))
+        base = cast_frozen_base(base, trainable_base_paths(transform, base, model.info()), cfg.compute.base_dtype,
+                                transform, model.info())
     model_name = str(cfg.model).rstrip("/").split("/")[-1]
-    steps_per_epoch = num_epoch_batches(train, cfg.batch_size, buckets=buckets,
-                                        group_by_length=cfg.group_by_length)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optim = optim_config(cfg)
+    steps_per_epoch = num_epoch_batches(train, cfg.data.batch_size, buckets=buckets,
+                                        group_by_length=cfg.data.group_by_length)
+    total_steps = cfg.loop.max_steps or max(1, math.ceil(cfg.loop.epochs * steps_per_epoch))
     mesh = run_mesh(cfg)
-    trainer = Trainer(model, transform, base, optim=optim, total_steps=total_steps, mesh=mesh,
+    trainer = Trainer(model, transform, base, optim=cfg.optim, total_steps=total_steps, mesh=mesh,
                       loss=causal_lm_loss, model_inputs=("input_ids", "attention_mask"))
     state = trainer.init_state(jax.random.key(cfg.seed))
     counts = trainer.counts(state)
     print(f"e2e | {cfg.method} | {model_name} | {total_steps} steps "
           f"({total_steps / steps_per_epoch:.3f} epochs of {steps_per_epoch}) | "
-          f"{len(train)} train pairs, {len(dev)} dev pairs, {len(mrs)} {cfg.decode_split} MRs")
+          f"{len(train)} train pairs, {len(dev)} dev pairs, {len(mrs)} {cfg.decode.decode_split} MRs")
     print(counts)
 
     def batches(epoch: int, start: int):
-        return D.iterate_batches(train, cfg.batch_size, buckets=buckets, shuffle=True, seed=cfg.seed,
-                                 epoch=epoch, start_batch=start, group_by_length=cfg.group_by_length)
+        return D.iterate_batches(train, cfg.data.batch_size, buckets=buckets, shuffle=True, seed=cfg.seed,
+                                 epoch=epoch, start_batch=start, group_by_length=cfg.data.group_by_length)
 
     def evaluate(trainer: Trainer, state) -> dict[str, float]:
         """Mean loss per reference token over the dev pairs."""
         total, count = 0.0, 0.0
-        for batch in D.iterate_batches(dev, cfg.eval_batch_size, buckets=buckets, shuffle=False,
-                                       group_by_length=cfg.group_by_length):
+        for batch in D.iterate_batches(dev, cfg.data.eval_batch_size, buckets=buckets, shuffle=False,
+                                       group_by_length=cfg.data.group_by_length):
             tokens = float((batch["loss_mask"][:, 1:] * batch["weights"][:, None]).sum())
             loss = trainer.eval_loss(state, trainer.frozen, trainer.shard_batch(batch))
             total += float(loss) * tokens
@@ -249,11 +265,11 @@ def _run(cfg: Any, out_dir: Path, t_start: float) -> dict[str, Any]:
     eos = int(tokenizer.eos_token_id)
     outputs: list[str] = []
     generated_tokens, decode_s = 0, 0.0
-    for count, batch in D.prompt_batches(mrs, tokenizer, cfg.decode_batch_size):
+    for count, batch in D.prompt_batches(mrs, tokenizer, cfg.decode.decode_batch_size):
         t0 = time.perf_counter()
         tokens = np.asarray(generate(model, transform, params, kept, batch["input_ids"],
-                                     batch["attention_mask"], max_new_tokens=cfg.max_new_tokens,
-                                     num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
+                                     batch["attention_mask"], max_new_tokens=cfg.decode.max_new_tokens,
+                                     num_beams=cfg.decode.num_beams, length_penalty=cfg.decode.length_penalty,
                                      eos_token_id=eos, pad_token_id=eos))[:count]
         elapsed = time.perf_counter() - t0
         for row in tokens:
@@ -265,9 +281,9 @@ def _run(cfg: Any, out_dir: Path, t_start: float) -> dict[str, Any]:
         for mr, out, refs in zip(mrs, outputs, references):
             fh.write(json.dumps({"mr": mr, "output": out, "references": refs}, ensure_ascii=False) + "\n")
     scores = e2e_scores(outputs, references)
-    print(f"{cfg.decode_split} ({len(mrs)} MRs): " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    print(f"{cfg.decode.decode_split} ({len(mrs)} MRs): " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     with MetricsLog(metrics_path) as log:
-        log.write({"split": cfg.decode_split, "step": int(state.step), **scores})
+        log.write({"split": cfg.decode.decode_split, "step": int(state.step), **scores})
     plot_curves(read_metrics(metrics_path), out_dir / "curves.png", title=f"E2E {cfg.method} ({model_name})")
 
     wall = time.perf_counter() - t_start
@@ -279,8 +295,8 @@ def _run(cfg: Any, out_dir: Path, t_start: float) -> dict[str, Any]:
         "dev_loss": final["dev_loss"],
         "dev_loss_start": first_eval["dev_loss"] if first_eval is not None else None,
         "decoded_mrs": len(mrs),
-        "decode_split": cfg.decode_split,
-        "num_beams": cfg.num_beams,
+        "decode_split": cfg.decode.decode_split,
+        "num_beams": cfg.decode.num_beams,
         "decode": {"generated_tokens": generated_tokens, "wall_s": round(decode_s, 2),
                    "tokens_per_s": round(generated_tokens / max(decode_s, 1e-9), 1),
                    "note": "includes the compilation of each new prompt width"},
@@ -298,8 +314,8 @@ def _run(cfg: Any, out_dir: Path, t_start: float) -> dict[str, Any]:
         "compilations": trainer.compilations(),
         "method_stats": transform.stats(kept),
         "seed": cfg.seed,
-        "base_dtype": cfg.base_dtype,
-        "matmul_dtype": cfg.matmul_dtype,
+        "base_dtype": cfg.compute.base_dtype,
+        "matmul_dtype": cfg.compute.matmul_dtype,
         "jax_backend": jax.default_backend(),
     }
     write_adapter(out_dir, cfg, transform, kept, params, model, base)

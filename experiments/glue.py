@@ -27,44 +27,58 @@ from typing import Any
 from experiments.common import (  # noqa: F401  (cast_frozen_base is part of this module's API)
     BASE_DTYPES,
     CONFIG_DIR,
+    CliError,
+    Layers,
+    RunConfig,
     build_method,
     cast_frozen_base,
-    check_base_dtype,
-    checkpointing,
-    CliError,
     check_base,
+    check_base_dtype,
     check_max_length,
+    check_ranges,
+    checkpointing,
     cli_main,
+    default_of,
     finalize_state,
-    reading,
-    run_directory,
-    make_config_class,
     method_configs,
     method_layers,
     model_matmul_dtype,
-    optim_config,
     parse_experiment_args,
+    reading,
+    run_directory,
     run_mesh,
     scan_flag,
+    setting,
     train_loop,
-    training_fields,
     write_adapter,
 )
+from jpeft.config import Flat
 
 
-def glue_fields() -> list[tuple[str, Any, dataclasses.Field]]:
-    from jpeft.models.hub import DEFAULT_MODEL
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Several processes (hosts) sharing one device mesh; unset: a single process."""
 
-    f = dataclasses.field
-    fields = training_fields(model=DEFAULT_MODEL)
-    fields.insert(1, ("task", str, f(default="sst2", metadata={"help": "GLUE task: cola sst2 mrpc stsb rte wnli qnli mnli qqp"})))
-    return fields + [
-        ("coordinator_address", str | None, f(default=None, metadata={"help": "multi-process: host:port of process 0 (else JPEFT_COORDINATOR / JAX_COORDINATOR_ADDRESS; none: single process)"})),
-        ("num_processes", int | None, f(default=None, metadata={"help": "multi-process: number of processes (else JPEFT_NUM_PROCESSES)"})),
-        ("process_id", int | None, f(default=None, metadata={"help": "multi-process: this process's id in [0, num_processes) (else JPEFT_PROCESS_ID)"})),
-        ("coordinator_timeout", int, f(default=300, metadata={"help": "multi-process: seconds to wait for all processes to join before giving up"})),
-        ("regression_bias", str, f(default="label_mean", metadata={"help": "regression tasks (STS-B): the head's output bias starts at the training labels' mean ('label_mean') or at 0 ('zero')"})),
-    ]
+    coordinator_address: str | None = setting(None, "multi-process: host:port of process 0 (else JPEFT_COORDINATOR / JAX_COORDINATOR_ADDRESS; none: single process)")
+    num_processes: int | None = setting(None, "multi-process: number of processes (else JPEFT_NUM_PROCESSES)")
+    process_id: int | None = setting(None, "multi-process: this process's id in [0, num_processes) (else JPEFT_PROCESS_ID)")
+    coordinator_timeout: int = setting(300, "multi-process: seconds to wait for all processes to join before giving up")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.num_processes is not None and self.process_id is not None \
+                and self.process_id >= self.num_processes:
+            raise ValueError(f"--process-id={self.process_id} is out of range: give an integer in "
+                             f"[0, {self.num_processes}) (--num-processes={self.num_processes})")
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueConfig(RunConfig):
+    """A GLUE run: :class:`~experiments.common.RunConfig` and the task."""
+
+    task: str = setting("sst2", "GLUE task: cola sst2 mrpc stsb rte wnli qnli mnli qqp")
+    regression_bias: str = setting("label_mean", "regression tasks (STS-B): the head's output bias starts at the training labels' mean ('label_mean') or at 0 ('zero')")
+    distributed: Flat[DistributedConfig] = default_of(DistributedConfig)
 
 
 def start_regression_head_at(base: Any, head_patterns: Sequence[str], value: float) -> Any:
@@ -91,7 +105,7 @@ def start_regression_head_at(base: Any, head_patterns: Sequence[str], value: flo
 
 
 def config_layers(method: str, task: str, config_dir: Path = CONFIG_DIR,
-                  argv: Sequence[str] = ()) -> list[tuple[str, dict]]:
+                  argv: Sequence[str] = ()) -> Layers:
     """The TOML layers for this method and task, in the order they apply (``argv``: the command
     line, whose flags silence the note on settings a combination's parts disagree on)."""
     from jpeft.data.glue import get_task
@@ -99,9 +113,9 @@ def config_layers(method: str, task: str, config_dir: Path = CONFIG_DIR,
     return method_layers(method, config_dir, get_task(task).name, argv)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Any:
+def parse_args(argv: Sequence[str] | None = None) -> GlueConfig:
     return parse_experiment_args(
-        make_config_class("GlueConfig", glue_fields()), argv,
+        GlueConfig, argv,
         lambda a: config_layers(scan_flag(a, "method", "lora"), scan_flag(a, "task", "sst2"), argv=a),
         prog="python -m experiments.glue", description=__doc__.split("\n\n")[0])
 
@@ -124,13 +138,14 @@ def _predict_multihost(trainer: Any, state: Any, batches: Any) -> tuple[Any, Any
     return np.concatenate(outputs), np.concatenate(labels)
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: GlueConfig) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the summary (also written to disk)."""
     from jpeft.train import distributed
 
     # Before anything touches a device: join the other processes (no-op for a single one).
-    distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
-                           timeout_s=cfg.coordinator_timeout)
+    dist = cfg.distributed
+    distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id,
+                           timeout_s=dist.coordinator_timeout)
 
     import jax
 
@@ -142,8 +157,8 @@ def run(cfg: Any) -> dict[str, Any]:
     build_method(cfg)  # refuse a bad method spec or config before loading anything
     if cfg.regression_bias not in ("label_mean", "zero"):
         raise ValueError(f"--regression-bias={cfg.regression_bias!r}; choose 'label_mean' or 'zero'")
-    check_base_dtype(cfg.base_dtype)
-    out_dir = Path(cfg.output_dir or f"runs/{task.name}-{cfg.method}-s{cfg.seed}")
+    check_base_dtype(cfg.compute.base_dtype)
+    out_dir = Path(cfg.checkpoint.output_dir or f"runs/{task.name}-{cfg.method}-s{cfg.seed}")
     multi = jax.process_count() > 1
     if multi and jax.process_index() > 0:
         out_dir = out_dir / f"process-{jax.process_index()}"  # process 0 owns the run directory
@@ -198,7 +213,7 @@ def check_glue_file(task: Any, path: Path) -> None:
                        f"{task.name} files need {[*task.local_text, task.local_label]}; {fix}")
 
 
-def _run(cfg: Any, task: Any, out_dir: Path, multi: bool, t_start: float) -> dict[str, Any]:
+def _run(cfg: GlueConfig, task: Any, out_dir: Path, multi: bool, t_start: float) -> dict[str, Any]:
     """The run proper, inside the owned run directory."""
     import jax
     import jax.numpy as jnp
@@ -213,43 +228,43 @@ def _run(cfg: Any, task: Any, out_dir: Path, multi: bool, t_start: float) -> dic
     from jpeft.train.loop import predict
     from jpeft.train.trainer import Trainer, classification_loss, regression_loss
 
-    train_ds = load_split(task, "train", cfg.data_dir)
-    dev_ds = load_split(task, "validation", cfg.data_dir)
-    if cfg.max_train_samples:
-        train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
+    train_ds = load_split(task, "train", cfg.data.data_dir)
+    dev_ds = load_split(task, "validation", cfg.data.data_dir)
+    if cfg.data.max_train_samples:
+        train_ds = train_ds.select(range(min(cfg.data.max_train_samples, len(train_ds))))
     fix = ("Pass --model=FOLDER holding a BERT-family config.json, model.safetensors and tokenizer "
            "files (download it again if a file is damaged).")
     with reading(f"--model={cfg.model}", fix):
         model_dir = resolve_model_dir(cfg.model)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         model, base = bert.from_pretrained(model_dir, num_labels=task.num_labels, seed=cfg.seed,
-                                           remat=cfg.remat,
-                                           matmul_dtype=model_matmul_dtype(cfg.matmul_dtype))
+                                           remat=cfg.compute.remat,
+                                           matmul_dtype=model_matmul_dtype(cfg.compute.matmul_dtype))
     check_base(cfg.model, base)
-    check_max_length(cfg.max_length, model.config)
+    check_max_length(cfg.data.max_length, model.config)
     transform = build_method(cfg, tokenizer)
-    train = G.encode(train_ds, tokenizer, task, cfg.max_length)
-    dev = G.encode(dev_ds, tokenizer, task, cfg.max_length)
-    buckets = tuple(cfg.buckets) or G.default_buckets(cfg.max_length)
+    train = G.encode(train_ds, tokenizer, task, cfg.data.max_length)
+    dev = G.encode(dev_ds, tokenizer, task, cfg.data.max_length)
+    buckets = tuple(cfg.data.buckets) or G.default_buckets(cfg.data.max_length)
 
     if task.is_regression and cfg.regression_bias == "label_mean":
         base = start_regression_head_at(base, model.info().head_patterns, float(train.labels.mean()))
-    if cfg.base_dtype != "float32":
+    if cfg.compute.base_dtype != "float32":
+        from jpeft.quant import base_compute_dtype
         from jpeft.train.trainer import trainable_base_paths
 
-        model = bert.BertModel(dataclasses.replace(model.config, dtype=cfg.base_dtype))
+        model = bert.BertModel(dataclasses.replace(model.config, dtype=base_compute_dtype(cfg.compute.base_dtype)))
         base = cast_frozen_base(base, trainable_base_paths(transform, base, model.info()),
-                                cfg.base_dtype)
+                                cfg.compute.base_dtype, transform, model.info())
     model_name = str(cfg.model).rstrip("/").split("/")[-1]
-    steps_per_epoch = G.num_epoch_batches(train, cfg.batch_size, buckets=buckets,
-                                          group_by_length=cfg.group_by_length)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optim = optim_config(cfg)
+    steps_per_epoch = G.num_epoch_batches(train, cfg.data.batch_size, buckets=buckets,
+                                          group_by_length=cfg.data.group_by_length)
+    total_steps = cfg.loop.max_steps or max(1, math.ceil(cfg.loop.epochs * steps_per_epoch))
     mesh = run_mesh(cfg)
-    if mesh is not None and cfg.batch_size % mesh.shape["data"]:
-        raise ValueError(f"--batch-size={cfg.batch_size} must be a multiple of the mesh's data "
+    if mesh is not None and cfg.data.batch_size % mesh.shape["data"]:
+        raise ValueError(f"--batch-size={cfg.data.batch_size} must be a multiple of the mesh's data "
                          f"axis ({mesh.shape['data']}); change --batch-size or --mesh")
-    if multi and (cfg.batch_size % jax.process_count() or cfg.eval_batch_size % jax.process_count()):
+    if multi and (cfg.data.batch_size % jax.process_count() or cfg.data.eval_batch_size % jax.process_count()):
         raise ValueError(f"--batch-size and --eval-batch-size must be multiples of the "
                          f"{jax.process_count()} processes")
     task_loss = regression_loss if task.is_regression else classification_loss
@@ -257,7 +272,7 @@ def _run(cfg: Any, task: Any, out_dir: Path, multi: bool, t_start: float) -> dic
     def loss(logits, batch):  # float32 loss whatever the compute dtype
         return task_loss(logits.astype(jnp.float32), batch)
 
-    trainer = Trainer(model, transform, base, optim=optim, total_steps=total_steps, mesh=mesh,
+    trainer = Trainer(model, transform, base, optim=cfg.optim, total_steps=total_steps, mesh=mesh,
                       loss=loss)
     state = trainer.init_state(jax.random.key(cfg.seed))
     counts = trainer.counts(state)
@@ -267,14 +282,14 @@ def _run(cfg: Any, task: Any, out_dir: Path, multi: bool, t_start: float) -> dic
 
     def batches(epoch: int, start: int):
         # Every process draws the same global batches and feeds its own rows of each.
-        it = G.iterate_batches(train, cfg.batch_size, buckets=buckets, shuffle=True,
+        it = G.iterate_batches(train, cfg.data.batch_size, buckets=buckets, shuffle=True,
                                seed=cfg.seed, epoch=epoch, start_batch=start,
-                               group_by_length=cfg.group_by_length)
+                               group_by_length=cfg.data.group_by_length)
         return (distributed.process_rows(b) for b in it) if multi else it
 
     def evaluate(trainer: Trainer, state) -> dict[str, float]:
-        dev_batches = G.iterate_batches(dev, cfg.eval_batch_size, buckets=buckets, shuffle=False,
-                                        group_by_length=cfg.group_by_length)
+        dev_batches = G.iterate_batches(dev, cfg.data.eval_batch_size, buckets=buckets, shuffle=False,
+                                        group_by_length=cfg.data.group_by_length)
         outputs, labels = (_predict_multihost if multi else predict)(trainer, state, dev_batches)
         return glue_metrics(task, outputs, labels)
 
@@ -311,9 +326,9 @@ def _run(cfg: Any, task: Any, out_dir: Path, multi: bool, t_start: float) -> dic
         "compilations": trainer.compilations(),
         "method_stats": transform.stats(kept),
         "seed": cfg.seed,
-        "base_dtype": cfg.base_dtype,
-        "remat": cfg.remat,
-        "matmul_dtype": cfg.matmul_dtype,
+        "base_dtype": cfg.compute.base_dtype,
+        "remat": cfg.compute.remat,
+        "matmul_dtype": cfg.compute.matmul_dtype,
         "process_count": jax.process_count(),
         "jax_backend": jax.default_backend(),
     }

@@ -41,7 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.sweep import aggregate, check_name, cpu_name, recipe_key, seeded_runs
+from experiments.glue import GlueConfig
+from experiments.sweep import aggregate, check_name, cpu_name, same_recipe, seeded_runs
 
 METHODS = ("lora", "full")
 
@@ -86,16 +87,16 @@ def lora_targets(model: Any, pattern: str) -> list[str]:
     return names
 
 
-def check_recipe(cfg: Any) -> None:
+def check_recipe(cfg: GlueConfig) -> None:
     """Refuse the recipe features this script does not reproduce."""
     if cfg.method not in METHODS:
         raise ValueError(f"method {cfg.method!r}: this comparison runs {', '.join(METHODS)}")
-    if cfg.group_lr or cfg.group_weight_decay:
+    if cfg.optim.group_lr or cfg.optim.group_weight_decay:
         raise ValueError(f"{cfg.method} on {cfg.task}: group_lr/group_weight_decay are not reproduced")
-    if cfg.base_dtype != "float32" or cfg.matmul_dtype != "float32":
+    if cfg.compute.base_dtype != "float32" or cfg.compute.matmul_dtype != "float32":
         raise ValueError("only float32 recipes are reproduced")
-    if cfg.schedule not in ("linear", "cosine", "constant"):
-        raise ValueError(f"schedule {cfg.schedule!r}")
+    if cfg.optim.schedule not in ("linear", "cosine", "constant"):
+        raise ValueError(f"schedule {cfg.optim.schedule!r}")
     if cfg.method == "lora":
         lo = cfg.lora
         if lo.use_rslora or lo.init != "kaiming" or lo.bias != "none" or lo.layers or lo.rank_pattern \
@@ -104,7 +105,7 @@ def check_recipe(cfg: Any) -> None:
                              "layers) are reproduced")
 
 
-def build_model(cfg: Any, model_dir: Path, num_labels: int) -> Any:
+def build_model(cfg: GlueConfig, model_dir: Path, num_labels: int) -> Any:
     """``BertForSequenceClassification`` from ``model_dir`` (LoRA-wrapped by ``peft`` for
     ``cfg.method == "lora"``); the head is drawn from torch's RNG (seeded by the caller)."""
     from transformers import AutoModelForSequenceClassification
@@ -127,9 +128,11 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
             {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]
 
 
-def run(cfg: Any, out_dir: Path) -> dict[str, Any]:
+def run(cfg: GlueConfig, out_dir: Path, dynamic_padding: bool = False) -> dict[str, Any]:
     """Train and evaluate one configuration with PyTorch (+ PEFT); returns the summary (also
-    written to ``out_dir/summary.json``)."""
+    written to ``out_dir/summary.json``). ``dynamic_padding``: each batch (the same examples) is
+    cut to its longest example, as a collator that pads to the longest in the batch does, instead
+    of being padded to its length bucket."""
     import numpy as np
     import peft
     import torch
@@ -147,15 +150,15 @@ def run(cfg: Any, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    train_ds = G.load_glue(task, "train", cfg.data_dir)
-    dev_ds = G.load_glue(task, "validation", cfg.data_dir)
-    if cfg.max_train_samples:
-        train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
+    train_ds = G.load_glue(task, "train", cfg.data.data_dir)
+    dev_ds = G.load_glue(task, "validation", cfg.data.data_dir)
+    if cfg.data.max_train_samples:
+        train_ds = train_ds.select(range(min(cfg.data.max_train_samples, len(train_ds))))
     model_dir = resolve_model_dir(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    train = G.encode(train_ds, tokenizer, task, cfg.max_length)
-    dev = G.encode(dev_ds, tokenizer, task, cfg.max_length)
-    buckets = tuple(cfg.buckets) or G.default_buckets(cfg.max_length)
+    train = G.encode(train_ds, tokenizer, task, cfg.data.max_length)
+    dev = G.encode(dev_ds, tokenizer, task, cfg.data.max_length)
+    buckets = tuple(cfg.data.buckets) or G.default_buckets(cfg.data.max_length)
     model = build_model(cfg, model_dir, task.num_labels)
     if task.is_regression and cfg.regression_bias == "label_mean":
         with torch.no_grad():
@@ -164,17 +167,19 @@ def run(cfg: Any, out_dir: Path) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in model.named_parameters()
                 if "lora_" not in n and "modules_to_save" not in n)
-    steps_per_epoch = G.num_epoch_batches(train, cfg.batch_size, buckets=buckets,
-                                          group_by_length=cfg.group_by_length)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+    steps_per_epoch = G.num_epoch_batches(train, cfg.data.batch_size, buckets=buckets,
+                                          group_by_length=cfg.data.group_by_length)
+    total_steps = cfg.loop.max_steps or max(1, math.ceil(cfg.loop.epochs * steps_per_epoch))
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                            betas=(0.9, 0.999),
                             eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total_steps, cfg.warmup_ratio, cfg.schedule))
+        opt, lambda s: lr_factor(s, total_steps, cfg.optim.warmup_ratio, cfg.optim.schedule))
     params = [p for p in model.parameters() if p.requires_grad]
 
     def tensors(batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: torch.from_numpy(np.asarray(batch[k]).astype(np.int64))
+        width = int(np.asarray(batch["attention_mask"]).sum(axis=1).max()) if dynamic_padding else None
+        return {k: torch.from_numpy(np.asarray(batch[k])[:, :width].astype(np.int64))
                 for k in ("input_ids", "attention_mask", "token_type_ids")}
 
     def loss_of(logits: Any, batch: dict[str, Any]) -> Any:
@@ -191,8 +196,8 @@ def run(cfg: Any, out_dir: Path) -> dict[str, Any]:
         model.eval()
         outputs, labels = [], []
         with torch.no_grad():
-            for batch in G.iterate_batches(dev, cfg.eval_batch_size, buckets=buckets, shuffle=False,
-                                           group_by_length=cfg.group_by_length):
+            for batch in G.iterate_batches(dev, cfg.data.eval_batch_size, buckets=buckets, shuffle=False,
+                                           group_by_length=cfg.data.group_by_length):
                 keep = np.asarray(batch["weights"]) > 0
                 outputs.append(model(**tensors(batch)).logits.float().numpy()[keep])
                 labels.append(np.asarray(batch["labels"])[keep])
@@ -200,7 +205,7 @@ def run(cfg: Any, out_dir: Path) -> dict[str, Any]:
         return glue_metrics(task, np.concatenate(outputs), np.concatenate(labels))
 
     torch.set_num_threads(os.cpu_count() or 1)
-    eval_every = cfg.eval_every or max(1, total_steps // 4)
+    eval_every = cfg.loop.eval_every or max(1, total_steps // 4)
     print(f"{task.name} | {cfg.method} (PyTorch {torch.__version__}, PEFT {peft.__version__}) | "
           f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch}) | "
           f"trainable {trainable:,d}", flush=True)
@@ -209,21 +214,24 @@ def run(cfg: Any, out_dir: Path) -> dict[str, Any]:
     step, final = 0, {}
     while step < total_steps:
         epoch = step // steps_per_epoch
-        for batch in G.iterate_batches(train, cfg.batch_size, buckets=buckets, shuffle=True,
-                                       seed=cfg.seed, epoch=epoch, group_by_length=cfg.group_by_length):
+        for batch in G.iterate_batches(train, cfg.data.batch_size, buckets=buckets, shuffle=True,
+                                       seed=cfg.seed, epoch=epoch, group_by_length=cfg.data.group_by_length):
             loss = loss_of(model(**tensors(batch)).logits, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
+            clip = cfg.optim.clip_norm
+            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
             opt.step()
             sched.step()
             step += 1
-            if step % cfg.log_every == 0:
+            if step % cfg.loop.log_every == 0:
                 log.write(json.dumps({"split": "train", "step": step, "loss": loss.item(),
-                                      "grad_norm": float(norm)}) + "\n")
+                                      "grad_norm": float(norm),
+                                      "wall_s": round(time.perf_counter() - t_start, 3)}) + "\n")
             if step % eval_every == 0 or step == total_steps:
                 final = evaluate()
-                log.write(json.dumps({"split": "dev", "step": step, **final}) + "\n")
+                log.write(json.dumps({"split": "dev", "step": step, **final,
+                                      "wall_s": round(time.perf_counter() - t_start, 3)}) + "\n")
                 log.flush()
                 print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()), flush=True)
             if step >= total_steps:
@@ -269,7 +277,7 @@ def side_by_side(peft_out: Path, jpeft_out: Path, seeds: list[int] | None = None
             continue
         delta = 100 * (j["metrics"][metric] - p["metrics"][metric])
         bound = 100 * max(j["std"][metric], p["std"][metric]) + 0.5
-        same = {recipe_key(our_runs[key[0], key[1], s]) == recipe_key(their_runs[key[0], key[1], s])
+        same = {same_recipe([our_runs[key[0], key[1], s], their_runs[key[0], key[1], s]])
                 for s in set(j["seeds"]) & set(p["seeds"])}
         lines.append(f"| {key[1]} | {key[0]} | {metric} | {fmt(j)} | {fmt(p)} | {delta:+.1f} | "
                      f"{'yes' if abs(delta) <= bound else 'no'} (≤ {bound:.1f}) | "

@@ -171,10 +171,22 @@ def write_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
     print("\n".join(lines))
 
 
-def recipe_key(run: dict[str, Any]) -> str:
-    """The run's recipe as a string (its ``config`` without the seed and bookkeeping flags)."""
-    config = {k: v for k, v in run.get("config", {}).items() if k not in NOT_RECIPE}
-    return json.dumps(config, sort_keys=True)
+def recipe(run: dict[str, Any]) -> dict[str, Any]:
+    """The run's recipe: its ``config`` without the seed and bookkeeping flags."""
+    return {k: v for k, v in run.get("config", {}).items() if k not in NOT_RECIPE}
+
+
+def _differ(a: Any, b: Any) -> bool:
+    """Whether two configs differ on a setting both have (a setting only one has was added to
+    jpeft between the runs, and the older run used what is now its default)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return any(_differ(a[k], b[k]) for k in a.keys() & b.keys())
+    return a != b
+
+
+def same_recipe(runs: list[dict[str, Any]]) -> bool:
+    """Whether all ``runs`` share one recipe (see :func:`_differ`)."""
+    return not any(_differ(recipe(runs[0]), recipe(r)) for r in runs[1:])
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -197,7 +209,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any
             "task": task, "label": label, "seeds": [r["seed"] for r in rs], "n": len(rs),
             "metrics": mean, "std": std, "main_metric": main, "majority_baseline": majority,
             "above_majority": mean[main] > majority.get(main, float("-inf")),
-            "mixed_recipes": len({recipe_key(r) for r in rs}) > 1,
+            "mixed_recipes": not same_recipe(rs),
             "trainable_params": rs[0]["trainable_params"], "trainable_percent": rs[0]["trainable_percent"],
             "wall_s": statistics.fmean(r["wall_s"] for r in rs),
         }

@@ -5,6 +5,7 @@ tree; methods compose with :func:`compose` and run with :func:`apply`.
 """
 
 from jpeft.core.model import LinenModel, NnxModel, from_linen, from_nnx
+from jpeft.core.layers import LayerSpec, register_layer
 from jpeft.core.paths import count_params, partition, combine, select, select_modules
 from jpeft.core.transform import (
     ApplyContext,
@@ -44,6 +45,7 @@ from jpeft.methods import (
 )
 from jpeft.models.bert import BertConfig, BertModel, from_pretrained
 from jpeft.models.taps import NnxTap, Tap
+from jpeft.quant import QuantizedArray, QuantizedBaseError, dequantize_base, quantize_base
 
 __version__ = "0.1.0"
 
@@ -70,11 +72,13 @@ def print_trainable_parameters(transform: Transform, base, delta) -> str:
 
 __all__ = [
     "ApplyContext", "ModelInfo", "Transform", "apply", "compose", "merge", "unmerge", "build",
-    "from_linen", "from_nnx", "LinenModel", "NnxModel", "Tap", "NnxTap",
+    "from_linen", "from_nnx", "LinenModel", "NnxModel", "Tap", "NnxTap", "register_layer",
+    "LayerSpec",
     "REGISTRY", "count_params", "partition", "combine", "select", "select_modules",
     "full", "FullConfig", "lora", "LoraConfig", "houlsby", "pfeiffer", "AdapterConfig", "ia3",
     "IA3Config", "prefix", "PrefixConfig", "ptuning2", "PTuningV2Config", "prompt", "PromptConfig",
     "ptuning", "PTuningConfig", "bitfit", "BitFitConfig", "freeze", "FreezeConfig", "diff_pruning",
     "DiffPruningConfig", "BertConfig", "BertModel", "from_pretrained",
+    "QuantizedArray", "QuantizedBaseError", "quantize_base", "dequantize_base",
     "print_trainable_parameters", "__version__",
 ]

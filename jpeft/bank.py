@@ -22,8 +22,8 @@ Bank delta layout::
     {"adapters": δ with every leaf (K, ...), "base": {path tree of per-task base leaves (K, ...)}}
 
 ``base`` holds the task head (``heads=True``) and the method's ``trainable_base`` leaves; the
-transform marks itself ``trains_head`` so the :class:`~jpeft.train.trainer.Trainer` does not also
-train the shared head. Swapping the bank's arrays for others of the same shapes (another set of
+bank's :class:`~jpeft.core.capabilities.ReplacesForward` says ``trains_head``, so the
+:class:`~jpeft.train.trainer.Trainer` does not also train the shared head. Swapping the bank's arrays for others of the same shapes (another set of
 tasks, :func:`load_bank`) reuses the compiled step: the bank is an argument, not a constant.
 
 Example::
@@ -48,6 +48,7 @@ import numpy as np
 
 from jpeft.core import paths as P
 from jpeft.core.arrays import is_concrete
+from jpeft.core.capabilities import ReplacesForward
 from jpeft.core.compile import jit
 from jpeft.core.transform import (
     ApplyContext,
@@ -129,7 +130,7 @@ def bank(transform: Transform, size: int, *, heads: bool = True, name: str | Non
     transform needs ``ApplyContext.adapter_index (B,)`` (the trainer takes it from
     ``batch["adapter_index"]``). Not mergeable: merge one task with :func:`select`.
     """
-    if transform.forward is not None:
+    if transform.capability(ReplacesForward) is not None:
         raise ValueError(f"bank: {transform.name!r} is already a bank; a bank of banks is not supported")
     config = BankConfig(size=size, heads=heads, inner=transform.config)
 
@@ -187,43 +188,29 @@ def bank(transform: Transform, size: int, *, heads: bool = True, name: str | Non
         inner_labels = transform.labels(one)
         return {ADAPTERS: inner_labels, BASE: P.unflatten(base_labels(P.flatten(delta[BASE])))}
 
-    def penalty(delta: Delta, ctx: ApplyContext) -> jax.Array:
-        per = jax.vmap(lambda d: transform.penalty(d, ctx))(delta[ADAPTERS])
-        return jnp.sum(per)
-
-    def finalize(delta: Delta) -> Delta:
-        return {ADAPTERS: stack([transform.finalize(d) for d in unstack(delta[ADAPTERS])]),
-                BASE: delta[BASE]}
-
-    def stats(delta: Delta) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for i, d in enumerate(unstack(delta[ADAPTERS])):
-            out.update({f"{i}.{k}": v for k, v in transform.stats(d).items()})
-        return out
-
-    def between_steps(delta: Delta, step: int, total: int) -> Delta:
-        slots = unstack(delta[ADAPTERS])
-        new = [transform.between_steps(d, step, total) for d in slots]
-        if all(n is d for n, d in zip(new, slots)):
-            return delta
-        return {ADAPTERS: stack(new), BASE: delta[BASE]}
-
+    view = _BankView()
+    capabilities = [c.banked(view) for c in transform.capabilities]
+    capabilities.append(ReplacesForward(forward, trains_head=heads))
     return Transform(
         name=name or f"bank[{transform.name}]",
         config=config,
         init=init,
         labels=labels,
-        group_lr=transform.group_lr,
-        penalty=penalty,
-        finalize=finalize,
-        stats=stats,
-        adds_tokens=transform.adds_tokens,
-        forward=forward,
-        trains_head=heads,
-        parts=(),
-        between_steps=between_steps if transform.between_steps is not None else None,
-        stage_starts=transform.stage_starts,
+        capabilities=tuple(c for c in capabilities if c is not None),
     )
+
+
+class _BankView:
+    """The bank delta layout, for the capabilities' ``banked`` lifts."""
+
+    def slots(self, delta: Delta) -> list[Delta]:
+        return unstack(delta[ADAPTERS])
+
+    def rebuild(self, delta: Delta, slots: Sequence[Delta]) -> Delta:
+        return {ADAPTERS: stack(list(slots)), BASE: delta[BASE]}
+
+    def stacked(self, delta: Delta) -> Delta:
+        return delta[ADAPTERS]
 
 
 def task(bank_delta: Delta, index: int) -> tuple[Delta, dict[str, Any]]:

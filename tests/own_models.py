@@ -1,6 +1,9 @@
 """Models jpeft did not write, in the idioms of Flax's own examples: a small MLP with
 ``DenseGeneral``/``Einsum``, a conv net, and one transformer written twice, in Linen (``nn.scan``
-over layers) and in NNX (``nnx.vmap``-made layers run by ``nnx.scan``), with shared weights."""
+over layers) and in NNX (``nnx.vmap``-made layers run by ``nnx.scan``), with shared weights and
+jpeft taps inside the scan bodies (the layer number is the scanned ``jnp.arange``); the Linen
+one also unrolled (a Python loop, static layer numbers) as a reference. Also layers of classes
+jpeft does not know (a dense with its own call, a raw ``w`` fed to ``jnp.einsum``)."""
 
 from __future__ import annotations
 
@@ -61,26 +64,61 @@ def attention(q, k, v):
 
 
 class LinenBlock(nn.Module):
+    """One layer; ``i`` is its number (traced inside ``nn.scan``, an int when unrolled)."""
+
     @nn.compact
-    def __call__(self, x, _):
+    def __call__(self, x, i):
+        from jpeft import Tap
+
         h = nn.LayerNorm(name="ln1")(x)
         q = nn.DenseGeneral((H, DH), name="query")(h)
         k = nn.DenseGeneral((H, DH), name="key")(h)
         v = nn.DenseGeneral((H, DH), name="value")(h)
-        x = x + nn.DenseGeneral(D, axis=(-2, -1), name="out")(attention(q, k, v))
+        k, v, kv_mask = Tap("attn.kv", layer=i)(k, v, jnp.ones(x.shape[:2], jnp.int32))
+        o = nn.DenseGeneral(D, axis=(-2, -1), name="out")(masked_attention(q, k, v, kv_mask))
+        x = x + Tap("attn.out", layer=i)(o)
         h = nn.LayerNorm(name="ln2")(x)
         h = nn.Einsum((D, F), "btd,df->btf", name="up")(h)
-        return x + nn.Dense(D, name="down")(nn.gelu(h)), None
+        x = x + Tap("ffn.out", layer=i)(nn.Dense(D, name="down")(nn.gelu(h)))
+        return x, x
+
+
+def _embed_tapped(x):
+    from jpeft import Tap
+
+    mask = jnp.ones(x.shape[:2], jnp.int32)
+    return Tap("embed.inputs")(x, mask, jnp.zeros_like(mask))[0]
 
 
 class LinenTransformer(nn.Module):
+    """``per_layer``: also return every layer's output ``(LAYERS, B, T, D)``."""
+
+    per_layer: bool = False
+    unrolled: bool = False
+
     @nn.compact
     def __call__(self, ids):
-        x = nn.Embed(V, D, name="embed")(ids)
-        blocks = nn.scan(LinenBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         length=LAYERS)
-        x, _ = blocks(name="layers")(x, None)
-        return nn.Dense(2, name="head")(nn.LayerNorm(name="ln_f")(x)[:, 0])
+        x = _embed_tapped(nn.Embed(V, D, name="embed")(ids))
+        if self.unrolled:  # params layers_0, layers_1, ... (see unstack)
+            hs = []
+            for i in range(LAYERS):
+                x, h = LinenBlock(name=f"layers_{i}")(x, i)
+                hs.append(h)
+            hs = jnp.stack(hs)
+        else:
+            blocks = nn.scan(LinenBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                             length=LAYERS)
+            x, hs = blocks(name="layers")(x, jnp.arange(LAYERS))
+        out = nn.Dense(2, name="head")(nn.LayerNorm(name="ln_f")(x)[:, 0])
+        return (out, hs) if self.per_layer else out
+
+
+def unstack(params):
+    """The scanned transformer's parameters for ``LinenTransformer(unrolled=True)``."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(LAYERS):
+        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda a: a[i], params["layers"])
+    return out
 
 
 class NnxBlock(nnx.Module):
@@ -94,14 +132,20 @@ class NnxBlock(nnx.Module):
         self.up = nnx.Einsum("btd,df->btf", (D, F), (F,), rngs=rngs)
         self.down = nnx.Linear(F, D, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, i):
+        from jpeft import NnxTap
+
         h = self.ln1(x)
-        x = x + self.out(attention(self.query(h), self.key(h), self.value(h)))
-        return x + self.down(nnx.gelu(self.up(self.ln2(x))))
+        k, v, kv_mask = NnxTap("attn.kv", layer=i)(self.key(h), self.value(h),
+                                                    jnp.ones(x.shape[:2], jnp.int32))
+        o = self.out(masked_attention(self.query(h), k, v, kv_mask))
+        x = x + NnxTap("attn.out", layer=i)(o)
+        return x + NnxTap("ffn.out", layer=i)(self.down(nnx.gelu(self.up(self.ln2(x)))))
 
 
 class NnxTransformer(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
+    def __init__(self, rngs: nnx.Rngs, per_layer: bool = False):
+        self.per_layer = per_layer
         self.embed = nnx.Embed(V, D, rngs=rngs)
 
         @nnx.split_rngs(splits=LAYERS)
@@ -114,12 +158,19 @@ class NnxTransformer(nnx.Module):
         self.head = nnx.Linear(D, 2, rngs=rngs)
 
     def __call__(self, ids):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def run(x, block):
-            return block(x)
+        from jpeft import NnxTap
 
-        x = run(self.embed(ids), self.layers)
-        return self.head(self.ln_f(x)[:, 0])
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+        def run(x, block, i):
+            x = block(x, i)
+            return x, x
+
+        x = self.embed(ids)
+        mask = jnp.ones(x.shape[:2], jnp.int32)
+        x = NnxTap("embed.inputs")(x, mask, jnp.zeros_like(mask))[0]
+        x, hs = run(x, self.layers, jnp.arange(LAYERS))
+        out = self.head(self.ln_f(x)[:, 0])
+        return (out, hs) if self.per_layer else out
 
 
 def linen_transformer(seed: int = 0):
@@ -203,3 +254,73 @@ class NnxTapped(nnx.Module):
         x = x + self.pos(jnp.arange(x.shape[1]))
         x = self.layers_1(self.layers_0(x, mask), mask)
         return self.head((x * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))
+
+
+# -- layers of classes jpeft does not ship (registered with jpeft.register_layer) -----------------
+
+class LinenOwnDense(nn.Module):
+    """A dense layer with its own call: ``x @ kernel + bias``."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.normal(0.1), (self.features,))
+        return jnp.dot(x, kernel) + bias
+
+
+class LinenRawEinsum(nn.Module):
+    """Like Google tunix's ``Einsum``: a raw parameter ``w`` and ``jnp.einsum``."""
+
+    einsum_str: str
+    shape: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.einsum(self.einsum_str, x, self.param("w", nn.initializers.normal(0.3), self.shape))
+
+
+class LinenCustom(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(LinenOwnDense(16, name="fc")(x))
+        h = LinenRawEinsum("bd,dnk->bnk", (16, 2, 4), name="proj")(h)
+        return LinenRawEinsum("bnk,nko->bo", (2, 4, 3), name="out")(h)
+
+
+class NnxOwnDense(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (d_in, d_out)))
+        self.bias = nnx.Param(0.1 * jax.random.normal(rngs.params(), (d_out,)))
+
+    def __call__(self, x):
+        return jnp.dot(x, self.kernel.get_value()) + self.bias.get_value()
+
+
+class NnxRawEinsum(nnx.Module):
+    def __init__(self, einsum_str: str, shape: tuple[int, ...], rngs: nnx.Rngs):
+        self.einsum_str = einsum_str
+        self.w = nnx.Param(0.3 * jax.random.normal(rngs.params(), shape))
+
+    def __call__(self, x):
+        return jnp.einsum(self.einsum_str, x, self.w.get_value())
+
+
+class NnxCustom(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc = NnxOwnDense(8, 16, rngs)
+        self.proj = NnxRawEinsum("bd,dnk->bnk", (16, 2, 4), rngs)
+        self.out = NnxRawEinsum("bnk,nko->bo", (2, 4, 3), rngs)
+
+    def __call__(self, x):
+        return self.out(self.proj(nnx.relu(self.fc(x))))
+
+
+def register_custom_layers() -> None:
+    """The registrations the custom models need (idempotent)."""
+    import jpeft
+
+    for own, raw in ((LinenOwnDense, LinenRawEinsum), (NnxOwnDense, NnxRawEinsum)):
+        jpeft.register_layer(own, kind="dense", kernel="kernel", bias="bias")
+        jpeft.register_layer(raw, kind="einsum", kernel="w", equation="einsum_str")

@@ -217,7 +217,7 @@ def test_short_real_run_lowers_the_dev_loss_and_scores_test_outputs(smollm2, tmp
     out = tmp_path / "run"
     code = E.main(["--method=lora", "--max-steps=8", "--eval-every=8", "--max-eval-samples=32",
                    "--max-test-mrs=4", "--max-new-tokens=12", "--decode-batch-size=4",
-                   "--batch-size=4", "--buckets=64,128", f"--output-dir={out}", "--progress=false"])
+                   "--batch-size=4", "--buckets", "64", "128", f"--output-dir={out}", "--progress=false"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     print({k: summary[k] for k in ("dev_loss_start", "dev_loss", "metrics", "decode")})

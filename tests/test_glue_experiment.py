@@ -7,8 +7,8 @@ import pytest
 
 from experiments import glue as E
 
-REQUIRED_FLAGS = ["--method", "--task", "--model", "--data_dir", "--epochs", "--max_steps",
-                  "--batch_size", "--lr", "--seed", "--output_dir"]
+REQUIRED_FLAGS = ["--method", "--task", "--model", "--data-dir", "--epochs", "--max-steps",
+                  "--batch-size", "--lr", "--seed", "--output-dir"]
 
 
 def test_help_lists_flags_with_defaults(capsys):
@@ -16,22 +16,23 @@ def test_help_lists_flags_with_defaults(capsys):
         E.parse_args(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for flag in REQUIRED_FLAGS + ["--lora.r", "--lora.alpha", "--lora.targets"]:
+    for flag in REQUIRED_FLAGS + ["--lora.r", "--lora.alpha", "--lora.targets", "--bitfit.pattern"]:
         assert flag in out, flag
-    assert "sst2" in out and "lora" in out  # defaults are shown
+    assert "(default: sst2)" in out and "(default: lora)" in out
+    assert "batch size (default: 16)" in " ".join(out.split())  # after configs/lora.toml's [tasks.sst2]
 
 
 def test_config_layers_and_cli_precedence():
     cfg = E.parse_args([])
     assert (cfg.method, cfg.task) == ("lora", "sst2")
-    assert cfg.lr == 5e-4 and cfg.lora.alpha == 16.0 and cfg.batch_size == 16  # configs/lora.toml
+    assert cfg.optim.lr == 5e-4 and cfg.lora.alpha == 16.0 and cfg.data.batch_size == 16  # configs/lora.toml
     # configs/lora.toml [tasks.sst2] (one epoch) over configs/tasks/sst2.toml (800 steps)
-    assert cfg.max_steps is None and cfg.epochs == 1.0
+    assert cfg.loop.max_steps is None and cfg.loop.epochs == 1.0
     cfg = E.parse_args(["--task=mrpc", "--lr=3e-4", "--lora.r=16", "--max-steps", "7"])
-    assert cfg.epochs == 10.0 and cfg.lr == 3e-4 and cfg.lora.r == 16 and cfg.max_steps == 7
-    assert E.parse_args(["--task=wnli"]).epochs == 3.0  # configs/tasks/wnli.toml
+    assert cfg.loop.epochs == 10.0 and cfg.optim.lr == 3e-4 and cfg.lora.r == 16 and cfg.loop.max_steps == 7
+    assert E.parse_args(["--task=wnli"]).loop.epochs == 3.0  # configs/tasks/wnli.toml
     full = E.parse_args(["--method=full"])
-    assert full.lr == 5e-5 and full.max_steps is None and full.epochs == 1.0
+    assert full.optim.lr == 5e-5 and full.loop.max_steps is None and full.loop.epochs == 1.0
 
 
 def test_every_shipped_config_parses_for_every_task():
@@ -48,20 +49,20 @@ def test_every_shipped_config_parses_for_every_task():
             cfg = E.parse_args([f"--method={method}", f"--task={task}"])
             assert (cfg.method, cfg.task) == (method, task)
     prefix_mrpc = E.parse_args(["--method=prefix", "--task=mrpc"])
-    assert prefix_mrpc.group_lr == {"prefix": 0.1} and prefix_mrpc.epochs == 10.0
-    assert E.parse_args(["--method=prefix", "--task=sst2"]).group_lr == {"prefix": 0.5}
-    assert E.parse_args(["--method=ptuning2", "--task=mrpc"]).epochs == 10.0
-    assert E.parse_args(["--method=lora", "--task=mrpc"]).max_steps is None
+    assert prefix_mrpc.optim.group_lr == {"prefix": 0.1} and prefix_mrpc.loop.epochs == 10.0
+    assert E.parse_args(["--method=prefix", "--task=sst2"]).optim.group_lr == {"prefix": 0.5}
+    assert E.parse_args(["--method=ptuning2", "--task=mrpc"]).loop.epochs == 10.0
+    assert E.parse_args(["--method=lora", "--task=mrpc"]).loop.max_steps is None
 
 
 
 def test_a_combination_names_the_settings_its_parts_disagree_on(capsys):
     """``lora+freeze``: freeze.toml's lr (5e-5) replaces lora.toml's (5e-4), and stderr says so."""
     cfg = E.parse_args(["--method=lora+freeze"])
-    assert cfg.lr == 5e-5
+    assert cfg.optim.lr == 5e-5
     err = capsys.readouterr().err
     assert "lr = 5e-05 from freeze.toml replaces 0.0005 from lora.toml" in err and "--lr" in err
-    assert E.parse_args(["--method=lora+freeze", "--lr=1e-3"]).lr == 1e-3
+    assert E.parse_args(["--method=lora+freeze", "--lr=1e-3"]).optim.lr == 1e-3
     E.parse_args(["--method=lora"])
     E.parse_args(["--method=bitfit+prefix"])  # both set lr 1e-3, weight decay 0.01, batch 32, 10 epochs
     assert "note:" not in capsys.readouterr().err

@@ -80,8 +80,8 @@ def test_short_runs_on_a_tiny_bert_and_the_side_by_side_table(tmp_path):
     assert lora["trainable_params"] == 2 * 2 * 256 + 34
     assert full["trainable_params"] == full["total_params"]
     cfg = parse_args(["--method=lora", "--task=mrpc", *extra.split()])
-    assert lora["config"]["lr"] == cfg.lr and lora["config"]["lora"]["r"] == cfg.lora.r
-    assert lora["config"]["weight_decay"] == cfg.weight_decay and lora["config"]["batch_size"] == 8
+    assert lora["config"]["lr"] == cfg.optim.lr and lora["config"]["lora"]["r"] == cfg.lora.r
+    assert lora["config"]["weight_decay"] == cfg.optim.weight_decay and lora["config"]["batch_size"] == 8
 
     # jpeft's side: a run with PEFT's recipe 1 point higher, another with a different recipe
     for name, summary, shift, lr in (("mrpc-lora-s0", lora, 0.01, None), ("sst2-full-s0", full, 0.0, 1.0)):

@@ -153,6 +153,27 @@ def test_cell_with_different_recipes_across_seeds_is_marked(tmp_path):
     assert "85.5 ± 0.7 † (n=2" in (tmp_path / "results.md").read_text()
 
 
+def test_a_setting_added_between_seeds_does_not_mark_the_cell(tmp_path):
+    """A seed run before jpeft grew a setting lacks its key (it ran at today's default): the cell
+    is one recipe. The same setting with another value in both runs marks it."""
+    calls = []
+    argv = [f"--out={tmp_path}", "--methods=lora", "--tasks=sst2", "--seeds=0,1"]
+    assert main(argv, runner=_fake_runner(SCORES, calls)) == 0
+    path = tmp_path / "runs" / "sst2-lora-s1" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["config"]["b2"] = 0.999
+    summary["config"].setdefault("lora", {})["use_dora"] = False
+    path.write_text(json.dumps(summary))
+    assert main(["--rebuild", f"--out={tmp_path}"]) == 0
+    assert "85.5 ± 0.7 (n=2" in (tmp_path / "results.md").read_text()
+    other = tmp_path / "runs" / "sst2-lora-s0" / "summary.json"
+    first = json.loads(other.read_text())
+    first["config"]["b2"] = 0.98
+    other.write_text(json.dumps(first))
+    assert main(["--rebuild", f"--out={tmp_path}"]) == 0
+    assert "85.5 ± 0.7 † (n=2" in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.parametrize("methods", ["../lora", "lora/../../x", "lora@..", "a\\b", "lora,"])
 def test_method_names_with_path_separators_are_refused(tmp_path, capsys, methods):
     calls = []

@@ -2,8 +2,13 @@
 installed from PyPI as ``google-tunix``), with a tiny random config.
 
 tunix's code is used as it ships. Its MLP projections are ``nnx.Linear`` layers, which jpeft's
-weight-space methods adapt; its attention projections are tunix's own ``Einsum`` module (a raw
-``w`` parameter used with ``jnp.einsum``), which they do not (asserted below). Adapters need
+weight-space methods adapt as they are; its attention projections (``q_proj``, ``k_proj``,
+``v_proj``, ``o_proj``) and ``lm_head`` are tunix's own ``Einsum`` module (a raw ``w`` parameter
+used with ``jnp.einsum``), which one line makes adaptable::
+
+    jpeft.register_layer(llama.Einsum, kind="einsum", kernel="w", equation="einsum_str")
+
+Adapters need
 attachment points: the test adds jpeft taps to a model instance by wrapping its sub-modules
 (model surgery, as Hugging Face PEFT does), without editing tunix's source.
 
@@ -31,11 +36,14 @@ llama = pytest.importorskip(
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
+jpeft.register_layer(llama.Einsum, kind="einsum", kernel="w", equation="einsum_str")
+
 KEY = jax.random.key(0)
 B, T, V = 2, 8, 128
 CONFIG = dict(num_layers=2, vocab_size=V, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8,
               num_kv_heads=2, rope_theta=10_000, norm_eps=1e-5)
 MLP = r"mlp/(gate_proj|up_proj|down_proj)$"
+ATTN = r"attn/(q_proj|k_proj|v_proj|o_proj)$"
 STEPS = 6
 # the model's positional inputs, in order, as batch keys (the trainer passes them positionally)
 MODEL_INPUTS = ("input_ids", "positions", "cache", "attention_mask")
@@ -143,21 +151,27 @@ def test_the_model_is_tunix_llama3_and_what_jpeft_can_adapt(llama3):
     n = P.count_params(params)
     print(f"\ntunix Llama3 (tiny random config {CONFIG}): {n:,d} parameters")
     assert n == 2 * (32 * 4 * 8 * 2 + 32 * 2 * 8 * 2 + 3 * 32 * 64 + 2 * 32) + V * 32 * 2 + 32
-    assert sorted(model.info().layers) == sorted(
-        f"layers/{i}/mlp/{p}_proj" for i in range(2) for p in ("gate", "up", "down"))
-    assert all(spec.kind == "dense" for spec in model.info().layers.values())
-    # tunix's attention projections are its own Einsum module (param `w`, no kernel): a pattern
-    # that selects only them matches no layer, and the error lists the layers that exist.
-    with pytest.raises(P.NoMatchError, match=r"(?s)q_proj.*gate_proj"):
-        jpeft.lora(jpeft.LoraConfig(targets=r"attn/q_proj$")).init(KEY, params, model.info())
+    layers = model.info().layers
+    want = {f"layers/{i}/mlp/{p}_proj": "dense" for i in range(2) for p in ("gate", "up", "down")}
+    want.update({f"layers/{i}/attn/{p}_proj": "einsum" for i in range(2) for p in "qkvo"})
+    want.update({"lm_head": "einsum", "embedder": "unsupported"})
+    assert {p: s.kind for p, s in layers.items()} == want
+    q = layers["layers/0/attn/q_proj"]  # 'BTD,DNH->BTNH': input group D, output group (N, H)
+    assert (q.kernel, q.einsum, q.in_shape, q.out_shape) == ("w", "BTD,DNH->BTNH", (32,), (4, 8))
+    # tunix's Embedder (a raw embedding table) is a class jpeft does not know: a pattern selecting
+    # it is refused, naming the class and the line that would register it
+    with pytest.raises(jpeft.core.layers.UnsupportedLayerError,
+                       match=r"(?s)Embedder.*jpeft.register_layer\(tunix.models.llama3.model.Embedder"):
+        jpeft.lora(jpeft.LoraConfig(targets=r"embedder$")).init(KEY, params, model.info())
 
 
 @pytest.mark.parametrize("name", ["lora", "ia3"])
 def test_train_merge_and_checkpoint(llama3, tmp_path, name):
     model, params = llama3
     method = {
-        "lora": jpeft.lora(jpeft.LoraConfig(r=4, alpha=8.0, targets=MLP)),
-        "ia3": jpeft.ia3(jpeft.IA3Config(targets=r"mlp/(up_proj|down_proj)$", feedforward=r"down_proj$")),
+        "lora": jpeft.lora(jpeft.LoraConfig(r=4, alpha=8.0, targets=f"{ATTN}|{MLP}")),
+        "ia3": jpeft.ia3(jpeft.IA3Config(targets=r"attn/(k_proj|v_proj|o_proj)$|mlp/down_proj$",
+                                         feedforward=r"(o_proj|down_proj)$")),
     }[name]
     inputs = _inputs()
     base = _logits(model, params, *inputs)
@@ -168,6 +182,9 @@ def test_train_merge_and_checkpoint(llama3, tmp_path, name):
                                rtol=1e-5, atol=1e-5)
 
     trainer, state, losses = _train(model, method, params, lr=1e-2 if name == "lora" else 5e-2)
+    delta_paths = {p.rsplit("/", 1)[0] for p in P.flatten(state.trainable["delta"])}
+    assert {p for p in delta_paths if "/attn/" in p} == {
+        f"layers/{i}/attn/{p}_proj" for i in range(2) for p in ("qkvo" if name == "lora" else "kvo")}
     print(f"{name}: {P.count_params(state.trainable['delta']):,d} trained parameters, "
           f"losses {[round(x, 4) for x in losses]}")
     assert losses[-1] < losses[0]

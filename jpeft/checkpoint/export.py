@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.checkpoint.hf_peft import _atomic_dir, read_json_object
+from jpeft.checkpoint.atomic import atomic_dir
+from jpeft.checkpoint.hf_peft import read_json_object
 from jpeft.checkpoint.orbax_ckpt import CheckpointError, fingerprint
 from jpeft.core import paths as P
 from jpeft.core.transform import Transform, merge
@@ -123,7 +124,7 @@ def export_merged_hf(path: str | os.PathLike[str], model: Any, transform: Transf
         for f in tok_files:
             shutil.copyfile(f, tmp / f.name)
 
-    _atomic_dir(Path(path), write, overwrite)
+    atomic_dir(path, write, overwrite)
     return Path(path)
 
 
@@ -242,7 +243,7 @@ def save_adapter(path: str | os.PathLike[str], transform: Transform, delta: Any,
         save_file(arrays, str(tmp / ADAPTER_TENSORS), metadata={"format": FORMAT})
         (tmp / ADAPTER_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
-    _atomic_dir(Path(path), write, overwrite)
+    atomic_dir(path, write, overwrite)
     return Path(path)
 
 

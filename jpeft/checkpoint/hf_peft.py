@@ -18,7 +18,9 @@ A PEFT adapter folder (``PeftModel.save_pretrained``) holds
 prompt tuning, prefix tuning (with or without projection) and P-tuning — and
 :func:`save_peft_adapter` writes one from a jpeft transform, so that
 ``peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), path)``
-computes the same logits. Anything jpeft cannot represent exactly (DoRA, another ``peft_type``,
+computes the same logits. LoRA adapters with ``use_dora`` (DoRA) go both ways: PEFT's
+``....lora_magnitude_vector`` ``(d_out,)`` is jpeft's ``lora_magnitude`` leaf. Anything jpeft
+cannot represent exactly (another ``peft_type``,
 ``fan_in_fan_out``, a target that is not a Dense layer, a base-rewriting LoRA init, ...) is refused
 with a ``ValueError`` naming the field and its value: an adapter is never loaded approximately.
 
@@ -46,9 +48,7 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +56,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.checkpoint.atomic import atomic_dir
 from jpeft.core import paths as P
 from jpeft.core.transform import Transform
+from jpeft.methods.dora import MAGNITUDE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -76,7 +78,7 @@ _COMMON_IGNORED = {
 _LORA_HANDLED = {
     "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "rank_pattern",
     "alpha_pattern", "layers_to_transform", "layers_pattern", "bias", "lora_dropout",
-    "fan_in_fan_out", "init_lora_weights",
+    "fan_in_fan_out", "init_lora_weights", "use_dora",
 }
 # settings consulted only by options that are themselves refused when on, or at training time
 _LORA_IGNORED = {"megatron_core", "qalora_group_size", "ensure_weight_tying", "eva_config",
@@ -94,7 +96,6 @@ _PTUNING_HANDLED = _PROMPT_COMMON | {"encoder_reparameterization_type", "encoder
 _SAFE_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 _REASONS = {
-    "use_dora": "DoRA (weight-decomposed LoRA) has no jpeft equivalent",
     "fan_in_fan_out": "jpeft's Dense kernels are (d_in, d_out); fan_in_fan_out is for GPT-2 Conv1D layers",
     "lora_bias": "LoRA with a bias on lora_B is not implemented in jpeft",
     "layer_replication": "layer replication changes the model's depth",
@@ -529,7 +530,7 @@ def _load_lora(cfg: dict[str, Any], tensors: dict[str, np.ndarray], mods: _Modul
                base: P.Params, label: str) -> tuple[Transform, Any]:
     from jpeft.methods.lora import LoraConfig, lora, rank_and_scale, target_modules
 
-    for field in ("use_dora", "fan_in_fan_out", "lora_bias"):
+    for field in ("fan_in_fan_out", "lora_bias"):
         if cfg.get(field):
             raise _refuse(field, cfg[field])
     init = cfg.get("init_lora_weights", True)
@@ -547,6 +548,7 @@ def _load_lora(cfg: dict[str, Any], tensors: dict[str, np.ndarray], mods: _Modul
     alpha_pattern = cfg.get("alpha_pattern") or {}
     use_rslora = bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout") or 0.0)
+    use_dora = bool(cfg.get("use_dora", False))
     modules = _resolve_targets(cfg, mods, "LoRA")
     flat_base = P.flatten(base)
     flat: dict[str, Any] = {}
@@ -565,6 +567,8 @@ def _load_lora(cfg: dict[str, Any], tensors: dict[str, np.ndarray], mods: _Modul
                 "base the architecture the adapter was trained on?")
         flat[f"{path}/lora_A"] = jnp.asarray(a.T)
         flat[f"{path}/lora_B"] = jnp.asarray(b.T)
+        if use_dora:
+            flat[f"{path}/{MAGNITUDE}"] = _dora_magnitude(tensors, name, d_out, label)
         ranks[path] = (r, alpha)
     _leftover(tensors, (".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_vector"), label)
 
@@ -576,7 +580,7 @@ def _load_lora(cfg: dict[str, Any], tensors: dict[str, np.ndarray], mods: _Modul
         return {_exact_regex(paths): (int(v) if index == 0 else v) for v, paths in groups.items()}
 
     common = {"r": r0, "alpha": alpha0, "dropout": dropout, "use_rslora": use_rslora, "bias": bias,
-              "init": "gaussian" if init == "gaussian" else "kaiming",
+              "init": "gaussian" if init == "gaussian" else "kaiming", "use_dora": use_dora,
               "rank_pattern": patterns(0, r0), "alpha_pattern": patterns(1, alpha0)}
     candidates = []
     targets = cfg.get("target_modules")
@@ -597,6 +601,16 @@ def _load_lora(cfg: dict[str, Any], tensors: dict[str, np.ndarray], mods: _Modul
                 for p, (r, alpha) in ranks.items()):
             return lora(jcfg), P.unflatten(flat)
     raise AssertionError("unreachable: the explicit LoRA config reproduces the PEFT targets")
+
+
+def _dora_magnitude(tensors: dict[str, np.ndarray], name: str, d_out: int, label: str) -> jax.Array:
+    """PEFT's ``....lora_magnitude_vector`` ``(d_out,)`` of a DoRA target."""
+    m = _take(tensors, f"base_model.model.{name}.lora_magnitude_vector", label, "DoRA magnitude")
+    if m.shape != (d_out,):
+        raise ValueError(f"{label}: {name}.lora_magnitude_vector has shape {m.shape}, expected "
+                         f"({d_out},) (one magnitude per output column); is the base the right "
+                         "architecture?")
+    return jnp.asarray(m)
 
 
 def _load_ia3(cfg: dict[str, Any], tensors: dict[str, np.ndarray], mods: _Modules,
@@ -706,33 +720,6 @@ def _load_prompt_learning(peft_type: str, cfg: dict[str, Any], tensors: dict[str
 
 # ----------------------------------------------------------------------------------------------
 # Writing
-
-def _atomic_dir(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
-    """Write into a temporary sibling directory, then rename it to ``path``."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would stay on the renamed folder
-    try:
-        write(tmp)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
 
 def _save_tensors(file: Path, tensors: Mapping[str, Any]) -> None:
     from safetensors.numpy import save_file
@@ -901,7 +888,7 @@ def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True) + "\n")
         _save_tensors(tmp / ADAPTER_WEIGHTS, tensors)
 
-    _atomic_dir(Path(path), write, overwrite)
+    atomic_dir(path, write, overwrite)
     return Path(path)
 
 
@@ -937,6 +924,9 @@ def _lora_to_peft(transform: Transform, cfg: Any, delta: Any, params: P.Params, 
         ranks[name] = (r, float(_pattern_value(cfg.alpha_pattern, path, cfg.alpha)))
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.T
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.T
+        if cfg.use_dora:
+            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = np.asarray(
+                jax.device_get(body[f"{path}/{MAGNITUDE}"]), np.float32)
     targeted = set(modules)
     flat = P.flatten(params)
     for path in other:  # trained biases (bias="all" / "lora_only")
@@ -955,7 +945,8 @@ def _lora_to_peft(transform: Transform, cfg: Any, delta: Any, params: P.Params, 
     adapter_cfg = {
         "peft_type": "LORA", "r": int(cfg.r), "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "use_rslora": bool(cfg.use_rslora), "bias": cfg.bias, "fan_in_fan_out": False,
-        "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True, "use_dora": False,
+        "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
+        "use_dora": bool(cfg.use_dora),
         "rank_pattern": pattern(0, cfg.r), "alpha_pattern": pattern(1, cfg.alpha),
         "layers_pattern": None, **sel,
     }

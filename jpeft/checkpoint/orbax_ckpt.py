@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.checkpoint.atomic import atomic_write_text
 from jpeft.core import paths as P
 
 
@@ -159,9 +160,7 @@ class CheckpointManager:
         self._empty_trash()
         if jax.process_index() == 0:
             root = self.directory / str(int(step))
-            tmp = root / f".{CHECKSUMS}.tmp"
-            tmp.write_text(json.dumps({"sha256": file_checksums(root)}, indent=1, sort_keys=True))
-            os.replace(tmp, root / CHECKSUMS)
+            atomic_write_text(root / CHECKSUMS, json.dumps({"sha256": file_checksums(root)}, indent=1, sort_keys=True))
 
     def verify_files(self, step: int) -> bool:
         """Check every file of ``step`` against its recorded SHA-256. Returns ``False`` when the

@@ -25,14 +25,20 @@ each layer of the stack its own slice, ``A (*stack, *in, r)``.
 :class:`LayerSpec` holds those facts. It comes from a module (:func:`spec_of`), from a
 :class:`~jpeft.core.transform.ModelInfo` built by :func:`jpeft.from_linen` / :func:`jpeft.from_nnx`,
 or, for a 2-D ``kernel`` leaf of a plain parameter tree, it is read off the tree (a ``Dense``).
+
+Layer classes jpeft does not ship (a third-party ``Einsum`` holding a raw ``w``, a user's module
+with its own call) are made adaptable by :func:`register_layer`, which names the attribute of
+the kernel (and bias) and how the layer contracts. Every method finds a layer's kernel through
+one lookup, :func:`kernel_name`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -65,6 +71,8 @@ class LayerSpec:
       conv: ``conv``: ``(strides, padding, input_dilation, kernel_dilation)``.
       module: the class name of the layer (for messages).
       note: why a layer holding a kernel cannot be adapted (``kind == "unsupported"``).
+      kernel / bias: the names of the layer's kernel and bias parameters (``bias``: ``None``
+        when the layer has none).
     """
 
     kind: str
@@ -77,6 +85,8 @@ class LayerSpec:
     conv: tuple[Any, ...] = ()
     module: str = ""
     note: str = ""
+    kernel: str = "kernel"
+    bias: str | None = "bias"
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -123,23 +133,116 @@ def _tuple(x: Any) -> tuple[Any, ...]:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _module_kind(module: Any) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class LayerType:
+    """How jpeft reads a layer class (see :func:`register_layer`).
+
+    Attributes:
+      kind: ``"dense"`` (kernel ``(d_in, d_out)``), ``"einsum"``, or, for the classes Flax ships,
+        ``"dense_general"`` / ``"conv"``.
+      kernel / bias: the names of the kernel and bias parameters (``bias``: ``None`` for none).
+      equation: ``einsum``: the attribute holding the equation ``"x,kernel->y"``.
+      spec: ``(module, kernel_shape) -> LayerSpec``, for a layer the fields above do not describe.
+    """
+
+    kind: str
+    kernel: str = "kernel"
+    bias: str | None = "bias"
+    equation: str = ""
+    spec: Callable[[Any, tuple[int, ...]], LayerSpec] | None = None
+
+
+_REGISTERED: dict[type, LayerType] = {}
+
+
+def register_layer(cls: type, kind: str = "dense", *, kernel: str = "kernel", bias: str | None = None,
+                   equation: str = "",
+                   spec: Callable[[Any, tuple[int, ...]], LayerSpec] | None = None) -> type:
+    """Make a Linen or NNX layer class adaptable by every weight-space method.
+
+    ``kind="dense"``: the layer computes ``x @ W (+ b)`` with its parameter ``kernel`` of shape
+    ``(d_in, d_out)``; ``kind="einsum"``: it computes ``jnp.einsum(eq, x, W)`` with ``eq`` the
+    string held by its attribute ``equation``. ``bias`` names its bias parameter, if any (for
+    (IA)³'s merge). Any other contraction: ``spec=lambda module, kernel_shape: LayerSpec(...)``.
+    The layer's own ``__call__`` keeps running; jpeft adds the update around it. Returns
+    ``cls``. Example (Google tunix's ``Einsum``, a raw ``w`` fed to ``jnp.einsum``)::
+
+        jpeft.register_layer(tunix_llama.Einsum, kind="einsum", kernel="w", equation="einsum_str")
+    """
+    if not isinstance(cls, type):
+        raise TypeError(f"register_layer: pass the layer class, got {type(cls).__name__}")
+    if spec is None and kind not in ("dense", "einsum"):
+        raise ValueError(f"register_layer: kind must be 'dense' or 'einsum' (got {kind!r}); describe "
+                         "any other layer with spec=lambda module, kernel_shape: LayerSpec(...)")
+    if spec is None and kind == "einsum" and not equation:
+        raise ValueError("register_layer: kind='einsum' needs equation=<the attribute holding the "
+                         "einsum string>, e.g. equation='einsum_str'")
+    _REGISTERED[cls] = LayerType(kind, kernel, bias, equation, spec)
+    return cls
+
+
+def registered_classes() -> tuple[type, ...]:
+    """The classes registered with :func:`register_layer`."""
+    return tuple(_REGISTERED)
+
+
+def _builtin_type(module: Any) -> LayerType | None:
     import flax.linen as nn
     from flax import nnx
 
     if isinstance(module, (nn.Dense, nnx.Linear)):
-        return "dense"
+        return LayerType("dense")
     if isinstance(module, (nn.DenseGeneral, nnx.LinearGeneral)):
-        return "dense_general"
+        return LayerType("dense_general")
     if isinstance(module, (nn.Einsum, nnx.Einsum)):
-        return "einsum"
+        return LayerType("einsum", equation="einsum_str")
     if isinstance(module, (nn.Conv, nnx.Conv)):
-        return "conv"
+        return LayerType("conv")
     return None
+
+
+def layer_type(module: Any) -> LayerType | None:
+    """The :class:`LayerType` of a module: registered (its class or a base class), else one of
+    Flax's layers, else ``None``."""
+    for cls in type(module).__mro__:
+        if cls in _REGISTERED:
+            return _REGISTERED[cls]
+    return _builtin_type(module)
+
+
+def _module_kind(module: Any) -> str | None:
+    found = layer_type(module)
+    return found.kind if found is not None else None
 
 
 def is_adaptable(module: Any) -> bool:
     return _module_kind(module) is not None
+
+
+def kernel_rank(module: Any) -> int | None:
+    """The rank of one layer's kernel of a registered ``dense``/``einsum`` layer (``None``:
+    unknown, the stored kernel is taken as one layer's)."""
+    found = layer_type(module)
+    if found is None or found.spec is not None:
+        return None
+    if found.kind == "dense":
+        return 2
+    if found.kind == "einsum":
+        eq = str(getattr(module, found.equation, "")).replace(" ", "")
+        return len(eq.split("->")[0].split(",")[-1]) if "->" in eq and "," in eq else None
+    return None
+
+
+def registration_hint(module: Any, kernel: str) -> str:
+    """The one-line :func:`register_layer` call for an unknown layer class (kind guessed from
+    an attribute holding an einsum string)."""
+    cls = type(module)
+    attrs = (vars(module) if not dataclasses.is_dataclass(module)
+             else {f.name: getattr(module, f.name, None) for f in dataclasses.fields(module)})
+    eq = next((k for k, v in attrs.items()
+               if isinstance(v, str) and re.fullmatch(r"[\w.]+,[\w.]+->[\w.]+", v.replace(" ", ""))), None)
+    kind = f'kind="einsum", kernel="{kernel}", equation="{eq}"' if eq else f'kind="dense", kernel="{kernel}"'
+    return f"jpeft.register_layer({cls.__module__}.{cls.__qualname__}, {kind})"
 
 
 def spec_of(module: Any, kernel_shape: Sequence[int], path: str = "") -> LayerSpec:
@@ -150,12 +253,27 @@ def spec_of(module: Any, kernel_shape: Sequence[int], path: str = "") -> LayerSp
     """
     name = type(module).__name__
     where = f" at '{path}'" if path else ""
-    kind = _module_kind(module)
+    found = layer_type(module)
     shape = tuple(int(d) for d in kernel_shape)
-    if kind is None:
+    if found is None:
         raise UnsupportedLayerError(
             f"the layer{where} is a {name}, which jpeft's weight-space methods cannot adapt "
-            f"(supported: {SUPPORTED}); narrow the method's targets pattern to exclude it")
+            f"(supported: {SUPPORTED}, and classes registered with jpeft.register_layer, e.g. "
+            f"{registration_hint(module, 'kernel')}); narrow the method's targets pattern to "
+            "exclude it")
+    names = dict(module=name, kernel=found.kernel, bias=found.bias)
+    if found.spec is not None:
+        spec = found.spec(module, shape)
+        if not isinstance(spec, LayerSpec) or spec.kind not in KINDS:
+            raise TypeError(f"register_layer: the spec of {name} must return a LayerSpec of a kind "
+                            f"in {KINDS}, got {spec!r}")
+        return dataclasses.replace(spec, **names)
+    return dataclasses.replace(_builtin_spec(module, found, shape, name, where), **names)
+
+
+def _builtin_spec(module: Any, found: LayerType, shape: tuple[int, ...], name: str,
+                  where: str) -> LayerSpec:
+    kind = found.kind
     if kind == "dense":
         return dense_spec(shape, name)
     if kind == "dense_general":
@@ -168,8 +286,11 @@ def spec_of(module: Any, kernel_shape: Sequence[int], path: str = "") -> LayerSp
         return LayerSpec(kind, shape, tuple(range(n)), tuple(range(n, len(shape))), axis=axis,
                          module=name)
     if kind == "einsum":
-        eq = module.einsum_str.replace(" ", "")
+        eq = str(getattr(module, found.equation)).replace(" ", "")
         x_spec, k_spec, y_spec = _einsum_parts(eq, name, where)
+        if len(k_spec) != len(shape):
+            raise UnsupportedLayerError(f"{name}{where}: the kernel of '{eq}' has {len(k_spec)} axes, "
+                                        f"the parameter {shape}")
         in_axes = tuple(i for i, c in enumerate(k_spec) if c in x_spec and c not in y_spec)
         out_axes = tuple(i for i in range(len(k_spec)) if i not in in_axes)
         if not in_axes:
@@ -387,6 +508,90 @@ def kernel_spec(path: str, stored_shape: Sequence[int], layers: Mapping[str, Lay
         "`model, params = jpeft.from_nnx(module)` then `model.info()` (NNX).")
 
 
-def unsupported_spec(module: Any, kernel_shape: Sequence[int]) -> LayerSpec:
+def unsupported_spec(module: Any, kernel_shape: Sequence[int], kernel: str = "kernel",
+                     note: str = "") -> LayerSpec:
     """A placeholder spec for a module that holds a kernel but is not adaptable (named in errors)."""
-    return LayerSpec("unsupported", tuple(kernel_shape), (), (), module=type(module).__name__)
+    return LayerSpec("unsupported", tuple(kernel_shape), (), (), module=type(module).__name__,
+                     note=note, kernel=kernel)
+
+
+def custom_kernel(module: Any, params: Mapping[str, Any]) -> str | None:
+    """The name of the first parameter of at least 2 axes of a module of a class neither Flax
+    nor jpeft ships and nobody registered (``params``: its own parameters by name), else ``None``:
+    such a module is recorded as an unsupported layer whose error shows the registration."""
+    if layer_type(module) is not None or type(module).__module__.split(".")[0] in ("flax", "jpeft"):
+        return None
+    return next((k for k, v in params.items() if len(getattr(v, "shape", ())) >= 2), None)
+
+
+def unknown_layer_spec(module: Any, kernel: str, stored_shape: Sequence[int], path: str) -> LayerSpec:
+    """The unsupported spec of a module :func:`custom_kernel` found, with the call to register it."""
+    note = (f"the layer at '{path}' is a {type(module).__name__}, a class jpeft does not know; "
+            f"tell jpeft which parameter is its kernel and how it contracts, once, before "
+            f"describing the model: {registration_hint(module, kernel)}")
+    return unsupported_spec(module, stored_shape, kernel, note)
+
+
+def kernel_name(path: str, layers: Mapping[str, LayerSpec], flat: Mapping[str, Any] | None = None) -> str:
+    """The name of the kernel parameter of the layer at module ``path``: from the model's
+    description ``layers``, else (with the flat parameter tree ``flat``) the first of
+    ``kernel`` and the registered kernel names the module holds, else ``"kernel"``."""
+    if path in layers:
+        return layers[path].kernel
+    if flat is not None:
+        for name in ("kernel", *dict.fromkeys(t.kernel for t in _REGISTERED.values())):
+            if f"{path}/{name}" in flat:
+                return name
+    return "kernel"
+
+
+def select_layers(base: Mapping[str, Any], pattern: Any, layers: Mapping[str, LayerSpec],
+                  what: str) -> list[str]:
+    """Module paths matching ``pattern`` among the modules holding a ``kernel`` leaf and the
+    layers of the model's description (registered ones hold their kernel under its own name).
+    Raises :class:`~jpeft.core.paths.NoMatchError` listing the candidates."""
+    from jpeft.core import paths as P
+
+    modules: dict[str, None] = {}
+    for leaf in P.flatten(base):
+        module, _, name = leaf.rpartition("/")
+        if name == "kernel" or (module in layers and layers[module].kernel == name):
+            modules[module] = None
+    regex = P._compile(pattern)
+    hits = [m for m in modules if regex.search(m)]
+    if not hits:
+        raise P.no_match_error(what, pattern, modules)
+    return hits
+
+
+def kernel_path(path: str, layers: Mapping[str, LayerSpec], flat: Mapping[str, Any] | None = None) -> str:
+    """``"<path>/<kernel name>"``: the parameter path of the kernel of the layer at ``path``
+    (:func:`kernel_name`)."""
+    return f"{path}/{kernel_name(path, layers, flat)}"
+
+
+def stacked_leaves(base: Mapping[str, Any], layers: Mapping[str, LayerSpec]) -> dict[str, int]:
+    """``{leaf path: number of layers}`` of the leaves that ``nn.scan`` / ``nnx.scan`` stacks.
+
+    A stack's root is the highest module above a stacked layer of ``layers`` (a model's
+    description) all of whose leaves have the stack's size as their leading axis (Linen:
+    the scanned module, ``layers``; NNX: the ``nnx.vmap``-made module); every leaf under it
+    (kernels, biases, norm scales) holds one slice per layer.
+    """
+    from jpeft.core import paths as P
+
+    flat = P.flatten(base)
+    out: dict[str, int] = {}
+    for path, spec in layers.items():
+        if not spec.stack:
+            continue
+        n, parts, root = spec.stack[0], path.split("/"), None
+        for depth in range(len(parts), 0, -1):
+            prefix = "/".join(parts[:depth]) + "/"
+            under = [v for k, v in flat.items() if k.startswith(prefix)]
+            if not under or any(len(jnp.shape(v)) == 0 or jnp.shape(v)[0] != n for v in under):
+                break
+            root = prefix
+        if root is not None:
+            out.update({k: n for k in flat if k.startswith(root)})
+    return out

@@ -11,14 +11,16 @@ user holds:
 
 * **Linen**: each adapted module's delta leaves are put into the parameter tree next to its
   kernel (under ``"jpeft"``), and one ``nn.intercept_methods`` interceptor wraps the
-  ``__call__`` of ``nn.Dense`` / ``DenseGeneral`` / ``Einsum`` / ``Conv`` modules that hold
+  ``__call__`` of ``nn.Dense`` / ``DenseGeneral`` / ``Einsum`` / ``Conv`` modules (and classes
+  registered with :func:`jpeft.register_layer`) that hold
   some. Because the leaves live in the module's own parameters, ``nn.scan`` slices a stacked
   delta with its stacked kernel: layer ``i`` of the stack sees its own factors.
 * **NNX**: the model is split once (``nnx.split``) into a graph definition, the ``Param`` state
   (the frozen base, given to the user as a plain nested dict) and the rest. Inside the traced
   call the module is rebuilt (``nnx.merge``), the delta leaves are attached to the adapted
   layers as ``Param`` variables (so ``nnx.scan`` slices them too), and the ``__call__`` of
-  ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Conv`` runs the hooks of the layers that
+  ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Conv`` (and of the registered classes)
+  runs the hooks of the layers that
   carry leaves. The rebuilt module is local to the call; the user's module is never changed.
 
 Interception happens only while tracing, so a jitted step pays nothing for it.
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 
 from jpeft.core import layers as L
 from jpeft.core import paths as P
+from jpeft import quant as Q
 
 INJECTED = "jpeft"  # key of the delta leaves in a Linen module's params; NNX attribute prefix
 LAYER_INDEX = "layer_index"
@@ -54,11 +57,16 @@ class Layer:
         the path of the stacked module).
       spec: the layer's :class:`~jpeft.core.layers.LayerSpec` (one layer: no stack axes).
       index: the layer's position in a stack (a traced scalar), ``None`` outside a stack.
+      kernel / bias: the layer's own weights as it runs (one layer's slice inside a stack;
+        ``bias`` is ``None`` without one), for hooks whose update depends on them (DoRA's
+        column norm of ``W + s·AB``).
     """
 
     path: str
     spec: L.LayerSpec
     index: jax.Array | None = None
+    kernel: jax.Array | None = None
+    bias: jax.Array | None = None
 
     def key(self, ctx: Any, *names: str) -> jax.Array | None:
         """A PRNG key for this layer: ``ctx.key(*names, path)``, folded with the stack index."""
@@ -120,12 +128,14 @@ def _linen_layer_interceptor(parts: Sequence[HookPart], targets: set[str], seen:
         if path not in targets:
             return next_fun(*args, **kwargs)
         module = context.module
-        kernel = module.get_variable("params", "kernel")
+        kind = L.layer_type(module)
+        kernel = module.get_variable("params", kind.kernel if kind is not None else "kernel")
         spec = L.spec_of(module, kernel.shape, path)  # raises for an unsupported layer type
         seen.add(path)
         injected = module.get_variable("params", INJECTED)
         index = injected.get(LAYER_INDEX)
-        layer = Layer(path, spec, index if index is not None and index.ndim == 0 else None)
+        layer = Layer(path, spec, index if index is not None and index.ndim == 0 else None,
+                      kernel, module.get_variable("params", spec.bias) if spec.bias else None)
         call = lambda x: next_fun(x, *args[1:], **kwargs)
         return _run_hooks(parts, injected.get, call, args[0], layer)
 
@@ -137,7 +147,7 @@ def _inject(params: P.Params, parts: Sequence[HookPart]) -> dict[str, Any]:
     flat = dict(P.flatten(params))
     for part in parts:
         for module, leaves in part.modules.items():
-            kernel = flat.get(f"{module}/kernel")
+            kernel = flat.get(L.kernel_path(module, {}, flat))
             if kernel is None:
                 raise KeyError(f"{part.name}: the delta adapts '{module}', which has no kernel in "
                                "the parameters; was the delta made for another model?")
@@ -156,6 +166,8 @@ def run_linen(module: nn.Module, params: P.Params, parts: Sequence[HookPart],
 
     targets = {m for part in parts for m in part.modules}
     seen: set[str] = set()
+    # a quantized base's Dense layers dequantize their kernels innermost, under every hook
+    interceptors = [*Q.interceptors_for(params), *interceptors]
     if parts:
         params = _inject(params, parts)
         interceptors = [*interceptors, _linen_layer_interceptor(parts, targets, seen)]
@@ -169,7 +181,8 @@ def run_linen(module: nn.Module, params: P.Params, parts: Sequence[HookPart],
         raise L.UnsupportedLayerError(
             f"the adapted layers {missing[:5]} were never called as one of the layer types jpeft "
             f"adapts ({L.SUPPORTED}); their kernels may be used directly by the model's code "
-            "(e.g. self.param + jnp.dot). Narrow the method's targets to such layers.")
+            "(e.g. self.param + jnp.dot). Narrow the method's targets to such layers, or register "
+            "the layer class: jpeft.register_layer(cls, kind='dense' or 'einsum', kernel=...).")
     return out
 
 
@@ -203,11 +216,15 @@ def _tap_recorder(calls: list[TapCall]) -> Callable[..., Any]:
 
 def tap_facts(calls: Sequence[TapCall]) -> dict[str, Any]:
     """ModelInfo fields read off the taps a model called: ``taps`` (calls per kind),
-    ``num_layers``, ``hidden_size`` and, from ``attn.kv``, ``num_kv_heads``/``head_dim``."""
+    ``num_layers``, ``hidden_size`` and, from ``attn.kv``, ``num_kv_heads``/``head_dim``. A tap
+    inside a scan body (a traced layer index) sets ``scanned``: the number of layers is then the
+    stack's (:func:`_info`)."""
     facts: dict[str, Any] = {"taps": {}}
     for kind, layer, shapes in calls:
         facts["taps"][kind] = facts["taps"].get(kind, 0) + 1
-        if layer is not None:
+        if isinstance(layer, jax.Array):
+            facts["scanned"] = True
+        elif layer is not None:
             facts["num_layers"] = max(facts.get("num_layers", 0), int(layer) + 1)
         if kind in ("attn.out", "ffn.out", "embed.inputs") and shapes:
             facts["hidden_size"] = shapes[0][-1]
@@ -226,6 +243,8 @@ def _info(family: str, layers: Mapping[str, L.LayerSpec], calls: Sequence[TapCal
 
     info = given if given is not None else ModelInfo(family=family)
     facts = tap_facts(calls) if calls is not None else {}
+    if facts.pop("scanned", False) and "num_layers" not in facts:
+        facts["num_layers"] = max((s.stack[0] for s in layers.values() if s.stack), default=0)
     fill = {k: v for k, v in facts.items() if k != "taps" and not getattr(info, k)}
     return dataclasses.replace(info, layers={**layers, **info.layers}, taps=facts.get("taps"),
                                head_patterns=tuple(head_patterns) or info.head_patterns, **fill)
@@ -242,10 +261,18 @@ def describe_linen(module: nn.Module, params: P.Params, *args: Any, _taps: list[
         mod = context.module
         if context.method_name == "__call__" and mod.scope is not None:
             path = "/".join(str(p) for p in mod.path)
-            stored = flat.get(f"{path}/kernel")
-            kernel = mod.get_variable("params", "kernel") if stored is not None else None
+            kind = L.layer_type(mod)
+            name = kind.kernel if kind is not None else "kernel"
+            stored = flat.get(f"{path}/{name}")
+            kernel = mod.get_variable("params", name) if stored is not None else None
             if kernel is not None and path not in found:
                 found[path] = _spec_or_unsupported(mod, kernel.shape, stored.shape, path)
+            elif kernel is None and path not in found:
+                own = {k[len(path) + 1:]: v for k, v in flat.items()
+                       if k.startswith(f"{path}/") and "/" not in k[len(path) + 1:]} if path else {}
+                custom = L.custom_kernel(mod, own)
+                if custom is not None:
+                    found[path] = L.unknown_layer_spec(mod, custom, own[custom].shape, path)
         return next_fun(*a, **kw)
 
     fn = getattr(module, "__call__")
@@ -261,7 +288,9 @@ def _spec_or_unsupported(module: Any, kernel_shape: Sequence[int], stored_shape:
     try:
         return L.spec_of(module, kernel_shape, path).with_stack(stored_shape)
     except L.UnsupportedLayerError as err:
-        return dataclasses.replace(L.unsupported_spec(module, kernel_shape), note=str(err))
+        kind = L.layer_type(module)
+        return L.unsupported_spec(module, kernel_shape, kind.kernel if kind is not None else "kernel",
+                                  str(err))
 
 
 def from_linen(module: nn.Module, params: P.Params, *example_args: Any,
@@ -321,7 +350,8 @@ def _delta_cls() -> type:
 def _nnx_layer_classes() -> tuple[type, ...]:
     from flax import nnx
 
-    return (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
+    registered = tuple(c for c in L.registered_classes() if issubclass(c, nnx.Module))
+    return (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, *registered)
 
 
 _ACTIVE_PARTS: list[Sequence[HookPart]] = []  # the hook parts of the calls being traced
@@ -333,10 +363,13 @@ def _nnx_call(original: Callable[..., Any]) -> Callable[..., Any]:
         if path is None or not _ACTIVE_PARTS:
             return original(self, x, *args, **kwargs)
         attrs = self.__dict__
-        spec = L.spec_of(self, self.kernel.get_value().shape, path)
+        kernel = getattr(self, L.layer_type(self).kernel).get_value()
+        spec = L.spec_of(self, kernel.shape, path)
         index = attrs.get(f"{INJECTED}__{LAYER_INDEX}")
         index = index.get_value() if index is not None else None
-        layer = Layer(path, spec, index if index is not None and index.ndim == 0 else None)
+        bias = getattr(self, spec.bias, None) if spec.bias else None
+        layer = Layer(path, spec, index if index is not None and index.ndim == 0 else None,
+                      kernel, bias.get_value() if bias is not None else None)
 
         def leaves_of(part: str) -> dict[str, jax.Array]:
             prefix = f"{INJECTED}__{part}__"
@@ -354,7 +387,12 @@ def _nnx_hooks(parts: Sequence[HookPart]) -> Iterator[None]:
     """Route the NNX layer classes' ``__call__`` through the hooks while tracing."""
     patched = []
     if not _ACTIVE_PARTS:
-        for cls in _nnx_layer_classes():
+        # the classes that define the layers' __call__ (a registered subclass may inherit it)
+        owners = dict.fromkeys(next((c for c in cls.__mro__ if "__call__" in c.__dict__), None)
+                               for cls in _nnx_layer_classes())
+        for cls in owners:
+            if cls is None or cls is object:
+                continue
             original = cls.__dict__["__call__"]
             cls.__call__ = _nnx_call(original)
             patched.append((cls, original))
@@ -394,7 +432,7 @@ class NnxModel:
 
         from jpeft.models import taps as T
 
-        module = self.module(params)
+        module = self.module(Q.dequantize_base(params))  # NNX: a quantized base runs dequantized
         module.set_attributes(deterministic=not ctx.train, use_running_average=not ctx.train,
                               raise_if_not_found=False)
         if ctx.train and ctx.rng is not None:
@@ -433,7 +471,8 @@ class NnxModel:
                 if not isinstance(node, _nnx_layer_classes()):
                     raise L.UnsupportedLayerError(
                         f"{part.name}: the layer at '{path}' is a {type(node).__name__}, which "
-                        f"jpeft's weight-space methods cannot adapt (supported: {L.SUPPORTED})")
+                        f"jpeft's weight-space methods cannot adapt (supported: {L.SUPPORTED}); "
+                        f"register it: {L.registration_hint(node, 'kernel')}")
                 object.__setattr__(node, "_jpeft_path", path)
                 for leaf_name, leaf in leaves.items():
                     setattr(node, f"{INJECTED}__{part.name}__{leaf_name}", delta_cls(leaf))
@@ -443,9 +482,13 @@ class NnxModel:
                             nnx.Variable(jnp.arange(spec.stack[0])))
 
 
-def _nnx_kernel_shape(node: Any) -> tuple[int, ...]:
+def _nnx_kernel_shape(node: Any, stored: tuple[int, ...]) -> tuple[int, ...]:
+    """One layer's kernel shape (``stored`` is the kernel as held, with any stack axes)."""
     from flax import nnx
 
+    if not isinstance(node, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)):  # registered
+        rank = L.kernel_rank(node)
+        return tuple(stored[len(stored) - rank:]) if rank and rank <= len(stored) else tuple(stored)
     if isinstance(node, nnx.Linear):
         return (int(node.in_features), int(node.out_features))
     if isinstance(node, nnx.LinearGeneral):
@@ -454,19 +497,29 @@ def _nnx_kernel_shape(node: Any) -> tuple[int, ...]:
 
 
 def describe_nnx(module: Any) -> dict[str, L.LayerSpec]:
-    """``{module path: LayerSpec}`` of every NNX module holding a ``kernel`` variable."""
+    """``{module path: LayerSpec}`` of every NNX module holding a kernel variable (``kernel``,
+    or the name :func:`jpeft.register_layer` gave), and of every unregistered custom module
+    holding a parameter of at least 2 axes (unsupported, its error shows the registration)."""
     from flax import nnx
 
     found: dict[str, L.LayerSpec] = {}
     for path, node in nnx.iter_graph(module):
-        if not isinstance(node, nnx.Module) or not isinstance(getattr(node, "kernel", None), nnx.Variable):
+        if not isinstance(node, nnx.Module):
             continue
         key = "/".join(str(k) for k in path)
-        stored = node.kernel.get_value().shape
-        if isinstance(node, _nnx_layer_classes()):
-            found[key] = _spec_or_unsupported(node, _nnx_kernel_shape(node), stored, key)
-        else:
-            found[key] = L.unsupported_spec(node, stored)
+        kind = L.layer_type(node)
+        kernel = getattr(node, kind.kernel if kind is not None else "kernel", None)
+        if isinstance(kernel, nnx.Variable):
+            stored = tuple(kernel.get_value().shape)
+            if isinstance(node, _nnx_layer_classes()):
+                found[key] = _spec_or_unsupported(node, _nnx_kernel_shape(node, stored), stored, key)
+            else:
+                found[key] = L.unsupported_spec(node, stored)
+            continue
+        own = {k: v.get_value() for k, v in vars(node).items() if isinstance(v, nnx.Param)}
+        custom = L.custom_kernel(node, own)
+        if custom is not None:
+            found[key] = L.unknown_layer_spec(node, custom, own[custom].shape, key)
     return found
 
 

@@ -5,14 +5,17 @@ A transform never mutates the model or the base parameters. It contributes, at a
 * ``adapt_params(base, delta, ctx) -> params``: a rewrite of the weights before the forward pass
   (diff pruning's ``θ₀ + z ⊙ w``); identity for most methods;
 * ``interceptors(delta, ctx) -> [interceptor, ...]``: Linen method interceptors
-  (``nn.intercept_methods``) that wrap ``Dense.__call__`` (LoRA's factored path, (IA)³) or a model
-  *tap* (adapters, prefixes, prompts). Interception happens only while tracing, so the jitted step
+  (``nn.intercept_methods``) that wrap a model *tap* (adapters, prefixes, prompts). Interception happens only while tracing, so the jitted step
   pays nothing for it;
+* ``layer_hook(ctx)``: a hook on every adapted layer's call (LoRA, (IA)³ on any Dense, DenseGeneral,
+  Einsum or Conv, :mod:`jpeft.core.model`);
 * ``trainable_base(base) -> [path, ...]``: base leaves trained directly (BitFit's biases, the top
   layers for layer freezing, everything for ``full``);
-* ``penalty(delta, ctx) -> scalar``: a regulariser added to the loss (diff pruning's expected L0);
 
 and, for weight-space methods, ``merge(base, delta) -> params`` / ``unmerge(params, delta) -> base``.
+What only some methods have (diff pruning's loss penalty and projection between steps, LoRA+'s
+learning-rate groups, what prefix tuning keeps after training, a bank's own forward pass) is a
+capability declared beside the method (:mod:`jpeft.core.capabilities`).
 
 ``compose(a, b, ...)`` is itself a transform whose delta is ``{a.name: δa, b.name: δb, ...}``.
 Order is the stacking order: every parameter rewrite runs first (left to right), then the
@@ -29,15 +32,25 @@ import dataclasses
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jpeft.core.capabilities import (
+    AddsTokens,
+    AfterTraining,
+    Capability,
+    OptimizerGroups,
+    ReplacesForward,
+    TrainingHooks,
+)
+
 Params = Mapping[str, Any]
 Delta = Any
 Interceptor = Callable[..., Any]
+C = TypeVar("C", bound=Capability)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,24 +141,8 @@ def _no_base(base: Params) -> list[str]:
     return []
 
 
-def _no_penalty(delta: Delta, ctx: ApplyContext) -> jax.Array:
-    return jnp.zeros((), jnp.float32)
-
-
 def _default_labels(delta: Delta) -> Any:
     return jax.tree_util.tree_map(lambda _: "default", delta)
-
-
-def _keep(delta: Delta) -> Delta:
-    return delta
-
-
-def _no_stats(delta: Delta) -> dict[str, float]:
-    return {}
-
-
-def _no_stages(total_steps: int) -> tuple[int, ...]:
-    return ()
 
 
 def _count(tree: Any) -> int:
@@ -163,10 +160,20 @@ MergeFn = Callable[[Params, Delta, "ModelInfo | None"], Params]
 class Transform:
     """A PEFT method as pure functions (see the module docstring).
 
+    Every method sets ``name``, ``config`` and ``init`` and acts on the model through one or
+    more of ``adapt_params``, ``interceptors`` and ``layer_hook``; the rest has defaults.
+    Behaviours only some methods have (a loss penalty, a learning-rate group, a bank's forward
+    pass ...) are :mod:`capabilities <jpeft.core.capabilities>`, looked up with
+    :meth:`capability`.
+
     Attributes:
       name: key of this transform's delta inside a composition.
       config: the method's config dataclass (saved with checkpoints).
       init: ``(rng, base, info=None) -> delta``.
+      adapt_params: ``(base, delta, ctx) -> params``, a rewrite of the weights before the forward
+        pass (diff pruning's ``θ₀ + z ⊙ w``).
+      interceptors: ``(delta, ctx) -> [interceptor, ...]``, Linen method interceptors on the
+        model's taps (adapters, prefixes, prompts).
       layer_hook: weight-space methods that act on a layer's call: ``ctx -> hook`` with
         ``hook(call, x, layer, leaves) -> y`` (see :mod:`jpeft.core.model`); the delta holds
         the leaves at ``<module path>/<leaf>``.
@@ -174,32 +181,16 @@ class Transform:
         axes of each delta leaf as groups of its kernel (:data:`jpeft.core.layers.GROUPS`), so
         that under a mesh the leaf is partitioned as its kernel is (LoRA's ``A`` as the
         kernel's input axes, ``B`` as its output axes).
+      trainable_base: ``base -> [path, ...]``, base leaves trained directly (BitFit's biases).
       merge / unmerge: ``(params, delta, info) -> params``; ``None`` for methods that cannot
         fold into the weights.
       labels: ``delta -> tree of optimizer group names`` (e.g. ``"no_decay"``).
-      group_lr: the learning-rate multipliers the method asks for its own groups (LoRA+'s
-        ``{"lora_B": 16}``); ``OptimConfig.group_lr`` overrides them.
-      finalize: ``delta -> delta`` kept after training (prefix tuning drops its MLP, diff pruning
-        keeps its largest entries).
-      stats: ``delta -> {name: float}`` reported after training (diff pruning's density).
-      between_steps: ``None``, or ``(delta, step, total_steps) -> delta`` called by the training
-        loop after every step (host side, outside jit) to rewrite the delta on a schedule (diff
-        pruning projects onto its target sparsity, then fine-tunes with the mask fixed); it
-        returns the very same object when it changes nothing.
-      stage_starts: ``total_steps -> steps`` at which a new training stage begins (diff
-        pruning's fine-tuning after the projection); the learning-rate schedule restarts there,
-        with its warm-up and decay over the stage.
-      exclusive: refuses composition with any other method (``full``).
-      adds_tokens: the method lengthens the sequence (prompt family), so a fresh delta changes
-        the output.
-      forward: ``None``, or a replacement of the whole adapted forward pass
-        ``(model, base, delta, args, kwargs, ctx, method) -> outputs`` (adapter banks vmap the
-        ordinary pass over examples, :mod:`jpeft.bank`); such a transform is not composable.
-      trains_head: the delta carries its own task head(s), so the trainer leaves the base's
-        head frozen (banks).
       new_params: ``delta -> int``, how many parameters the adapted model has beyond the base's
         (for the "all params" count): the delta's size by default; ``0`` for additive deltas on
         existing weights (BitFit, freezing), whose ``θ₀ + δ`` has the base's shape.
+      capabilities: the method's optional behaviours (:mod:`jpeft.core.capabilities`), at most
+        one of each type.
+      parts: the transforms of a composition (empty for a single method).
     """
 
     name: str
@@ -210,21 +201,56 @@ class Transform:
     layer_hook: Callable[[ApplyContext], Callable[..., jax.Array]] | None = None
     delta_layout: Callable[[str, str], tuple[str, ...]] | None = None
     trainable_base: Callable[[Params], list[str]] = _no_base
-    penalty: Callable[[Delta, ApplyContext], jax.Array] = _no_penalty
     merge: MergeFn | None = None
     unmerge: MergeFn | None = None
     labels: Callable[[Delta], Any] = _default_labels
-    group_lr: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    finalize: Callable[[Delta], Delta] = _keep
-    stats: Callable[[Delta], dict[str, float]] = _no_stats
-    exclusive: bool = False
-    adds_tokens: bool = False
-    parts: tuple["Transform", ...] = ()
-    forward: Callable[..., Any] | None = None
-    trains_head: bool = False
     new_params: Callable[[Delta], int] = lambda delta: _count(delta)
-    between_steps: Callable[[Delta, int, int], Delta] | None = None
-    stage_starts: Callable[[int], tuple[int, ...]] = _no_stages
+    capabilities: tuple[Capability, ...] = ()
+    parts: tuple["Transform", ...] = ()
+
+    def __post_init__(self) -> None:
+        kinds = [type(c) for c in self.capabilities]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"{self.name}: at most one capability of each type, got "
+                             f"{[k.__name__ for k in kinds]}")
+
+    def capability(self, kind: type[C]) -> C | None:
+        """This transform's capability of type ``kind``, or ``None``."""
+        return next((c for c in self.capabilities if isinstance(c, kind)), None)
+
+    # Read-only views of the capabilities, with the defaults of a method that lacks them.
+    def penalty(self, delta: Delta, ctx: ApplyContext) -> jax.Array:
+        """The loss penalty (:class:`~jpeft.core.capabilities.TrainingHooks`; 0 without one)."""
+        hooks = self.capability(TrainingHooks)
+        if hooks is None or hooks.penalty is None:
+            return jnp.zeros((), jnp.float32)
+        return hooks.penalty(delta, ctx)
+
+    def stage_starts(self, total_steps: int) -> tuple[int, ...]:
+        """Steps where a new training stage starts (:class:`~jpeft.core.capabilities.TrainingHooks`)."""
+        hooks = self.capability(TrainingHooks)
+        return () if hooks is None or hooks.stage_starts is None else hooks.stage_starts(total_steps)
+
+    def finalize(self, delta: Delta) -> Delta:
+        """The delta kept after training (:class:`~jpeft.core.capabilities.AfterTraining`)."""
+        after = self.capability(AfterTraining)
+        return delta if after is None or after.finalize is None else after.finalize(delta)
+
+    def stats(self, delta: Delta) -> dict[str, float]:
+        """Numbers reported after training (:class:`~jpeft.core.capabilities.AfterTraining`)."""
+        after = self.capability(AfterTraining)
+        return {} if after is None or after.stats is None else after.stats(delta)
+
+    @property
+    def group_lr(self) -> Mapping[str, float]:
+        """The method's own learning-rate multipliers (:class:`~jpeft.core.capabilities.OptimizerGroups`)."""
+        groups = self.capability(OptimizerGroups)
+        return {} if groups is None else groups.group_lr
+
+    @property
+    def adds_tokens(self) -> bool:
+        """Whether the method lengthens the sequence (:class:`~jpeft.core.capabilities.AddsTokens`)."""
+        return self.capability(AddsTokens) is not None
 
     @property
     def mergeable(self) -> bool:
@@ -250,8 +276,8 @@ def _merge_chain(parts: Sequence[Transform], reverse: bool) -> MergeFn:
 def compose(*transforms: Transform, name: str | None = None) -> Transform:
     """Compose transforms into one; the delta is ``{part.name: part_delta}``.
 
-    Refuses an exclusive transform (``full``) together with anything else, and two parts with
-    the same name. See the module docstring for the stacking order.
+    Refuses two parts with the same name, and parts whose capabilities refuse composition (an
+    exclusive ``full``, a bank). See the module docstring for the stacking order.
     """
     flat: list[Transform] = []
     for t in transforms:
@@ -260,24 +286,13 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
         raise ValueError("compose() needs at least one transform")
     if len(flat) == 1:
         return flat[0]
-    for t in flat:
-        if t.exclusive:
-            others = ", ".join(o.name for o in flat if o is not t)
-            raise ValueError(
-                f"'{t.name}' trains every weight and cannot be combined with other methods "
-                f"(got {others}); use '{t.name}' alone or drop it from the combination."
-            )
-    for t in flat:
-        if t.forward is not None:
-            raise ValueError(
-                f"'{t.name}' replaces the whole forward pass (an adapter bank) and cannot be composed; "
-                "compose the methods first and bank the composition: bank(compose(a, b), size)")
     names = [t.name for t in flat]
     if len(set(names)) != len(names):
         raise ValueError(
             f"compose: duplicate method names {names}; give each part a distinct name "
             "(e.g. lora(..., name='lora_attn'))"
         )
+    capabilities = _compose_capabilities(flat, names)
 
     def init(rng: jax.Array, base: Params, info: ModelInfo | None = None) -> Delta:
         keys = jax.random.split(rng, len(flat))
@@ -300,9 +315,6 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
             seen.update(dict.fromkeys(t.trainable_base(base)))
         return list(seen)
 
-    def penalty(delta: Delta, ctx: ApplyContext) -> jax.Array:
-        return sum((t.penalty(delta[t.name], ctx) for t in flat), jnp.zeros((), jnp.float32))
-
     mergeable = all(t.mergeable for t in flat)
     # Parameter rewrites happen before any interceptor runs, so they merge first.
     merge_order = [t for t in flat if t.adapt_params is not _identity_params] + \
@@ -314,34 +326,25 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
         adapt_params=adapt_params,
         interceptors=interceptors,
         trainable_base=trainable_base,
-        penalty=penalty,
         merge=_merge_chain(merge_order, reverse=False) if mergeable else None,
         unmerge=_merge_chain(merge_order, reverse=True) if mergeable else None,
         labels=lambda delta: {t.name: t.labels(delta[t.name]) for t in flat},
-        group_lr={k: v for t in flat for k, v in t.group_lr.items()},
-        finalize=lambda delta: {t.name: t.finalize(delta[t.name]) for t in flat},
-        stats=lambda delta: {f"{t.name}.{k}": v for t in flat for k, v in t.stats(delta[t.name]).items()},
-        adds_tokens=any(t.adds_tokens for t in flat),
-        parts=tuple(flat),
         new_params=lambda delta: sum(t.new_params(delta[t.name]) for t in flat),
-        between_steps=_between_steps_chain(flat),
-        stage_starts=lambda total: tuple(sorted({s for t in flat for s in t.stage_starts(total)})),
+        capabilities=capabilities,
+        parts=tuple(flat),
     )
 
 
-def _between_steps_chain(flat: Sequence[Transform]) -> Callable[[Delta, int, int], Delta] | None:
-    """The parts' ``between_steps`` on their own sub-deltas (same object back when none changed)."""
-    active = [t for t in flat if t.between_steps is not None]
-    if not active:
-        return None
-
-    def between_steps(delta: Delta, step: int, total: int) -> Delta:
-        new = dict(delta)
-        for t in active:
-            new[t.name] = t.between_steps(delta[t.name], step, total)
-        return delta if all(new[t.name] is delta[t.name] for t in active) else new
-
-    return between_steps
+def _compose_capabilities(flat: Sequence[Transform], names: Sequence[str]) -> tuple[Capability, ...]:
+    """Each capability type some part has, lifted to the composed delta by its ``compose``."""
+    kinds = list(dict.fromkeys(type(c) for t in flat for c in t.capabilities))
+    out = []
+    for kind in kinds:
+        have = [(t.name, t.capability(kind)) for t in flat if t.capability(kind) is not None]
+        lifted = kind.compose(have, names)
+        if lifted is not None:
+            out.append(lifted)
+    return tuple(out)
 
 
 @contextmanager
@@ -387,8 +390,9 @@ def apply(
     """
     from jpeft.core import model as M
 
-    if transform.forward is not None:
-        return transform.forward(model, base, delta, args, kwargs, ctx, method)
+    own_forward = transform.capability(ReplacesForward)
+    if own_forward is not None:
+        return own_forward.forward(model, base, delta, args, kwargs, ctx, method)
     params = transform.adapt_params(base, delta, ctx)
     parts = hook_parts(transform, delta, ctx)
     interceptors = transform.interceptors(delta, ctx)

@@ -50,10 +50,11 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.core import paths as P
+from jpeft.core.registry import register
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 from jpeft.core.paths import layer_index
 from jpeft.models.common import linear
-from jpeft.models.taps import ATTN_OUT, FFN_OUT, is_tap, require_taps
+from jpeft.models.taps import ATTN_OUT, FFN_OUT, is_tap, layer_entry, require_taps
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -166,7 +167,10 @@ def adapters(config: AdapterConfig, *, placement: tuple[str, ...], name: str) ->
             kind = next((k for k in kinds if is_tap(context, k)), None)
             if kind is None or context.module.layer is None:
                 return next_fun(*args, **kwargs)
-            entry = delta.get(f"layer_{context.module.layer}", {}).get(tap_key(kind))
+            # a traced layer number (a tap in a scan body) indexes the stacked layers' adapters
+            entries = {int(k[len("layer_"):]): v[tap_key(kind)] for k, v in delta.items()
+                       if tap_key(kind) in v}
+            entry, _ = layer_entry(entries, context.module.layer)
             if entry is None:
                 return next_fun(*args, **kwargs)
             h = next_fun(*args, **kwargs)
@@ -211,3 +215,7 @@ def houlsby(config: AdapterConfig = AdapterConfig(), *, name: str = "houlsby") -
 def pfeiffer(config: AdapterConfig = AdapterConfig(), *, name: str = "pfeiffer") -> Transform:
     """Pfeiffer adapters: after the FFN output projection of every layer only."""
     return adapters(config, placement=PFEIFFER_PLACEMENT, name=name)
+
+
+register("houlsby", AdapterConfig, houlsby)
+register("pfeiffer", AdapterConfig, pfeiffer)

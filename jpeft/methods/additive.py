@@ -21,17 +21,24 @@ another additive delta) the order does not matter; with a method that *scales* a
 ``(θ₀ + δ) ⊙ l`` exactly as ``apply`` computes it.
 
 The task head (``ModelInfo.head_patterns``) is never part of a delta: the trainer trains it.
+
+**Some layers of a stack.** Layers stacked by ``nn.scan`` / ``nnx.scan`` hold one leaf with a
+leading layer axis (:func:`jpeft.core.layers.stacked_leaves`). A config with a method
+``stack_rows(n) -> rows`` (layer freezing) trains only those rows: ``δ`` holds
+``(len(rows), *shape[1:])`` and ``θ[rows] = θ₀[rows] + δ``; the other rows are never touched
+(bit-identical), and the base is not unstacked.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jpeft.core import layers as L
 from jpeft.core import paths as P
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 from jpeft.core.paths import layer_index
@@ -54,19 +61,29 @@ def exclude_head(paths: Iterable[str], info: ModelInfo) -> list[str]:
     return [p for p in paths if not is_head(p)]
 
 
-def zeros_like_paths(base: Params, selected: Iterable[str]) -> Delta:
-    """A ``float32`` zero delta mirroring ``base`` restricted to ``selected`` (nested dict)."""
+Rows = Callable[[int], Sequence[int]]  # stack size -> the layers of the stack trained
+
+
+def zeros_like_paths(base: Params, selected: Iterable[str],
+                     stacked: Mapping[str, int] | None = None, rows: Rows | None = None) -> Delta:
+    """A ``float32`` zero delta mirroring ``base`` restricted to ``selected`` (nested dict); a
+    leaf of ``stacked`` (``{path: layers}``) gets only the ``rows(layers)`` slices."""
     flat = P.flatten(base)
     out: dict[str, jax.Array] = {}
     for path in selected:
         if path not in flat:
             raise KeyError(f"additive delta: {path!r} is not a parameter path of the base")
-        out[path] = jnp.zeros(jnp.shape(flat[path]), jnp.float32)
+        shape = jnp.shape(flat[path])
+        if stacked and rows is not None and path in stacked:
+            shape = (len(rows(stacked[path])), *shape[1:])
+        out[path] = jnp.zeros(shape, jnp.float32)
     return P.unflatten(out)
 
 
-def add(params: Params, delta: Delta, sign: float = 1.0) -> dict[str, Any]:
-    """``params`` with ``leaf + sign·δ`` at every path of ``delta`` (cast back to the leaf dtype).
+def add(params: Params, delta: Delta, sign: float = 1.0, rows: Rows | None = None) -> dict[str, Any]:
+    """``params`` with ``leaf + sign·δ`` at every path of ``delta`` (cast back to the leaf dtype);
+    with ``rows``, a ``δ`` of fewer leading rows than its stacked leaf is added to the rows
+    ``rows(leaf.shape[0])`` only.
 
     Raises ``KeyError`` for a delta path the params lack and ``ValueError`` for a shape mismatch
     (a delta made for another model).
@@ -82,6 +99,14 @@ def add(params: Params, delta: Delta, sign: float = 1.0) -> dict[str, Any]:
                 f"additive delta: {path!r} is not a parameter path of the model; "
                 "was the delta made for another model?"
             )
+        if rows is not None and _is_slice_of(d, leaf):
+            index = jnp.asarray(tuple(rows(jnp.shape(leaf)[0])), jnp.int32)
+            if index.shape[0] != jnp.shape(d)[0]:
+                raise ValueError(f"additive delta: {path!r} holds {jnp.shape(d)[0]} layers of the "
+                                 f"stack, the config trains {index.shape[0]}")
+            update = leaf[index] + (d if sign == 1.0 else sign * d)
+            flat[path] = leaf.at[index].set(update.astype(leaf.dtype))
+            continue
         if jnp.shape(leaf) != jnp.shape(d):
             raise ValueError(
                 f"additive delta: {path!r} has shape {jnp.shape(d)} but the weight has shape "
@@ -89,6 +114,11 @@ def add(params: Params, delta: Delta, sign: float = 1.0) -> dict[str, Any]:
             )
         flat[path] = (leaf + (d if sign == 1.0 else sign * d)).astype(leaf.dtype)
     return P.unflatten(flat)
+
+
+def _is_slice_of(d: Any, leaf: Any) -> bool:
+    ds, ls = jnp.shape(d), jnp.shape(leaf)
+    return len(ds) == len(ls) > 0 and ds[1:] == ls[1:] and ds[0] < ls[0]
 
 
 def label_tree(delta: Delta, label: Label) -> Any:
@@ -129,21 +159,24 @@ def additive(
       label: the optimizer group of every delta leaf, or ``path -> group``.
     """
 
+    rows: Rows | None = getattr(config, "stack_rows", None)  # some layers of a stack
+
     def init(rng: jax.Array, base: Params, info: ModelInfo | None = None) -> Delta:
         info = resolve_info(info)
         del rng  # zeros: the identity
-        return zeros_like_paths(base, select_leaves(select, base, info, name))
+        stacked = L.stacked_leaves(base, info.layers) if rows is not None else None
+        return zeros_like_paths(base, select_leaves(select, base, info, name), stacked, rows)
 
     def adapt_params(base: Params, delta: Delta, ctx: ApplyContext) -> Params:
-        return add(base, delta)
+        return add(base, delta, rows=rows)
 
     return Transform(
         name=name,
         config=config,
         init=init,
         adapt_params=adapt_params,
-        merge=lambda params, delta, info=None: add(params, delta, 1.0),
-        unmerge=lambda params, delta, info=None: add(params, delta, -1.0),
+        merge=lambda params, delta, info=None: add(params, delta, 1.0, rows),
+        unmerge=lambda params, delta, info=None: add(params, delta, -1.0, rows),
         labels=lambda delta: label_tree(delta, label),
         new_params=lambda delta: 0,  # θ₀ + δ: no parameter beyond the base's
     )

@@ -37,6 +37,7 @@ import dataclasses
 import re
 
 from jpeft.core import paths as P
+from jpeft.core.registry import register
 from jpeft.core.transform import ModelInfo, Transform
 from jpeft.methods.additive import additive, exclude_head
 
@@ -88,3 +89,6 @@ def bitfit(config: BitFitConfig = BitFitConfig(), *, name: str = "bitfit") -> Tr
     """BitFit as a :class:`~jpeft.core.transform.Transform` (see the module docstring)."""
     return additive(name, config, lambda base, info: bias_paths(config, base, info),
                     label="no_decay")
+
+
+register("bitfit", BitFitConfig, bitfit)

@@ -77,6 +77,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.core import paths as P
+from jpeft.core.capabilities import AfterTraining, TrainingHooks
+from jpeft.core.registry import register
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 from jpeft.methods import additive as A
 
@@ -364,13 +366,19 @@ def diff_pruning(config: DiffPruningConfig = DiffPruningConfig(), *,
         config=config,
         init=init,
         adapt_params=adapt_params,
-        between_steps=between_steps,
-        stage_starts=lambda total: tuple(s for s in [projection_step(config, total)] if s is not None),
-        penalty=penalty,
         merge=lambda params, delta, info=None: fold(params, delta, 1.0),
         unmerge=lambda params, delta, info=None: fold(params, delta, -1.0),
         labels=labels,
-        finalize=finalize,
-        stats=lambda delta: {"nonzero_fraction": nonzero_fraction(delta, config)},
         new_params=lambda delta: P.count_params(delta.get("logits", {})),  # w shadows θ₀; gates are new
+        capabilities=(
+            TrainingHooks(
+                penalty=penalty,
+                between_steps=between_steps,
+                stage_starts=lambda total: tuple(s for s in [projection_step(config, total)] if s is not None)),
+            AfterTraining(finalize=finalize,
+                          stats=lambda delta: {"nonzero_fraction": nonzero_fraction(delta, config)}),
+        ),
     )
+
+
+register("diff_pruning", DiffPruningConfig, diff_pruning)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 from jpeft.core import paths as P
+from jpeft.core.capabilities import Exclusive
+from jpeft.core.registry import register
 from jpeft.core.transform import Transform
 
 
@@ -31,5 +33,8 @@ def full(config: FullConfig = FullConfig(), *, name: str = "full") -> Transform:
         trainable_base=trainable_base,
         merge=lambda params, delta, info=None: params,
         unmerge=lambda params, delta, info=None: params,
-        exclusive=True,
+        capabilities=(Exclusive(),),
     )
+
+
+register("full", FullConfig, full)

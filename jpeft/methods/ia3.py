@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -54,6 +55,7 @@ from jpeft.core import layers as L
 from jpeft.core.arrays import is_concrete
 from jpeft.core import paths as P
 from jpeft.core.paths import layer_index
+from jpeft.core.registry import register
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 
 LEAF = "ia3_l"
@@ -93,14 +95,16 @@ def is_feedforward(config: IA3Config, path: str) -> bool:
     return bool(config.feedforward) and re.search(config.feedforward, path) is not None
 
 
-def target_modules(config: IA3Config, base: P.Params) -> dict[str, bool]:
-    """``{module path: is_feedforward}`` of the Dense layers this config rescales.
+def target_modules(config: IA3Config, base: P.Params,
+                   layers: Mapping[str, L.LayerSpec] | None = None) -> dict[str, bool]:
+    """``{module path: is_feedforward}`` of the layers this config rescales (``layers``: the
+    model's description, for registered layer types).
 
     Raises when a pattern matches nothing, or when ``feedforward`` selects a non-target.
     """
-    targets = P.select_modules(base, config.targets, what="ia3.targets")
+    targets = L.select_layers(base, config.targets, layers or {}, "ia3.targets")
     if config.feedforward:
-        ff = P.select_modules(base, config.feedforward, what="ia3.feedforward")
+        ff = L.select_layers(base, config.feedforward, layers or {}, "ia3.feedforward")
         outside = [m for m in ff if m not in set(targets)]
         if outside:
             raise ValueError(
@@ -129,8 +133,9 @@ def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
         layers = resolve_info(info).layers
         flat_base = P.flatten(base)
         flat: dict[str, jax.Array] = {}
-        for path in target_modules(config, base):
-            spec = L.kernel_spec(path, jnp.shape(flat_base[f"{path}/kernel"]), layers, "ia3.targets")
+        for path in target_modules(config, base, layers):
+            stored = jnp.shape(flat_base[L.kernel_path(path, layers, flat_base)])
+            spec = L.kernel_spec(path, stored, layers, "ia3.targets")
             shape = (*spec.stack, *spec.group_shape(_group(config, path)))
             flat[f"{path}/{LEAF}"] = jnp.ones(shape, jnp.float32)
         return P.unflatten(flat)
@@ -156,17 +161,19 @@ def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
                     f"ia3 unmerge: {path}/{LEAF} has entries exactly 0; the weights they scaled "
                     "were zeroed by merge and cannot be recovered. Keep the base weights instead."
                 )
-            kernel = flat[f"{path}/kernel"]
+            key = L.kernel_path(path, layers, flat)
+            kernel = flat[key]
             spec = L.kernel_spec(path, kernel.shape, layers, "ia3 merge")
             group = _group(config, path)
             factor = L.broadcast_group(spec, scale, group)
-            flat[f"{path}/kernel"] = (kernel / factor if inverse else kernel * factor).astype(kernel.dtype)
-            bias = flat.get(f"{path}/bias")
+            flat[key] = (kernel / factor if inverse else kernel * factor).astype(kernel.dtype)
+            bias_key = f"{path}/{spec.bias}"
+            bias = flat.get(bias_key) if spec.bias else None
             if group == "out" and bias is not None:
                 if jnp.shape(bias) != jnp.shape(scale):
                     raise ValueError(f"ia3 merge: the bias of '{path}' has shape {jnp.shape(bias)}, "
                                      f"not the output group's {jnp.shape(scale)}; it cannot be scaled")
-                flat[f"{path}/bias"] = (bias / scale if inverse else bias * scale).astype(bias.dtype)
+                flat[bias_key] = (bias / scale if inverse else bias * scale).astype(bias.dtype)
         return P.unflatten(flat)
 
     return Transform(
@@ -179,3 +186,6 @@ def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
         unmerge=lambda params, delta, info=None: _fold(params, delta, True, info),
         labels=lambda delta: jax.tree_util.tree_map(lambda _: "no_decay", delta),
     )
+
+
+register("ia3", IA3Config, ia3)

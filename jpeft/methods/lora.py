@@ -20,6 +20,9 @@ PEFT). Layers stacked by ``nn.scan`` / ``nnx.scan`` get factors ``(*stack, *in, 
 per layer. ``layers=`` keeps the other layers of a stack at ``A = B = 0``, a fixed point of
 training (both gradients are zero), so they stay unadapted.
 
+``use_dora=True`` is DoRA (Liu et al., 2024, arXiv:2402.09353): a trained magnitude per output
+column rescales the direction ``W + s·AB`` (the leaf ``lora_magnitude``, :mod:`jpeft.methods.dora`).
+
 Example::
 
     method = jpeft.lora(LoraConfig(r=8, alpha=16, targets=r"(query|value)$"))
@@ -31,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -41,7 +45,10 @@ from jpeft.core import paths as P
 from jpeft.core.dropout import dropout
 from jpeft.core.model import group_by_module
 from jpeft.core.paths import layer_index
+from jpeft.core.capabilities import OptimizerGroups
+from jpeft.core.registry import register
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
+from jpeft.methods import dora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +80,10 @@ class LoraConfig:
         default=1.0, metadata={"help": "LoRA+ (Hayou et al., 2024): B's learning rate is lr_ratio "
                                        "times A's (the paper's default: 16; 1: plain LoRA)"}
     )
+    use_dora: bool = dataclasses.field(
+        default=False, metadata={"help": "DoRA (Liu et al., 2024): a trained magnitude per output "
+                                         "column times the direction W + s·AB (jpeft.methods.dora)"}
+    )
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -96,16 +107,18 @@ def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-def target_modules(config: LoraConfig, base: P.Params) -> list[str]:
+def target_modules(config: LoraConfig, base: P.Params,
+                   layers: Mapping[str, L.LayerSpec] | None = None) -> list[str]:
     """Module paths of the layers this config adapts, with ``layers=`` applied to the layer
-    number in each path (layers stacked in one kernel are selected in :func:`target_specs`)."""
-    modules = P.select_modules(base, config.targets, what="lora.targets")
+    number in each path (layers stacked in one kernel are selected in :func:`target_specs`);
+    ``layers``: the model's description (registered layer types hold kernels of other names)."""
+    modules = L.select_layers(base, config.targets, layers or {}, "lora.targets")
     if config.layers:
         modules = [m for m in modules if layer_index(m) in set(config.layers)]
         if not modules:
             raise P.no_match_error(
                 f"lora.layers={list(config.layers)}", config.targets,
-                P.select_modules(base, config.targets),
+                L.select_layers(base, config.targets, layers or {}, "lora.targets"),
             )
     return modules
 
@@ -122,15 +135,15 @@ def target_specs(config: LoraConfig, base: P.Params, info: ModelInfo) -> dict[st
     layers get zero factors, :func:`_stack_mask`)."""
     flat = P.flatten(base)
     specs = {}
-    for path in P.select_modules(base, config.targets, what="lora.targets"):
-        stored = jnp.shape(flat[f"{path}/kernel"])
+    for path in L.select_layers(base, config.targets, info.layers, "lora.targets"):
+        stored = jnp.shape(flat[L.kernel_path(path, info.layers, flat)])
         spec = L.kernel_spec(path, stored, info.layers, "lora.targets")
         index = layer_index(path)
         if not config.layers or index in set(config.layers) or (index is None and spec.stack):
             specs[path] = spec
     if not specs:
         raise P.no_match_error(f"lora.layers={list(config.layers)}", config.targets,
-                               P.select_modules(base, config.targets))
+                               L.select_layers(base, config.targets, info.layers, "lora.targets"))
     return specs
 
 
@@ -140,6 +153,17 @@ def _stack_mask(config: LoraConfig, spec: L.LayerSpec) -> jax.Array | None:
         return None
     wanted = jnp.isin(jnp.arange(spec.stack[0]), jnp.asarray(config.layers)).astype(jnp.float32)
     return wanted.reshape((spec.stack[0],) + (1,) * (len(spec.stack) + len(spec.in_shape)))
+
+
+# LoRA+ trains B, and DoRA's magnitude (a 1-D parameter, as PEFT's create_loraplus_optimizer
+# groups it), at lr_ratio times A's learning rate.
+_GROUP_B = ("lora_B", dora.MAGNITUDE)
+
+
+def _layout(path: str, leaf: str) -> tuple[str, ...]:
+    """A delta leaf's axes as groups of its kernel (for sharding)."""
+    return {"lora_A": ("stack", "in", "rank"), dora.MAGNITUDE: ("stack", "out")}.get(
+        leaf, ("stack", "rank", "out"))
 
 
 def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
@@ -162,17 +186,31 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
                 a = a * mask
             flat[f"{path}/lora_A"] = a
             flat[f"{path}/lora_B"] = jnp.zeros((*spec.stack, r, *spec.out_shape), jnp.float32)
+            if config.use_dora:
+                dora.check_layer(spec, path)
+                kernel = P.flatten(base)[f"{path}/{spec.kernel}"]
+                flat[f"{path}/{dora.MAGNITUDE}"] = dora.magnitude_init(
+                    spec, kernel, a, flat[f"{path}/lora_B"], rank_and_scale(config, path)[1])
         return P.unflatten(flat)
 
     def layer_hook(ctx: ApplyContext):
         def adapt(call, x, layer, leaves):
             a, b = leaves["lora_A"], leaves["lora_B"]
             _, scale = rank_and_scale(config, layer.path)
+            if config.use_dora:
+                return _dora_adapt(call, x, layer, leaves, scale)
             y = call(x)
             if ctx.train and config.dropout > 0.0 and ctx.rng is not None:
                 x = dropout(layer.key(ctx, name), x, config.dropout)
             update = L.expand(layer.spec, L.contract(layer.spec, x, a.astype(x.dtype)), b.astype(x.dtype))
             return y + (scale * update).astype(y.dtype)
+
+        def _dora_adapt(call, x, layer, leaves, scale):
+            dropped = (dropout(layer.key(ctx, name), x, config.dropout)
+                       if ctx.train and config.dropout > 0.0 and ctx.rng is not None else None)
+            keep = (jnp.isin(layer.index, jnp.asarray(config.layers))
+                    if config.layers and layer.index is not None else None)
+            return dora.adapt(call, x, layer, leaves, scale, dropped, keep)
 
         return adapt
 
@@ -190,10 +228,18 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
         layers = resolve_info(info).layers
         for path, leaves in group_by_module(delta).items():
             _, scale = rank_and_scale(config, path)
-            kernel = flat[f"{path}/kernel"]
+            key = L.kernel_path(path, layers, flat)
+            kernel = flat[key]
             spec = L.kernel_spec(path, kernel.shape, layers, "lora merge")
+            if config.use_dora:
+                if sign < 0:
+                    raise dora.unmerge_error()
+                flat[key] = dora.merge_kernel(
+                    spec, kernel, leaves["lora_A"], leaves["lora_B"], leaves[dora.MAGNITUDE], scale,
+                    _stack_mask(config, spec))
+                continue
             update = L.low_rank_kernel(spec, leaves["lora_A"], leaves["lora_B"])
-            flat[f"{path}/kernel"] = (kernel + sign * scale * update).astype(kernel.dtype)
+            flat[key] = (kernel + sign * scale * update).astype(kernel.dtype)
         return P.unflatten(flat)
 
     plus = config.lr_ratio != 1.0
@@ -201,7 +247,7 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
 
     def labels(delta: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: group_b if plus and getattr(path[-1], "key", None) == "lora_B" else "default",
+            lambda path, _: group_b if plus and getattr(path[-1], "key", None) in _GROUP_B else "default",
             delta)
 
     return Transform(
@@ -209,10 +255,13 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
         config=config,
         init=init,
         labels=labels,
-        group_lr={group_b: float(config.lr_ratio)} if plus else {},
+        capabilities=(OptimizerGroups({group_b: float(config.lr_ratio)}),) if plus else (),
         layer_hook=layer_hook,
-        delta_layout=lambda path, leaf: ("stack", "in", "rank") if leaf == "lora_A" else ("stack", "rank", "out"),
+        delta_layout=_layout,
         trainable_base=trainable_base,
         merge=lambda params, delta, info=None: _fold(params, delta, 1.0, info),
         unmerge=lambda params, delta, info=None: _fold(params, delta, -1.0, info),
     )
+
+
+register("lora", LoraConfig, lora)

@@ -66,8 +66,10 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.core import paths as P
+from jpeft.core.capabilities import AddsTokens, AfterTraining
+from jpeft.core.registry import register
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
-from jpeft.models.taps import ATTN_KV, is_tap, require_taps
+from jpeft.models.taps import ATTN_KV, is_tap, layer_entry, require_taps
 
 INITS = ("normal", "zero")
 LABEL = "prefix"
@@ -277,6 +279,8 @@ def prefix(config: PrefixConfig = PrefixConfig(), *, name: str = "prefix") -> Tr
             if not is_tap(context, ATTN_KV) or context.module.layer is None:
                 return next_fun(*args, **kwargs)
             layer = context.module.layer
+            if isinstance(layer, jax.Array):  # a tap in a scan body: the traced layer number
+                return _scanned(next_fun(*args, **kwargs), layer)
             if wanted and layer not in wanted:
                 return next_fun(*args, **kwargs)
             key, value, mask = next_fun(*args, **kwargs)
@@ -290,6 +294,18 @@ def prefix(config: PrefixConfig = PrefixConfig(), *, name: str = "prefix") -> Tr
                 )
             return prepend(key, value, mask, per_layer[row, 0], per_layer[row, 1])
 
+        def _scanned(kv_mask, layer):
+            """Every layer of a scan gets P positions (shapes are the same in each step); a
+            layer without a prefix gets zeros with its mask part zero, which changes nothing."""
+            key, value, mask = kv_mask
+            chex.assert_rank(key, 4)
+            per_layer = split_table(table, key.shape[2], key.shape[3])
+            rows = wanted or range(per_layer.shape[0])
+            entry, present = layer_entry({l: per_layer[r] for r, l in enumerate(rows)}, layer)
+            key, value, mask = prepend(key, value, mask, entry[0], entry[1])
+            n = config.num_virtual_tokens
+            return key, value, mask.at[:, :n].set(present.astype(mask.dtype))
+
         if config.peft_positions:
             return [intercept, shift_positions(config.num_virtual_tokens)]
         return [intercept]
@@ -300,6 +316,8 @@ def prefix(config: PrefixConfig = PrefixConfig(), *, name: str = "prefix") -> Tr
         init=init,
         interceptors=interceptors,
         labels=lambda delta: jax.tree_util.tree_map(lambda _: LABEL, delta),
-        finalize=finalize_delta,
-        adds_tokens=True,
+        capabilities=(AddsTokens(), AfterTraining(finalize=finalize_delta)),
     )
+
+
+register("prefix", PrefixConfig, prefix)

@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.core import paths as P
+from jpeft.core.capabilities import AddsTokens
+from jpeft.core.registry import register
 from jpeft.core.transform import ApplyContext, Interceptor, ModelInfo, Transform, resolve_info
 from jpeft.models.taps import EMBED_INPUTS, is_tap, require_taps
 
@@ -242,5 +244,8 @@ def prompt(config: PromptConfig = PromptConfig(), *, name: str = "prompt") -> Tr
         init=init,
         interceptors=interceptors,
         labels=lambda delta: jax.tree_util.tree_map(lambda _: LABEL, delta),
-        adds_tokens=True,
+        capabilities=(AddsTokens(),),
     )
+
+
+register("prompt", PromptConfig, prompt, prepare=with_text_ids)

@@ -52,6 +52,8 @@ import jax.numpy as jnp
 
 from jpeft.core import paths as P
 from jpeft.core.dropout import dropout as apply_dropout
+from jpeft.core.capabilities import AddsTokens, AfterTraining
+from jpeft.core.registry import register
 from jpeft.core.transform import ApplyContext, Interceptor, ModelInfo, Transform, resolve_info
 from jpeft.methods.prompt import LABEL, prompt_interceptor, validate_num_virtual_tokens
 from jpeft.models.taps import EMBED_INPUTS, require_taps
@@ -240,6 +242,8 @@ def ptuning(config: PTuningConfig = PTuningConfig(), *, name: str = "ptuning") -
         init=init,
         interceptors=interceptors,
         labels=lambda delta: jax.tree_util.tree_map(lambda _: LABEL, delta),
-        finalize=finalize_delta,
-        adds_tokens=True,
+        capabilities=(AddsTokens(), AfterTraining(finalize=finalize_delta)),
     )
+
+
+register("ptuning", PTuningConfig, ptuning)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jpeft.core.registry import register
 from jpeft.core.transform import Transform
 from jpeft.methods.prefix import PrefixConfig, prefix, validate_prompt_fields
 
@@ -62,3 +63,6 @@ class PTuningV2Config:
 def ptuning2(config: PTuningV2Config = PTuningV2Config(), *, name: str = "ptuning2") -> Transform:
     """P-tuning v2 = ``prefix(PrefixConfig(projection=False, ...))``, keeping this config."""
     return dataclasses.replace(prefix(config.to_prefix(), name=name), config=config)
+
+
+register("ptuning2", PTuningV2Config, ptuning2)

@@ -21,8 +21,13 @@ kind               arguments (and return value)                 used by
 
 A model jpeft did not write gets the same attachment points with one call each: ``Tap(kind,
 layer=i)(h)`` inside a Linen ``@nn.compact`` method, or an :class:`NnxTap` attribute of an NNX
-module (``self.ffn_tap = NnxTap("ffn.out", layer=i)``, then ``h = self.ffn_tap(h)``). Taps inside
-``nn.scan`` / ``nnx.scan`` bodies have no static layer number and are not supported.
+module (``self.ffn_tap = NnxTap("ffn.out", layer=i)``, then ``h = self.ffn_tap(h)``).
+
+Inside an ``nn.scan`` / ``nnx.scan`` body the layer number is a traced scalar (the scanned
+``jnp.arange(num_layers)``, or a carried counter): ``Tap(kind, layer=i)(h)`` and
+``NnxTap(kind, layer=i)(h)`` take it as it is. A method then picks its layer's parameters with
+:func:`layer_entry`, which indexes them by the traced number, so layer ``i`` of the stack runs
+with its own parameters, as a stacked kernel is sliced.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 EMBED_INPUTS = "embed.inputs"
@@ -45,7 +52,7 @@ class Tap(nn.Module):
     """Identity; see the module docstring. ``layer`` is ``None`` outside the layer stack."""
 
     kind: str
-    layer: int | None = None
+    layer: int | jax.Array | None = None
 
     def __call__(self, *args: Any) -> Any:
         return args[0] if len(args) == 1 else args
@@ -78,6 +85,28 @@ class _NnxContext:
 
 
 _NNX_INTERCEPTORS: list[Sequence[Any]] = []  # the interceptors of the NNX calls being traced
+
+
+def layer_entry(entries: Mapping[int, Any], layer: int | jax.Array) -> tuple[Any, Any]:
+    """A method's parameters for the tap's ``layer``: ``(entry, present)``.
+
+    ``entries`` maps layer numbers to pytrees (the layers the method adapts). For a Python int,
+    ``(entries[layer], True)`` or ``(None, False)``. For a traced layer number (a tap inside a
+    scan body), the entries are stacked and indexed by it: a layer without an entry gets an
+    all-zero pytree and ``present`` is a traced ``False`` (the method then leaves that layer
+    unchanged, e.g. a zero adapter is the identity).
+    """
+    if not isinstance(layer, jax.Array):
+        entry = entries.get(int(layer))
+        return entry, entry is not None
+    if not entries:
+        return None, False
+    keys = sorted(entries)
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack([*xs, jnp.zeros_like(xs[0])]),
+                                     *(entries[k] for k in keys))
+    hits = jnp.asarray(keys) == layer
+    row = jnp.where(hits.any(), jnp.argmax(hits), len(keys))
+    return jax.tree_util.tree_map(lambda x: x[row], stacked), hits.any()
 
 
 def is_tap(context: Any, kind: str) -> bool:

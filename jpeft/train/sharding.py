@@ -101,9 +101,10 @@ def delta_rules(transform: Any, delta: Any, base: Any, info: Any, mesh: Mesh, ru
         sub = delta[part.name] if transform.parts else delta
         prefix = f"{part.name}/" if transform.parts else ""
         for module, leaves in group_by_module(sub).items():
-            kernel = flat_base[f"{module}/kernel"]
+            kernel_path = L.kernel_path(module, info.layers, flat_base)
+            kernel = flat_base[kernel_path]
             spec = L.kernel_spec(module, kernel.shape, info.layers, part.name)
-            kernel_spec = leaf_spec(f"{module}/kernel", tuple(kernel.shape), mesh, rules, min_shard_size)
+            kernel_spec = leaf_spec(kernel_path, tuple(kernel.shape), mesh, rules, min_shard_size)
             for leaf in leaves:
                 pspec = L.follow_kernel(spec, tuple(kernel_spec), part.delta_layout(module, leaf))
                 out.append((f"(^|/)delta/{re.escape(prefix + module)}/{re.escape(leaf)}$", P(*pspec)))

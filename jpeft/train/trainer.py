@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from jpeft.core import paths as P
+from jpeft.core.capabilities import ReplacesForward, TrainingHooks
 from jpeft.core.compile import default_compiler_options
 from jpeft.core.compile import jit as compiled_jit
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, apply
@@ -99,9 +100,10 @@ def head_paths(base: P.Params, info: ModelInfo) -> list[str]:
 def trainable_base_paths(transform: Transform, base: P.Params, info: ModelInfo,
                          train_head: bool = True) -> list[str]:
     """Base leaves that are trained: the method's selection plus the task head (unless the
-    method's delta carries its own heads, ``transform.trains_head``)."""
+    method's delta carries its own heads, as a bank's does)."""
     selected = dict.fromkeys(transform.trainable_base(base))
-    if train_head and not transform.trains_head:
+    own_forward = transform.capability(ReplacesForward)
+    if train_head and not (own_forward is not None and own_forward.trains_head):
         selected.update(dict.fromkeys(head_paths(base, info)))
     return list(selected)
 
@@ -290,9 +292,10 @@ class Trainer:
 
     def between_steps(self, state: TrainState, step: int) -> TrainState:
         """``state`` (after ``step`` steps, counted on the host) with the delta rewritten by
-        ``transform.between_steps`` (if the method has one and it changes something at this
-        step); the optimizer state is kept."""
-        hook = self.transform.between_steps
+        the method's :class:`~jpeft.core.capabilities.TrainingHooks` ``between_steps`` (if it has one
+        and it changes something at this step); the optimizer state is kept."""
+        hooks = self.transform.capability(TrainingHooks)
+        hook = None if hooks is None else hooks.between_steps
         if hook is None:
             return state
         delta = state.trainable["delta"]

@@ -54,18 +54,19 @@ def refused(capsys, argv, *needles, code=2) -> str:
 # -- numbers and specs (refused while parsing, before anything is loaded) -------------------------
 
 @pytest.mark.parametrize("flag, needle", [
-    ("--lr=nan", "--lr=nan"), ("--lr=0", "--lr=0"), ("--lr=-1e-3", "--lr"), ("--lr=inf", "--lr=inf"),
+    ("--lr=nan", "lr=nan"), ("--lr=0", "lr=0"), ("--lr=-1e-3", "lr="), ("--lr=inf", "lr=inf"),
     ("--max-steps=0", "--max-steps=0"), ("--max-steps=-5", "--max-steps=-5"),
     ("--epochs=-1", "--epochs"), ("--epochs=0", "--epochs"), ("--epochs=nan", "--epochs"),
     ("--batch-size=0", "--batch-size=0"), ("--eval-batch-size=-2", "--eval-batch-size"),
     ("--max-length=0", "--max-length"), ("--max-length=1", "--max-length"),
     ("--keep-checkpoints=0", "--keep-checkpoints=0"), ("--save-every=0", "--save-every=0"),
     ("--save-every=-2", "--save-every"), ("--eval-every=0", "--eval-every=0"),
-    ("--log-every=0", "--log-every=0"), ("--warmup-ratio=1.5", "--warmup-ratio"),
-    ("--weight-decay=-1", "--weight-decay"), ("--clip-norm=-1", "--clip-norm"),
+    ("--log-every=0", "--log-every=0"), ("--warmup-ratio=1.5", "warmup_ratio"),
+    ("--weight-decay=-1", "weight_decay"), ("--clip-norm=-1", "clip_norm"),
     ("--lora.dropout=1.5", "lora.dropout"), ("--lora.dropout=nan", "lora.dropout"),
     ("--seed=-1", "--seed"), ("--max-train-samples=0", "--max-train-samples"),
-    ("--divergence-factor=0.5", "--divergence-factor"), ("--group-lr=head=-1", "--group-lr"),
+    ("--divergence-factor=0.5", "--divergence-factor"), ("--group-lr=head=-1", "group_lr"),
+    ("--progress=maybe", "give true or false"),
     ("--method=lora+", "empty part"), ("--method=lora ", "spaces"), ("--method=+lora", "empty part"),
     ("--method=lora+lora", "twice"), ("--method=lorax", "lorax"),
     (("--process-id=3", "--num-processes=2"), "--process-id=3"),
@@ -78,6 +79,25 @@ def test_nonsense_numbers_and_specs_are_refused_with_the_range(capsys, tmp_path,
                                *flags], needle)
     assert any(word in message for word in ("give", "must be", "method", "known"))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--lora.rr=3"], ["--lora.rr=3", "Perhaps you meant: --lora.r INT"]),
+    (["--max-step=3"], ["--max-step=3", "--max-steps"]),
+    (["--batch-size=x"], ["--batch-size", "'x'", "INT"]),
+    (["stray"], ["Unrecognized options: stray"]),
+])
+def test_unknown_flags_and_bad_values_are_one_line_with_the_closest_flags(capsys, tmp_path, flags, needles):
+    out = tmp_path / "run"
+    refused(capsys, [f"--output-dir={out}", *flags], *needles)
+    assert not out.exists()
+
+
+def test_an_unknown_key_in_a_config_file_names_the_file_and_the_closest_key(capsys, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = 1e-3\n[lora]\nrr = 4\n")
+    refused(capsys, [f"--config={bad}", f"--output-dir={tmp_path / 'run'}"],
+            f"config file {bad}: unknown key 'lora.rr' (did you mean lora.r")
 
 
 def test_multi_process_without_a_coordinator_is_refused(capsys, tmp_path):

@@ -1,0 +1,320 @@
+"""A quantized frozen base (QLoRA-style): int8 per output channel and 4-bit NormalFloat.
+
+The matmul kernels of the frozen base are stored as :class:`QuantizedArray` leaves (codes +
+scales, a registered pytree, so it is jitted, sharded and donated like any array) and every
+method trains its delta on top. The forward pass dequantizes each kernel on the fly, inside the
+jitted step, at one place: :func:`dequantizing_interceptor`, installed by ``jpeft.apply`` on a
+Linen model whose parameters hold quantized leaves, computes an ``nn.Dense`` layer from the
+dequantized kernel (with the layer's own ``dot_general``, so ``matmul_dtype`` still applies).
+Layer hooks (LoRA, (IA)³) wrap that call as they wrap any Dense call.
+
+Formats (``W`` a kernel ``(…, K, N)``: ``K`` inputs, ``N`` outputs, as Flax stores it):
+
+* ``int8``: symmetric per output channel, ``s_n = max_k |W_kn| / 127``,
+  ``codes = round(W / s) ∈ [-127, 127]``; ``|W - s·codes| ≤ s_n / 2``.
+* ``nf4``: NormalFloat-4 of QLoRA (Dettmers et al., 2023, arXiv:2305.14314, appendix E; the
+  table of bitsandbytes). Blocks of 64 consecutive inputs of one output (as bitsandbytes blocks
+  the flattened PyTorch ``(out, in)`` weight), ``a_b = max |W| over the block``,
+  ``code = argmin_i |W/a_b - q_i|`` over the 16 levels ``q_i``, two codes packed per ``uint8``;
+  ``|W - a_b·q_code| ≤ a_b · max_i (q_{i+1} - q_i) / 2``. Needs ``K`` divisible by 64 and
+  ``N`` even. Double quantization of the scales is not implemented (scales are float32:
+  0.5 bit per weight).
+
+Which leaves: the ``kernel`` leaves (2-D or more) that are not trained (the task head, a
+method's trained base leaves) and not rewritten by the method's ``adapt_params`` (BitFit's
+biases, layer freezing's top layers, diff pruning's ``θ₀ + δ``: found by tracing the rewrite),
+and not the LM head (``skip``). Embeddings, norms and biases stay float.
+
+A quantized leaf refuses arithmetic: merging a delta into it (``jpeft.merge``) raises
+:class:`QuantizedBaseError`; merge into the float base instead.
+
+Example::
+
+    qbase = jpeft.quantize_base(base, "nf4", transform=method, info=model.info())
+    logits = jpeft.apply(model, method, qbase, delta, ids, mask)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from jpeft.core import paths as P
+
+FORMATS = ("int8", "nf4")
+NF4_BLOCK = 64
+INT8_MAX = 127
+NF4_LEVELS = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=np.float32)
+NF4_MAX_GAP = float(np.max(np.diff(NF4_LEVELS)))  # the error bound is a_b · NF4_MAX_GAP / 2
+SKIP_DEFAULT = r"(^|/)lm_head/"  # the LM head stays float, as bitsandbytes keeps it
+_DEQUANTIZED = "jpeft_dequantized"  # checkpoint name: never saved for the backward pass
+
+class QuantizedBaseError(TypeError):
+    """Arithmetic on a quantized base weight (a merge, a method rewriting base weights)."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+    """A frozen quantized kernel: ``codes`` and ``scales`` (pytree children) with the format
+    and the dtype it dequantizes to (static).
+
+    Attributes:
+      codes: ``int8 (…, K, N)`` (int8), or ``uint8 (…, K, N/2)`` two NF4 codes per byte (the
+        even output in the high nibble).
+      scales: ``float32 (…, 1, N)`` per output channel (int8), or ``(…, K/64, N)`` block absmax
+        (nf4).
+      format: ``"int8"`` or ``"nf4"``.
+      dtype: the dtype :meth:`dequantize` returns (the float base's).
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    format: str = dataclasses.field(metadata={"static": True})
+    dtype: str = dataclasses.field(default="float32", metadata={"static": True})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the dequantized kernel."""
+        *lead, n = self.codes.shape
+        return (*lead, n * 2) if self.format == "nf4" else (*lead, n)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.codes.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The kernel in ``dtype`` (default: :attr:`dtype`)."""
+        return dequantize(self, dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        # NumPy views (checkpoint fingerprints) see the dequantized values.
+        out = np.asarray(jax.device_get(dequantize(self)))
+        return out if dtype is None else out.astype(dtype)
+
+    def _refuse(self, *_: Any) -> Any:
+        raise QuantizedBaseError(
+            f"this base weight is quantized ({self.format}, shape {self.shape}); jpeft computes with "
+            "it only inside the nn.Dense layer that holds it, never as an array (merging a delta "
+            "into it, rewriting or reading it). Merge into the float base instead (load the model "
+            "without --base-dtype=int8/nf4, or jpeft.dequantize_base(base)) or keep the delta "
+            "unmerged (jpeft.apply); a method that rewrites or reads base weights needs a float "
+            "base (--base-dtype=float32 or bfloat16; jpeft.quantize_base(..., transform=method) "
+            "keeps the weights the method rewrites float).")
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _refuse
+    __truediv__ = __matmul__ = __rmatmul__ = __neg__ = _refuse
+    astype = __jax_array__ = _refuse
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedArray)
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"quantization format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def quantize(w: jax.Array, fmt: str) -> QuantizedArray:
+    """Quantize a kernel ``w (…, K, N)`` (see the module docstring for the formats)."""
+    check_format(fmt)
+    chex.assert_rank(w, {*range(2, 8)})
+    w32 = jnp.asarray(w, jnp.float32)
+    if fmt == "int8":
+        scale = jnp.max(jnp.abs(w32), axis=-2, keepdims=True) / INT8_MAX
+        safe = jnp.where(scale == 0, 1.0, scale)
+        codes = jnp.clip(jnp.round(w32 / safe), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+        return QuantizedArray(codes, scale, "int8", jnp.dtype(w.dtype).name)
+    *lead, k, n = w32.shape
+    if k % NF4_BLOCK or n % 2:
+        raise ValueError(f"nf4 needs a kernel whose input axis is a multiple of {NF4_BLOCK} and "
+                         f"whose output axis is even, got shape {tuple(w32.shape)}")
+    blocks = w32.reshape(*lead, k // NF4_BLOCK, NF4_BLOCK, n)
+    absmax = jnp.max(jnp.abs(blocks), axis=-2)  # (…, K/64, N)
+    normed = blocks / jnp.where(absmax == 0, 1.0, absmax)[..., None, :]
+    midpoints = jnp.asarray((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2)
+    codes = jnp.searchsorted(midpoints, normed.reshape(*lead, k, n)).astype(jnp.uint8)  # nearest level
+    packed = (codes[..., 0::2] << 4) | codes[..., 1::2]
+    return QuantizedArray(packed, absmax, "nf4", jnp.dtype(w.dtype).name)
+
+
+def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
+    """The float kernel ``(…, K, N)`` of ``q`` in ``dtype`` (default ``q.dtype``)."""
+    dtype = jnp.dtype(dtype or q.dtype)
+    if q.format == "int8":
+        return (q.codes.astype(jnp.float32) * q.scales).astype(dtype)
+    *lead, k, half = q.codes.shape
+    codes = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(*lead, k, 2 * half)
+    values = jnp.asarray(NF4_LEVELS)[codes.astype(jnp.int32)]
+    blocks = values.reshape(*lead, k // NF4_BLOCK, NF4_BLOCK, 2 * half) * q.scales[..., None, :]
+    return blocks.reshape(*lead, k, 2 * half).astype(dtype)
+
+
+def error_bound(q: QuantizedArray) -> jax.Array:
+    """The largest ``|W - dequantize(q)|`` the format allows, per element ``(…, K, N)``."""
+    if q.format == "int8":
+        return jnp.broadcast_to(q.scales / 2, q.shape)
+    bound = q.scales * (NF4_MAX_GAP / 2)
+    return jnp.repeat(bound, NF4_BLOCK, axis=-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which leaves of a base are quantized
+
+
+def rewritten_paths(transform: Any, base: P.Params, info: Any = None) -> list[str]:
+    """Base paths that ``transform.adapt_params`` rewrites (``θ₀ + δ``), found by tracing it
+    once on abstract values: an output that is not its input passed through is rewritten."""
+    from jpeft.core.transform import ApplyContext
+
+    flat = P.flatten(base)
+    paths = list(flat)
+    abstract = [jax.ShapeDtypeStruct(v.shape, jnp.dtype(getattr(v, "dtype", jnp.float32)))
+                for v in flat.values()]
+    delta = jax.eval_shape(lambda k, b: transform.init(k, P.unflatten(dict(zip(paths, b))), info),
+                           jax.random.key(0), abstract)
+    ctx = ApplyContext(train=True, rng=jax.random.key(0))
+
+    def rewrite(leaves, d):
+        out = P.flatten(transform.adapt_params(P.unflatten(dict(zip(paths, leaves))), d, ctx))
+        return [out[p] for p in paths]
+
+    closed = jax.make_jaxpr(rewrite)(abstract, delta)
+    invars = closed.jaxpr.invars[:len(paths)]
+    return [p for p, i, o in zip(paths, invars, closed.jaxpr.outvars) if o is not i]
+
+
+def _dense_paths(info: Any) -> set[str] | None:
+    layers = getattr(info, "layers", None) or {}
+    if not layers:
+        return None  # no description: every kernel is taken for a Dense one
+    return {f"{path}/kernel" for path, spec in layers.items() if spec.kind == "dense" and not spec.stack}
+
+
+def quantize_base(base: P.Params, fmt: str, *, keep: Iterable[str] = (), transform: Any = None,
+                  info: Any = None, skip: str = SKIP_DEFAULT) -> dict[str, Any]:
+    """``base`` with its frozen matmul kernels quantized to ``fmt`` (``"int8"`` or ``"nf4"``).
+
+    Quantized: every ``…/kernel`` leaf of rank 2 of a Dense layer (per ``info.layers`` when
+    given), except the paths in ``keep`` (trained base leaves: the task head, a method's
+    ``trainable_base``), those ``transform.adapt_params`` rewrites (:func:`rewritten_paths`) and
+    those matching the regex ``skip`` (the LM head). Everything else is returned unchanged.
+    Raises ``ValueError`` when nothing would be quantized (e.g. ``full``, which trains every
+    weight), naming why.
+    """
+    check_format(fmt)
+    flat = P.flatten(base)
+    kept = set(keep)
+    rewritten = set(rewritten_paths(transform, base, info)) if transform is not None else set()
+    dense = _dense_paths(info)
+    candidates = [p for p, v in flat.items() if p.rsplit("/", 1)[-1] == "kernel"
+                  and len(getattr(v, "shape", ())) == 2 and not is_quantized(v)
+                  and jnp.issubdtype(v.dtype, jnp.floating)
+                  and (dense is None or p in dense) and not re.search(skip, p)]
+    chosen = [p for p in candidates if p not in kept and p not in rewritten]
+    if fmt == "nf4":
+        chosen = [p for p in chosen if flat[p].shape[-2] % NF4_BLOCK == 0 and flat[p].shape[-1] % 2 == 0]
+    if not chosen:
+        name = getattr(transform, "name", "the method")
+        why = (f"'{name}' trains or rewrites all {len(candidates)} of them"
+               if candidates else "the model has no Dense kernel jpeft can quantize")
+        raise ValueError(
+            f"base dtype {fmt!r}: no matmul weight would be quantized ({why}); a quantized base "
+            "holds frozen weights only. Use a float base (--base-dtype=float32 or bfloat16) for "
+            "this method, or a method that trains a delta on top of frozen weights (e.g. lora).")
+    out = dict(flat)
+    quantize_jit = jax.jit(quantize, static_argnums=1)
+    for p in chosen:
+        out[p] = quantize_jit(flat[p], fmt)
+    return P.unflatten(out)
+
+
+def dequantize_base(base: P.Params) -> dict[str, Any]:
+    """``base`` with every :class:`QuantizedArray` leaf replaced by its float kernel."""
+    return P.unflatten({p: dequantize(v) if is_quantized(v) else v for p, v in P.flatten(base).items()})
+
+
+def has_quantized(tree: P.Params) -> bool:
+    return any(is_quantized(v) for v in P.flatten(tree).values())
+
+
+def quantized_paths(tree: P.Params) -> list[str]:
+    return [p for p, v in P.flatten(tree).items() if is_quantized(v)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward pass
+
+
+def _dense_call(module: nn.Dense, x: jax.Array, q: QuantizedArray, bias: jax.Array | None) -> jax.Array:
+    """``nn.Dense.__call__`` on the dequantized kernel (same promotion and ``dot_general``)."""
+    w = checkpoint_name(q.dequantize(), _DEQUANTIZED)
+    x, w, bias = module.promote_dtype(x, w, bias, dtype=module.dtype)
+    if module.dot_general_cls is not None:
+        dot_general = module.dot_general_cls()
+    else:
+        dot_general = module.dot_general or jax.lax.dot_general
+    y = dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+    if bias is not None:
+        y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+def dequantizing_interceptor() -> Any:
+    """A Linen interceptor computing every ``nn.Dense`` whose kernel is a
+    :class:`QuantizedArray` from the dequantized kernel. The dequantized kernel is not saved for
+    the backward pass (recomputed from the codes there, as QLoRA does): memory holds the codes."""
+    policy = jax.checkpoint_policies.save_anything_except_these_names(_DEQUANTIZED)
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or module.scope is None \
+                or not module.has_variable("params", "kernel"):
+            return next_fun(*args, **kwargs)
+        kernel = module.get_variable("params", "kernel")
+        if not is_quantized(kernel):
+            return next_fun(*args, **kwargs)
+        path = "/".join(str(p) for p in module.path)
+        if type(module) is not nn.Dense or kwargs or len(args) != 1:
+            raise QuantizedBaseError(
+                f"the layer '{path}' ({type(module).__name__}) holds a quantized kernel; jpeft "
+                "computes quantized kernels in nn.Dense layers only. Keep this layer float "
+                "(jpeft.quantize_base(..., skip=...)).")
+        x = args[0]
+        if kernel.shape != (x.shape[-1], module.features):
+            raise ValueError(f"'{path}': the quantized kernel has shape {kernel.shape}, the layer "
+                             f"needs {(x.shape[-1], module.features)}; was it made for another model?")
+        bias = module.get_variable("params", "bias") if module.use_bias else None
+        fn = jax.checkpoint(lambda x, q, b: _dense_call(module, x, q, b), policy=policy)
+        return fn(x, kernel, bias)
+
+    return intercept
+
+
+def interceptors_for(params: P.Params) -> Sequence[Any]:
+    """``[dequantizing_interceptor()]`` when ``params`` hold quantized leaves, else ``[]``."""
+    return [dequantizing_interceptor()] if has_quantized(params) else []
+
+
+def base_compute_dtype(base_dtype: str) -> str:
+    """The model's compute dtype for a ``--base-dtype``: a quantized base computes in float32
+    (its kernels dequantize to the float base's dtype; ``--matmul-dtype`` sets the operands)."""
+    return "float32" if base_dtype in FORMATS else base_dtype

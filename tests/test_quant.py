@@ -1,0 +1,225 @@
+"""A quantized frozen base (``jpeft.quant``): int8 per output channel and NF4 blocks of 64.
+
+Checked: the quantize→dequantize error stays within each format's bound (int8: half the
+channel's scale; nf4: half the largest gap between adjacent levels times the block's absmax);
+NF4 picks the nearest of the 16 QLoRA levels; a model over a quantized base computes what the
+same model over the dequantized float base computes (same kernels, so equal up to float32
+rounding), with a fresh and with a trained delta; gradients reach only the delta and the
+trained head; merging is refused; each method that trains or rewrites base weights is either
+handled (its leaves stay float) or refused with a message naming the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from experiments.common import cast_frozen_base, check_base_dtype
+from jpeft import quant as Q
+from jpeft.core import paths as P
+from jpeft.core.transform import ApplyContext, apply
+from jpeft.methods import build
+from jpeft.models.bert import BertConfig, BertModel, init_params
+from jpeft.train.trainer import Trainer, trainable_base_paths
+from tests.helpers import perturb, tiny_batch, train_tiny
+
+
+def _bert(seed: int = 0):
+    """A tiny BERT whose kernels all fit NF4's blocks of 64 inputs."""
+    config = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=40,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertModel(config)
+    return model, init_params(model, jax.random.key(seed))
+
+
+def _inputs(batch):
+    return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+
+
+@pytest.mark.parametrize("fmt", Q.FORMATS)
+@pytest.mark.parametrize("shape", [(128, 96), (3, 64, 10)])
+def test_error_within_the_format_bound(fmt, shape):
+    w = jax.random.normal(jax.random.key(1), shape) * jnp.linspace(0.01, 2.0, shape[-1])
+    w = w.at[..., :64, 0].set(0.0)  # an all-zero channel / block dequantizes to exactly 0
+    q = Q.quantize(w, fmt)
+    back = q.dequantize()
+    assert back.shape == w.shape and q.shape == w.shape and back.dtype == w.dtype
+    err = jnp.abs(back - w)
+    assert bool((err <= Q.error_bound(q) * (1 + 1e-6) + 1e-12).all())
+    assert float(jnp.abs(back[..., :64, 0]).max()) == 0.0
+    # the bound is not vacuous: the error is a sizable part of it somewhere
+    assert float((err / jnp.maximum(Q.error_bound(q), 1e-30)).max()) > 0.5
+
+
+def test_int8_bound_is_half_the_channel_scale_and_codes_are_symmetric():
+    w = jax.random.normal(jax.random.key(2), (64, 8))
+    q = Q.quantize(w, "int8")
+    assert q.codes.dtype == jnp.int8 and q.scales.shape == (1, 8)
+    np.testing.assert_allclose(q.scales[0], jnp.abs(w).max(0) / 127, rtol=1e-6)
+    assert int(jnp.abs(q.codes.astype(jnp.int32)).max()) == 127
+    np.testing.assert_allclose(Q.error_bound(q), jnp.broadcast_to(q.scales / 2, w.shape))
+
+
+def test_nf4_uses_the_qlora_levels_nearest_code_and_packs_two_per_byte():
+    levels = Q.NF4_LEVELS
+    assert levels.shape == (16,) and levels[0] == -1.0 and levels[7] == 0.0 and levels[-1] == 1.0
+    assert (np.diff(levels) > 0).all()
+    w = jax.random.normal(jax.random.key(3), (128, 6))
+    q = Q.quantize(w, "nf4")
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (128, 3) and q.scales.shape == (2, 6)
+    np.testing.assert_allclose(q.scales, jnp.abs(w.reshape(2, 64, 6)).max(1), rtol=1e-6)
+    normed = np.asarray(w.reshape(2, 64, 6) / q.scales[:, None, :]).reshape(128, 6)
+    nearest = np.abs(normed[..., None] - levels).argmin(-1)
+    unpacked = np.stack([np.asarray(q.codes) >> 4, np.asarray(q.codes) & 0xF], -1).reshape(128, 6)
+    np.testing.assert_array_equal(unpacked, nearest)
+    assert Q.NF4_MAX_GAP == pytest.approx(float(np.max(np.diff(levels))))
+    # storage: 4 bits per weight plus one float32 absmax per 64 weights
+    assert P.nbytes(q) * 8 / w.size == pytest.approx(4 + 32 / 64)
+
+
+def test_nf4_refuses_a_kernel_that_does_not_fit_the_blocks():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        Q.quantize(jnp.ones((48, 8)), "nf4")
+    with pytest.raises(ValueError, match="choose one of int8, nf4"):
+        Q.quantize(jnp.ones((64, 8)), "int4")
+
+
+@pytest.mark.parametrize("fmt", Q.FORMATS)
+def test_quantized_base_computes_as_its_dequantized_float_base(fmt):
+    model, params = _bert()
+    method = build("lora")
+    keep = trainable_base_paths(method, params, model.info())
+    qbase = jpeft.quantize_base(params, fmt, keep=keep, transform=method, info=model.info())
+    quantized = Q.quantized_paths(qbase)
+    # every encoder/pooler kernel is quantized; embeddings, norms, biases, the head are not
+    kernels = [p for p in P.paths(params) if p.endswith("/kernel") and p not in keep]
+    assert len(kernels) == 13 and any(p.startswith("head/") for p in keep)
+    assert sorted(quantized) == sorted(kernels)
+    assert all(not Q.is_quantized(v) for p, v in P.flatten(qbase).items() if not p.endswith("kernel"))
+    floats = jpeft.dequantize_base(qbase)
+    batch = tiny_batch(seed=4)
+    delta = method.init(jax.random.key(0), params, model.info())
+    for d in (delta, perturb(delta, seed=5, scale=0.3)):
+        got = jax.jit(lambda b, d: apply(model, method, b, d, *_inputs(batch)))(qbase, d)
+        want = apply(model, method, floats, d, *_inputs(batch))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # and the quantized model is not the float one: the comparison above could fail
+    plain = apply(model, method, params, delta, *_inputs(batch))
+    assert float(jnp.abs(plain - apply(model, method, floats, delta, *_inputs(batch))).max()) > 0
+
+
+def test_gradients_reach_only_the_delta_and_the_head():
+    model, params = _bert()
+    method = build("lora")
+    keep = trainable_base_paths(method, params, model.info())
+    qbase = jpeft.quantize_base(params, "nf4", keep=keep, transform=method, info=model.info())
+    trainer = Trainer(model, method, qbase, total_steps=4)
+    assert set(trainer.base_trainable_paths) == set(keep)
+    assert all(Q.is_quantized(trainer.frozen[p]) for p in Q.quantized_paths(qbase))
+    state = trainer.init_state(jax.random.key(0))
+    batch = tiny_batch(batch=4, seed=2)
+    grads = jax.grad(lambda t: trainer._loss(t, trainer.frozen, batch, jax.random.key(1))[0])(state.trainable)
+    assert set(P.flatten(grads["base"])) == set(keep)  # the head only: no base kernel
+    lora_b = [v for p, v in P.flatten(grads["delta"]).items() if p.endswith("lora_B")]
+    assert lora_b and all(float(jnp.abs(g).max()) > 0 for g in lora_b)
+    frozen_before = jax.tree_util.tree_map(np.asarray, trainer.frozen)
+    state, _ = trainer.train_step(state, trainer.frozen, batch)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, frozen_before,
+                           jax.tree_util.tree_map(np.asarray, trainer.frozen))
+
+
+@pytest.mark.parametrize("fmt", Q.FORMATS)
+def test_lora_trains_on_a_quantized_base(fmt):
+    model, params = _bert()
+    method = build("lora")
+    qbase = jpeft.quantize_base(params, fmt, keep=trainable_base_paths(method, params, model.info()),
+                                transform=method, info=model.info())
+    train_tiny(model, method, qbase, steps=8)
+
+
+def test_merge_into_a_quantized_base_is_refused():
+    model, params = _bert()
+    method = build("lora")
+    qbase = jpeft.quantize_base(params, "int8", transform=method, info=model.info())
+    delta = perturb(method.init(jax.random.key(0), params, model.info()))
+    with pytest.raises(jpeft.QuantizedBaseError, match="Merge into the float base"):
+        jpeft.merge(method, qbase, delta, model.info())
+    merged = jpeft.merge(method, jpeft.dequantize_base(qbase), delta, model.info())  # the fix works
+    assert not Q.has_quantized(merged)
+
+
+def test_bitfit_trains_float_biases_over_quantized_kernels():
+    model, params = _bert()
+    method = build("bitfit")
+    keep = trainable_base_paths(method, params, model.info())
+    qbase = cast_frozen_base(params, keep, "nf4", method, model.info())
+    assert len(Q.quantized_paths(qbase)) == 13  # 2 layers × 6 kernels + the pooler
+    train_tiny(model, method, qbase, steps=8)
+
+
+def test_freeze_keeps_its_trained_layers_float_and_quantizes_the_rest():
+    model, params = _bert()
+    method = build("freeze", {"freeze": jpeft.FreezeConfig(top=1)})
+    qbase = cast_frozen_base(params, trainable_base_paths(method, params, model.info()), "int8",
+                             method, model.info())
+    quantized = Q.quantized_paths(qbase)
+    assert quantized and all("layer_0/" in p for p in quantized)  # layer 1 and the pooler: float
+    train_tiny(model, method, qbase, steps=8, lr=1e-3)
+
+
+@pytest.mark.parametrize("name", ["full", "diff_pruning"])
+def test_methods_that_train_every_weight_are_refused(name):
+    model, params = _bert()
+    method = build(name)
+    keep = trainable_base_paths(method, params, model.info())
+    with pytest.raises(ValueError, match=rf"'{name}' trains or rewrites all 14 .*--base-dtype=float32"):
+        cast_frozen_base(params, keep, "nf4", method, model.info())
+
+
+def test_a_rewrite_missed_by_quantize_base_fails_clearly():
+    model, params = _bert()
+    method = build("diff_pruning")
+    qbase = jpeft.quantize_base(params, "int8")  # no transform given: its rewrite is not known
+    delta = method.init(jax.random.key(0), params, model.info())
+    with pytest.raises(jpeft.QuantizedBaseError, match="rewrites or reads base weights needs a float base"):
+        apply(model, method, qbase, delta, *_inputs(tiny_batch()), ctx=ApplyContext())
+
+
+def test_llama_quantized_matches_dequantized_with_bf16_matmuls():
+    from jpeft.models import llama
+
+    model = llama.LlamaForCausalLM(llama.LlamaConfig(
+        vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, matmul_dtype="bfloat16"))
+    params = llama.init_params(model, jax.random.key(0))
+    method = build("lora")
+    qbase = jpeft.quantize_base(params, "nf4", transform=method, info=model.info())
+    assert "lm_head/kernel" in P.flatten(qbase) and not Q.is_quantized(P.flatten(qbase)["lm_head/kernel"])
+    assert len(Q.quantized_paths(qbase)) == 14
+    delta = perturb(method.init(jax.random.key(0), params, model.info()), scale=0.3)
+    ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 32
+    got = apply(model, method, qbase, delta, ids)
+    want = apply(model, method, jpeft.dequantize_base(qbase), delta, ids)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_base_dtype_flag_names_the_formats():
+    check_base_dtype("nf4")
+    with pytest.raises(ValueError, match="float32, bfloat16, int8, nf4"):
+        check_base_dtype("int4")
+
+
+def test_fingerprint_of_a_quantized_base_is_stable():
+    from jpeft.checkpoint.orbax_ckpt import fingerprint
+
+    model, params = _bert()
+    a = jpeft.quantize_base(params, "nf4")
+    b = jpeft.quantize_base(params, "nf4")
+    assert fingerprint(a) == fingerprint(b) != fingerprint(params)
