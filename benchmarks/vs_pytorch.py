@@ -466,7 +466,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += _section(
             "**Real data**: the GLUE main recipe (`python -m experiments.glue --method=lora`: LoRA r=8 on "
             f"query/value, batch 16, max length 128, length-grouped batches) for {z['glue_steps']} steps, "
-            "4 evaluations; jpeft with its buckets, PEFT with dynamic padding and PEFT padded to jpeft's "
+            f"evaluated every {max(1, z['glue_steps'] // 4)} steps and at the end; jpeft with its buckets, PEFT with dynamic padding and PEFT padded to jpeft's "
             "buckets. Step: time between logged steps (evaluations excluded); end to end: data, model, "
             "compilation, training and evaluations.",
             ["task", "side", "step (s)", "end to end (s)", "dev accuracy (%)", "peak RSS (MB)"])

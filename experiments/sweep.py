@@ -67,8 +67,8 @@ NOT_RECIPE = ("seed", "output_dir", "progress", "data_dir", "resume", "log_every
               "save_every", "keep_checkpoints", "allow_base_mismatch")
 Runner = Callable[[list[str], Path], int]
 # The seeded table's row order (other labels follow, sorted).
-ROW_ORDER = ("full", "lora", "lora@all_linear", "ia3", "bitfit", "houlsby", "pfeiffer", "prefix",
-             "ptuning2", "prompt", "ptuning", "freeze", "diff_pruning")
+ROW_ORDER = ("full", "lora", "lora@all_linear", "lora@dora", "ia3", "bitfit", "houlsby", "pfeiffer",
+             "prefix", "ptuning2", "prompt", "ptuning", "freeze", "diff_pruning")
 
 
 def _run_logged(cmd: list[str], log: Path) -> int:

@@ -30,7 +30,9 @@ A quantized leaf refuses arithmetic: merging a delta into it (``jpeft.merge``) r
 
 Example::
 
-    qbase = jpeft.quantize_base(base, "nf4", transform=method, info=model.info())
+    method = jpeft.lora(jpeft.LoraConfig(r=2))
+    qbase = jpeft.quantize_base(base, "int8", transform=method, info=model.info())  # or "nf4"
+    delta = method.init(key, qbase, model.info())
     logits = jpeft.apply(model, method, qbase, delta, ids, mask)
 """
 
@@ -229,13 +231,19 @@ def quantize_base(base: P.Params, fmt: str, *, keep: Iterable[str] = (), transfo
                   and len(getattr(v, "shape", ())) == 2 and not is_quantized(v)
                   and jnp.issubdtype(v.dtype, jnp.floating)
                   and (dense is None or p in dense) and not re.search(skip, p)]
-    chosen = [p for p in candidates if p not in kept and p not in rewritten]
+    frozen = [p for p in candidates if p not in kept and p not in rewritten]
+    chosen = frozen
     if fmt == "nf4":
-        chosen = [p for p in chosen if flat[p].shape[-2] % NF4_BLOCK == 0 and flat[p].shape[-1] % 2 == 0]
+        chosen = [p for p in frozen if flat[p].shape[-2] % NF4_BLOCK == 0 and flat[p].shape[-1] % 2 == 0]
     if not chosen:
         name = getattr(transform, "name", "the method")
-        why = (f"'{name}' trains or rewrites all {len(candidates)} of them"
-               if candidates else "the model has no Dense kernel jpeft can quantize")
+        if not candidates:
+            why = "the model has no Dense kernel jpeft can quantize"
+        elif not frozen:
+            why = f"'{name}' trains or rewrites all {len(candidates)} of them"
+        else:
+            why = (f"none of the {len(frozen)} frozen kernels has an input size that is a multiple of "
+                   f"the NF4 block ({NF4_BLOCK}); int8 has no such constraint")
         raise ValueError(
             f"base dtype {fmt!r}: no matmul weight would be quantized ({why}); a quantized base "
             "holds frozen weights only. Use a float base (--base-dtype=float32 or bfloat16) for "

@@ -27,6 +27,7 @@ compare() {  # jpeft against Hugging Face PEFT on the same recipe: jpeft's cells
 }
 step --tasks=cola --methods=pfeiffer,ia3,bitfit --seeds=0  # done or in progress before seed 0 of the comparison
 compare 0
+step --tasks=mrpc,sst2 --methods=lora@dora --seeds=0  # DoRA next to LoRA (configs/variants/lora_dora.toml)
 for seeds in 0 1,2; do
     step --tasks=cola --methods=$COLA_FAILING --seeds=$seeds
     step --tasks=rte --methods=$RTE_FAILING --seeds=$seeds
@@ -35,5 +36,6 @@ for seeds in 0 1,2; do
 done
 step --tasks=cola,rte,mrpc,stsb --methods=$ALL --seeds=0,1,2
 step --tasks=sst2 --methods=$ALL --seeds=0,1
+step --tasks=mrpc,sst2 --methods=lora@dora --seeds=1,2
 echo "=== $(date -u +%FT%TZ) done (status $status)"
 exit $status

@@ -199,7 +199,7 @@ def test_llama_quantized_matches_dequantized_with_bf16_matmuls():
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         tie_word_embeddings=False, matmul_dtype="bfloat16"))
     params = llama.init_params(model, jax.random.key(0))
-    method = build("lora")
+    method = jpeft.lora(jpeft.LoraConfig(targets="(q_proj|v_proj)$"))
     qbase = jpeft.quantize_base(params, "nf4", transform=method, info=model.info())
     assert "lm_head/kernel" in P.flatten(qbase) and not Q.is_quantized(P.flatten(qbase)["lm_head/kernel"])
     assert len(Q.quantized_paths(qbase)) == 14
