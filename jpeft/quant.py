@@ -130,6 +130,12 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
 
 
+def dequantize_leaf(x: Any) -> Any:
+    """``x`` dequantized if it is a :class:`QuantizedArray`, else ``x`` itself (the weight a
+    layer hook sees: DoRA's column norms are those of the dequantized kernel)."""
+    return x.dequantize() if is_quantized(x) else x
+
+
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"quantization format {fmt!r}; choose one of {', '.join(FORMATS)}")

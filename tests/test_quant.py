@@ -223,3 +223,19 @@ def test_fingerprint_of_a_quantized_base_is_stable():
     a = jpeft.quantize_base(params, "nf4")
     b = jpeft.quantize_base(params, "nf4")
     assert fingerprint(a) == fingerprint(b) != fingerprint(params)
+
+
+def test_counts_and_dora_see_the_weight_a_quantized_kernel_stands_for():
+    """A quantized kernel counts as its dequantized shape, and DoRA (whose init and hook read the
+    kernel) trains on a quantized base: a fresh DoRA delta leaves the quantized model as it is."""
+    model, params = _bert()
+    method = jpeft.lora(jpeft.LoraConfig(r=2, use_dora=True))
+    keep = trainable_base_paths(method, params, model.info())
+    qbase = jpeft.quantize_base(params, "nf4", keep=keep, transform=method, info=model.info())
+    assert P.count_params(qbase) == P.count_params(params)
+    delta = method.init(jax.random.key(1), qbase, model.info())
+    batch = _inputs(tiny_batch(seed=4))
+    plain = model.apply({"params": jpeft.dequantize_base(qbase)}, *batch)
+    np.testing.assert_allclose(apply(model, method, qbase, delta, *batch), plain, rtol=1e-5, atol=1e-5)
+    moved = perturb(delta, seed=2, scale=0.3)
+    assert float(jnp.abs(apply(model, method, qbase, moved, *batch) - plain).max()) > 1e-4

@@ -135,7 +135,7 @@ def _linen_layer_interceptor(parts: Sequence[HookPart], targets: set[str], seen:
         injected = module.get_variable("params", INJECTED)
         index = injected.get(LAYER_INDEX)
         layer = Layer(path, spec, index if index is not None and index.ndim == 0 else None,
-                      kernel, module.get_variable("params", spec.bias) if spec.bias else None)
+                      Q.dequantize_leaf(kernel), module.get_variable("params", spec.bias) if spec.bias else None)
         call = lambda x: next_fun(x, *args[1:], **kwargs)
         return _run_hooks(parts, injected.get, call, args[0], layer)
 

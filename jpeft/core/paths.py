@@ -147,9 +147,16 @@ def combine(*flat_parts: Mapping[str, Any]) -> dict[str, Any]:
     return unflatten(merged)
 
 
+def _is_quantized(x: Any) -> bool:
+    from jpeft.quant import is_quantized
+
+    return is_quantized(x)
+
+
 def count_params(tree: Any) -> int:
-    """Total number of scalars in the array leaves of ``tree``."""
-    return int(sum(getattr(x, "size", 0) for x in jax.tree_util.tree_leaves(tree)))
+    """Total number of scalars in the array leaves of ``tree``; a quantized weight
+    (:class:`jpeft.quant.QuantizedArray`) counts as the weight it stands for, not its codes."""
+    return int(sum(getattr(x, "size", 0) for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_quantized)))
 
 
 def nbytes(tree: Any) -> int:

@@ -42,13 +42,14 @@ import jax.numpy as jnp
 
 from jpeft.core import layers as L
 from jpeft.core import paths as P
+from jpeft.core.capabilities import OptimizerGroups
 from jpeft.core.dropout import dropout
 from jpeft.core.model import group_by_module
 from jpeft.core.paths import layer_index
-from jpeft.core.capabilities import OptimizerGroups
 from jpeft.core.registry import register
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 from jpeft.methods import dora
+from jpeft.quant import dequantize_leaf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +189,7 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
             flat[f"{path}/lora_B"] = jnp.zeros((*spec.stack, r, *spec.out_shape), jnp.float32)
             if config.use_dora:
                 dora.check_layer(spec, path)
-                kernel = P.flatten(base)[f"{path}/{spec.kernel}"]
+                kernel = dequantize_leaf(P.flatten(base)[f"{path}/{spec.kernel}"])
                 flat[f"{path}/{dora.MAGNITUDE}"] = dora.magnitude_init(
                     spec, kernel, a, flat[f"{path}/lora_B"], rank_and_scale(config, path)[1])
         return P.unflatten(flat)
