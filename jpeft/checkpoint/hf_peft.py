@@ -37,18 +37,23 @@ length) instead of 0. jpeft's :mod:`~jpeft.methods.prefix` numbers them from 0 u
 says ``peft_positions=True``: imported prefixes get that flag, and only a prefix (or P-tuning v2)
 trained with it can be exported to PEFT.
 
+The concerns live apart: which config fields are read, ignored or refused
+(:mod:`~jpeft.checkpoint.peft_fields`), PEFT's target-module rules
+(:mod:`~jpeft.checkpoint.peft_targets`), jpeft paths <-> PyTorch module names
+(:mod:`~jpeft.checkpoint.peft_naming`); this module reads and writes the folders and converts each
+method.
+
 Safety: ``adapter_model.bin`` (a pickled file) is never read; re-save the adapter with
 ``save_pretrained(..., safe_serialization=True)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +62,42 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.checkpoint.atomic import atomic_dir
+from jpeft.checkpoint.peft_fields import (
+    _IA3_HANDLED,
+    _LORA_HANDLED,
+    _LORA_IGNORED,
+    _PREFIX_HANDLED,
+    _PROMPT_TUNING_HANDLED,
+    _PTUNING_HANDLED,
+    _SAFE_LORA_INITS,
+    ADAPTER_CONFIG,
+    _check_fields,
+    _refuse,
+)
+from jpeft.checkpoint.peft_naming import (
+    _encoder_prefix,
+    _head_entries,
+    _is_roberta,
+    _model_config,
+    _Modules,
+    _modules,
+    _split_head_delta,
+    torch_module_name,
+)
+from jpeft.checkpoint.peft_targets import (  # noqa: F401  (peft_target_matches: part of this module's API)
+    _as_list,
+    _exact_regex,
+    _name_to_path_regex,
+    _peft_pattern_value,
+    _peft_targets_for,
+    _resolve_targets,
+    _suffix_candidates,
+    peft_target_matches,
+)
 from jpeft.core import paths as P
 from jpeft.core.transform import Transform
 from jpeft.methods.dora import MAGNITUDE
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 
@@ -69,228 +105,6 @@ SUPPORTED_PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNI
 PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 # task types whose PEFT model wraps the architecture jpeft's BertModel mirrors
 ENCODER_TASKS = ("SEQ_CLS", "FEATURE_EXTRACTION", None)
-
-# Fields with no effect on what a loaded adapter computes (bookkeeping, training-time settings).
-_COMMON_IGNORED = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-    "auto_mapping", "peft_version", "modules_to_save",
-}
-_LORA_HANDLED = {
-    "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "rank_pattern",
-    "alpha_pattern", "layers_to_transform", "layers_pattern", "bias", "lora_dropout",
-    "fan_in_fan_out", "init_lora_weights", "use_dora",
-}
-# settings consulted only by options that are themselves refused when on, or at training time
-_LORA_IGNORED = {"megatron_core", "qalora_group_size", "ensure_weight_tying", "eva_config",
-                 "corda_config", "lora_ga_config"}
-_IA3_HANDLED = {"target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out",
-                "init_ia3_weights"}
-_PROMPT_COMMON = {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
-                  "num_attention_heads", "num_layers"}
-_PROMPT_TUNING_HANDLED = _PROMPT_COMMON | {"prompt_tuning_init", "prompt_tuning_init_text",
-                                           "tokenizer_name_or_path", "tokenizer_kwargs"}
-_PREFIX_HANDLED = _PROMPT_COMMON | {"encoder_hidden_size", "prefix_projection", "init_weights"}
-_PTUNING_HANDLED = _PROMPT_COMMON | {"encoder_reparameterization_type", "encoder_hidden_size",
-                                     "encoder_num_layers", "encoder_dropout"}
-# LoRA inits that leave the base weights alone (anything else rewrites them: PiSSA, OLoRA, ...)
-_SAFE_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")
-
-_REASONS = {
-    "fan_in_fan_out": "jpeft's Dense kernels are (d_in, d_out); fan_in_fan_out is for GPT-2 Conv1D layers",
-    "lora_bias": "LoRA with a bias on lora_B is not implemented in jpeft",
-    "layer_replication": "layer replication changes the model's depth",
-    "megatron_config": "Megatron parallel layers are not jpeft Dense layers",
-    "target_parameters": "LoRA on raw parameters (not modules) is not implemented in jpeft",
-    "trainable_token_indices": "trainable token embeddings are not implemented in jpeft",
-    "use_qalora": "QA-LoRA pools the input and is not implemented in jpeft",
-    "loftq_config": "LoftQ rewrites (quantizes) the base weights",
-    "alora_invocation_tokens": "activated LoRA (aLoRA) is not implemented in jpeft",
-}
-
-
-def _neutral(value: Any) -> bool:
-    return value is None or value is False or (isinstance(value, (dict, list, tuple, str)) and not value)
-
-
-def _refuse(field: str, value: Any, why: str | None = None) -> ValueError:
-    why = why or _REASONS.get(field, "jpeft cannot represent it exactly")
-    return ValueError(f"{ADAPTER_CONFIG}: {field}={value!r} is not supported ({why}); "
-                      "jpeft refuses the adapter rather than load it approximately")
-
-
-def _check_fields(cfg: Mapping[str, Any], handled: set[str], ignored: set[str] = frozenset()) -> None:
-    """Refuse every field that is neither handled, ignorable, nor at a neutral value."""
-    for field in sorted(cfg):
-        if field in handled or field in ignored or field in _COMMON_IGNORED:
-            continue
-        if not _neutral(cfg[field]):
-            raise _refuse(field, cfg[field])
-
-
-# ----------------------------------------------------------------------------------------------
-# Names: jpeft module paths <-> PyTorch module names
-
-_LAYER_PATH = re.compile(r"(^|/)layer_(\d+)(?=/|$)")
-_LAYER_NAME = re.compile(r"(^|\.)layer\.(\d+)(?=\.|$)")
-
-
-def _model_config(model: Any) -> Any:
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "model_type"):
-        raise TypeError(f"expected a jpeft BERT-family model (jpeft.models.bert.BertModel), got {model!r}")
-    if config.model_type not in ("bert", "roberta", "xlm-roberta", "camembert"):
-        raise ValueError(f"PEFT adapters are supported for BERT-family models, got model_type={config.model_type!r}")
-    return config
-
-
-def _encoder_prefix(is_roberta: bool, task_type: str | None) -> str:
-    """The PyTorch name prefix of the encoder in the model PEFT wraps."""
-    if task_type == "SEQ_CLS":
-        return "roberta." if is_roberta else "bert."
-    return ""  # AutoModel: the encoder is the root
-
-
-def torch_module_name(path: str, prefix: str) -> str:
-    """``encoder/layer_0/attention/self/query`` -> ``bert.encoder.layer.0.attention.self.query``;
-    the head ``head/classifier`` -> ``classifier``, ``head/dense`` -> ``classifier.dense``."""
-    if path == "head" or path.startswith("head/"):
-        rest = path[len("head/"):] if path != "head" else ""
-        if rest in ("", "classifier"):
-            return "classifier"
-        return "classifier." + rest.replace("/", ".")
-    return prefix + _LAYER_PATH.sub(r"\1layer.\2", path).replace("/", ".")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Modules:
-    """Every module of a jpeft parameter tree under its PyTorch name."""
-
-    by_name: dict[str, str]          # torch name -> jpeft module path
-    dense: frozenset[str]            # jpeft paths of Dense layers (2-D kernel)
-    prefix: str
-
-    def path(self, name: str) -> str | None:
-        return self.by_name.get(name)
-
-    def name(self, path: str) -> str:
-        return torch_module_name(path, self.prefix)
-
-
-def _modules(params: P.Params, prefix: str, with_head: bool) -> _Modules:
-    flat = P.flatten(params)
-    paths: dict[str, None] = {}
-    dense = set()
-    for leaf_path, value in flat.items():
-        parts = leaf_path.split("/")
-        if not with_head and parts[0] == "head":
-            continue
-        for i in range(1, len(parts)):
-            paths["/".join(parts[:i])] = None
-        if parts[-1] == "kernel" and np.ndim(value) == 2:
-            dense.add("/".join(parts[:-1]))
-    by_name: dict[str, str] = {}
-    for p in paths:  # "head" and "head/classifier" are both torch's "classifier": keep the layer
-        name = torch_module_name(p, prefix)
-        if name not in by_name or len(p) > len(by_name[name]):
-            by_name[name] = p
-    if prefix:
-        by_name.setdefault(prefix[:-1], "")  # the encoder root ("bert"), never a Dense layer
-    return _Modules(by_name, frozenset(dense), prefix)
-
-
-def _as_list(value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    return list(value)
-
-
-def _peft_layer_ok(cfg: Mapping[str, Any], key: str) -> bool:
-    """PEFT's ``layers_to_transform``/``layers_pattern`` filter (list targets only)."""
-    indexes = cfg.get("layers_to_transform")
-    if indexes is None or (isinstance(indexes, list) and not indexes):
-        return True
-    pattern = cfg.get("layers_pattern")
-    match = None
-    if not pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        for p in _as_list(pattern) or []:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    if match is None:
-        return False
-    idx = int(match.group("idx"))
-    return idx == indexes if isinstance(indexes, int) else idx in indexes
-
-
-def peft_target_matches(cfg: Mapping[str, Any], key: str) -> bool:
-    """PEFT's ``check_target_module_exists`` for one PyTorch module name (a faithful copy)."""
-    exclude = cfg.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
-                return False
-        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
-            return False
-    for m in cfg.get("modules_to_save") or ():
-        if re.match(rf"(^|.*\.){m}($|\..*)", key):
-            return False
-    targets = cfg.get("target_modules")
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
-    if key in targets:
-        return True
-    if not any(key.endswith(f".{t}") for t in targets):
-        return False
-    return _peft_layer_ok(cfg, key)
-
-
-def _peft_pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key`` + lookup (``rank_pattern``/``alpha_pattern``)."""
-    for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return patterns[pattern]
-    return patterns.get(key, default)
-
-
-def _resolve_targets(cfg: Mapping[str, Any], mods: _Modules, what: str) -> list[str]:
-    """The jpeft Dense paths PEFT adapts under ``cfg`` (refusing non-Dense matches)."""
-    targets = cfg.get("target_modules")
-    if targets is None:
-        raise _refuse("target_modules", None, "the saved config must name its target modules")
-    if targets == "all-linear":
-        cfg = dict(cfg, target_modules=[n for n, p in mods.by_name.items()
-                                        if p in mods.dense and not p.startswith("head")])
-    hits = [name for name in mods.by_name if peft_target_matches(cfg, name)]
-    bad = [n for n in hits if mods.by_name[n] not in mods.dense]
-    if bad:
-        raise _refuse("target_modules", targets,
-                      f"it selects {bad[:5]}, which {'is' if len(bad) == 1 else 'are'} not Dense (Linear) "
-                      f"layers in this model; jpeft's {what} adapts Dense layers only")
-    if not hits:
-        raise ValueError(
-            f"{ADAPTER_CONFIG}: target_modules={targets!r} matches no module of this model; is the base "
-            f"the architecture the adapter was trained on? Dense modules: "
-            f"{sorted(mods.name(p) for p in mods.dense)[:40]}")
-    return sorted(mods.by_name[n] for n in hits)
-
-
-def _exact_regex(paths: Iterable[str]) -> str:
-    return "^(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")$"
-
-
-def _name_to_path_regex(entry: str) -> str:
-    """A PEFT list entry (a module-name suffix) as an escaped jpeft path fragment."""
-    for prefix in ("bert.", "roberta."):
-        entry = entry.removeprefix(prefix)
-    entry = _LAYER_NAME.sub(r"\1layer_\2", entry)
-    return "/".join(re.escape(part) for part in entry.split("."))
-
 
 # ----------------------------------------------------------------------------------------------
 # Reading
@@ -729,60 +543,6 @@ def _save_tensors(file: Path, tensors: Mapping[str, Any]) -> None:
     save_file(arrays, str(file), metadata={"format": "pt"})
 
 
-def _suffix_candidates(names: Sequence[str]) -> list[list[str]]:
-    """Lists of module-name suffixes (last 1, 2, ... components), shortest first, then full names."""
-    depth = max(len(n.split(".")) for n in names)
-    out = []
-    for k in range(1, depth):
-        out.append(sorted({".".join(n.split(".")[-k:]) for n in names}))
-    out.append(sorted(names))
-    return out
-
-
-def _layer_of(name: str) -> int | None:
-    m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    return int(m.group("idx")) if m else None
-
-
-def _minimal_suffixes(names: Sequence[str], universe: Sequence[str], base_cfg: Mapping[str, Any]) -> list[str]:
-    """For each name, its shortest dotted suffix that selects nothing outside ``names``."""
-    want = set(names)
-    out: set[str] = set()
-    for name in names:
-        parts = name.split(".")
-        for k in range(1, len(parts) + 1):
-            entry = ".".join(parts[-k:])
-            cfg = dict(base_cfg, target_modules=[entry])
-            if {u for u in universe if peft_target_matches(cfg, u)} <= want:
-                out.add(entry)
-                break
-    return sorted(out)
-
-
-def _peft_targets_for(names: Sequence[str], universe: Sequence[str],
-                      modules_to_save: Sequence[str]) -> dict[str, Any]:
-    """A compact PEFT ``target_modules`` (+ ``layers_to_transform``) selecting exactly ``names``."""
-    want = set(names)
-    layer_ids = [_layer_of(n) for n in names]
-    all_layers = sorted({_layer_of(u) for u in universe if _layer_of(u) is not None})
-    layer_options: list[list[int] | None] = [None]
-    if all(i is not None for i in layer_ids) and sorted(set(layer_ids)) != all_layers:
-        layer_options.insert(0, sorted(set(layer_ids)))
-    options = []
-    for layers in layer_options:
-        base_cfg = {"layers_to_transform": layers, "modules_to_save": list(modules_to_save)}
-        options.append((_minimal_suffixes(names, universe, base_cfg), layers))
-        options.extend((suffixes, layers) for suffixes in _suffix_candidates(list(names)))
-    options.sort(key=lambda opt: sum(len(e) for e in opt[0]))  # stable: the most compact first
-    for suffixes, layers in options:
-        opt = {"target_modules": suffixes, "layers_to_transform": layers}
-        cfg = dict(opt, modules_to_save=list(modules_to_save))
-        if {n for n in universe if peft_target_matches(cfg, n)} == want:
-            return opt
-    raise ValueError(f"cannot select exactly the modules {sorted(want)[:5]} with PEFT's target rules "
-                     "(they collide with the task head, which PEFT trains whole)")
-
-
 def _single(transform: Transform) -> None:
     if transform.parts:
         raise ValueError(
@@ -799,30 +559,6 @@ def _trained_paths(transform: Transform, params: P.Params, model: Any) -> tuple[
     head = [p for p in flat if any(r.search(p) for r in regexes)]
     other = [p for p in transform.trainable_base(params) if p not in set(head)]
     return head, other
-
-
-def _is_roberta(params: P.Params, model: Any) -> bool:
-    if model is not None:
-        return bool(_model_config(model).is_roberta)
-    return "head/out_proj/kernel" in P.flatten(params)
-
-
-def _leaf_tensor(path: str, value: Any) -> tuple[str, np.ndarray]:
-    """A jpeft leaf as (torch leaf name, array): kernels transposed; scale/embedding -> weight."""
-    module, _, leaf = path.rpartition("/")
-    value = np.asarray(jax.device_get(value), np.float32)
-    return module, (value.T if leaf == "kernel" else value)
-
-
-def _head_entries(params: P.Params, head: Sequence[str], key_prefix: str,
-                  prefix: str) -> dict[str, np.ndarray]:
-    flat = P.flatten(params)
-    out = {}
-    for path in head:
-        module, value = _leaf_tensor(path, flat[path])
-        leaf = "bias" if path.endswith("/bias") else "weight"
-        out[f"{key_prefix}{torch_module_name(module, prefix)}.{leaf}"] = value
-    return out
 
 
 def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta: Any,
@@ -890,14 +626,6 @@ def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta:
 
     atomic_dir(path, write, overwrite)
     return Path(path)
-
-
-def _split_head_delta(delta: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(head part, encoder part) of a weight-space delta, as flat dicts."""
-    flat = P.flatten(delta)
-    head = {k: v for k, v in flat.items() if k.startswith("head/")}
-    body = {k: v for k, v in flat.items() if not k.startswith("head/")}
-    return head, body
 
 
 def _lora_to_peft(transform: Transform, cfg: Any, delta: Any, params: P.Params, mods: _Modules,
