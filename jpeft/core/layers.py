@@ -219,6 +219,12 @@ def is_adaptable(module: Any) -> bool:
     return _module_kind(module) is not None
 
 
+def kernel_attr(module: Any) -> str:
+    """The name of a module's kernel parameter: its registered one, else ``"kernel"``."""
+    kind = layer_type(module)
+    return kind.kernel if kind is not None else "kernel"
+
+
 def kernel_rank(module: Any) -> int | None:
     """The rank of one layer's kernel of a registered ``dense``/``einsum`` layer (``None``:
     unknown, the stored kernel is taken as one layer's)."""

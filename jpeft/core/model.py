@@ -128,8 +128,7 @@ def _linen_layer_interceptor(parts: Sequence[HookPart], targets: set[str], seen:
         if path not in targets:
             return next_fun(*args, **kwargs)
         module = context.module
-        kind = L.layer_type(module)
-        kernel = module.get_variable("params", kind.kernel if kind is not None else "kernel")
+        kernel = module.get_variable("params", L.kernel_attr(module))
         spec = L.spec_of(module, kernel.shape, path)  # raises for an unsupported layer type
         seen.add(path)
         injected = module.get_variable("params", INJECTED)
@@ -261,8 +260,7 @@ def describe_linen(module: nn.Module, params: P.Params, *args: Any, _taps: list[
         mod = context.module
         if context.method_name == "__call__" and mod.scope is not None:
             path = "/".join(str(p) for p in mod.path)
-            kind = L.layer_type(mod)
-            name = kind.kernel if kind is not None else "kernel"
+            name = L.kernel_attr(mod)
             stored = flat.get(f"{path}/{name}")
             kernel = mod.get_variable("params", name) if stored is not None else None
             if kernel is not None and path not in found:
@@ -288,9 +286,7 @@ def _spec_or_unsupported(module: Any, kernel_shape: Sequence[int], stored_shape:
     try:
         return L.spec_of(module, kernel_shape, path).with_stack(stored_shape)
     except L.UnsupportedLayerError as err:
-        kind = L.layer_type(module)
-        return L.unsupported_spec(module, kernel_shape, kind.kernel if kind is not None else "kernel",
-                                  str(err))
+        return L.unsupported_spec(module, kernel_shape, L.kernel_attr(module), str(err))
 
 
 def from_linen(module: nn.Module, params: P.Params, *example_args: Any,
@@ -363,7 +359,7 @@ def _nnx_call(original: Callable[..., Any]) -> Callable[..., Any]:
         if path is None or not _ACTIVE_PARTS:
             return original(self, x, *args, **kwargs)
         attrs = self.__dict__
-        kernel = getattr(self, L.layer_type(self).kernel).get_value()
+        kernel = getattr(self, L.kernel_attr(self)).get_value()
         spec = L.spec_of(self, kernel.shape, path)
         index = attrs.get(f"{INJECTED}__{LAYER_INDEX}")
         index = index.get_value() if index is not None else None
@@ -507,8 +503,7 @@ def describe_nnx(module: Any) -> dict[str, L.LayerSpec]:
         if not isinstance(node, nnx.Module):
             continue
         key = "/".join(str(k) for k in path)
-        kind = L.layer_type(node)
-        kernel = getattr(node, kind.kernel if kind is not None else "kernel", None)
+        kernel = getattr(node, L.kernel_attr(node), None)
         if isinstance(kernel, nnx.Variable):
             stored = tuple(kernel.get_value().shape)
             if isinstance(node, _nnx_layer_classes()):
