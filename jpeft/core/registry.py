@@ -1,7 +1,9 @@
 """The method registry: every method registers itself, in its own file, under a name.
 
 A registration holds the method's config class and factory and, optionally, what completes a
-config from the tokenizer (prompt tuning's init text). ``--method=lora+bitfit`` and its
+config from the tokenizer (prompt tuning's init text) and the method's Hugging Face PEFT converter
+(a :class:`jpeft.checkpoint.peft_convert.PeftConverter`, which ``load_peft_adapter`` and
+``save_peft_adapter`` look up here). ``--method=lora+bitfit`` and its
 ``--lora.r`` flags (the experiments) and saved adapters (:mod:`jpeft.checkpoint.export`) look
 methods up here; none of them lists methods itself.
 
@@ -25,27 +27,30 @@ def _unchanged(config: Any, tokenizer: Any) -> Any:
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """A selectable method. ``prepare(config, tokenizer) -> config`` completes a config with
-    what needs the tokenizer (prompt tuning's init text); identity for most methods."""
+    what needs the tokenizer (prompt tuning's init text); identity for most methods. ``peft``:
+    its Hugging Face PEFT converter, ``None`` when PEFT has no equivalent."""
 
     name: str
     config_cls: type
     factory: Callable[..., Transform]
     prepare: Callable[[Any, Any], Any] = _unchanged
+    peft: Any = None
 
 
 REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(name: str, config_cls: type, factory: Callable[..., Transform], *,
-             prepare: Callable[[Any, Any], Any] = _unchanged) -> None:
-    """Make a method selectable by name (``--method=name``); called by the method's own file."""
+             prepare: Callable[[Any, Any], Any] = _unchanged, peft: Any = None) -> None:
+    """Make a method selectable by name (``--method=name``) and, with ``peft``, readable and
+    writable as a Hugging Face PEFT adapter; called by the method's own file."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"register({name!r}): the config class {config_cls!r} is not a dataclass")
     known = REGISTRY.get(name)
     if known is not None and (known.config_cls, known.factory) != (config_cls, factory):
         raise ValueError(f"register: the method name {name!r} is taken by {known.factory.__module__}."
                          f"{known.factory.__name__}; choose another name")
-    REGISTRY[name] = MethodSpec(name, config_cls, factory, prepare)
+    REGISTRY[name] = MethodSpec(name, config_cls, factory, prepare, peft)
 
 
 def parse_spec(spec: str) -> list[str]:

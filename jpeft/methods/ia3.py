@@ -51,6 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.checkpoint import peft_convert as PC
+from jpeft.checkpoint import peft_fields as F
+from jpeft.checkpoint import peft_targets as T
 from jpeft.core import layers as L
 from jpeft.core.arrays import is_concrete
 from jpeft.core import paths as P
@@ -188,4 +191,91 @@ def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
     )
 
 
-register("ia3", IA3Config, ia3)
+# -- Hugging Face PEFT format ------------------------------------------------------------------
+# PEFT key per target: ``<module>.ia3_l``, ``(d_out, 1)`` or ``(1, d_in)`` for a feed-forward one.
+
+def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext) -> tuple[Transform, Any]:
+    """A PEFT ``IA3`` adapter as ``(ia3(config), delta)`` with exactly PEFT's (feed-forward) targets."""
+    if cfg.get("fan_in_fan_out"):
+        raise F._refuse("fan_in_fan_out", cfg["fan_in_fan_out"])
+    F._check_fields(cfg, F._IA3_HANDLED)
+    label, mods = ctx.label, ctx.mods
+    assert mods is not None
+    modules = T._resolve_targets(cfg, mods, "(IA)³")
+    ff_cfg = cfg.get("feedforward_modules")
+    ff_list = T._as_list(ff_cfg) or []
+
+    def is_ff(name: str) -> bool:
+        if isinstance(ff_cfg, str):
+            return re.fullmatch(ff_cfg, name) is not None
+        return any(name.endswith(t) for t in ff_list)
+
+    flat_base = P.flatten(ctx.params)
+    flags: dict[str, bool] = {}
+    flat: dict[str, Any] = {}
+    for path in modules:
+        name = mods.name(path)
+        ff = is_ff(name)
+        value = PC.take(tensors, f"{PC.MODULE_KEY}{name}.{LEAF}", label, "(IA)³ vector")
+        d_in, d_out = np.shape(flat_base[f"{path}/kernel"])
+        want = (1, d_in) if ff else (d_out, 1)
+        if value.shape != want:
+            raise ValueError(f"{label}: {name}.ia3_l has shape {value.shape}, expected {want} "
+                             f"({'feed-forward: input' if ff else 'output'} scaling of a "
+                             f"({d_in}, {d_out}) kernel); is the base the right architecture?")
+        flat[f"{path}/{LEAF}"] = jnp.asarray(value.reshape(-1))
+        flags[path] = ff
+    PC.refuse_leftover(tensors, (f".{LEAF}",), label)
+    ff_paths = [p for p, f in flags.items() if f]
+    candidates = []  # PEFT's own list of suffixes first (readable), else every module by name
+    targets = cfg.get("target_modules")
+    if isinstance(targets, (list, tuple)) and not cfg.get("exclude_modules") and not isinstance(ff_cfg, str):
+        ff_regex = ("(?:" + "|".join(T._name_to_path_regex(t) for t in sorted(ff_list)) + ")$") if ff_list else ""
+        candidates.append(IA3Config(targets=PC.list_targets_regex(targets), feedforward=ff_regex))
+    candidates.append(IA3Config(targets=T._exact_regex(modules),
+                                feedforward=T._exact_regex(ff_paths) if ff_paths else ""))
+    for config in candidates:
+        try:
+            chosen = target_modules(config, ctx.params)
+        except (ValueError, P.NoMatchError):
+            continue
+        if chosen == flags:
+            return ia3(config), P.unflatten(flat)
+    raise AssertionError("unreachable: the explicit (IA)³ config reproduces the PEFT targets")
+
+
+def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dict[str, Any], dict[str, np.ndarray], P.Params]:
+    """An (IA)³ delta (without its head part) as PEFT's config fields and tensors; PEFT's
+    ``feedforward_modules`` must be entries of ``target_modules``, so both are suffix lists."""
+    mods, body = ctx.mods, P.flatten(delta)
+    assert mods is not None
+    modules = sorted(k[: -len(f"/{LEAF}")] for k in body if k.endswith(f"/{LEAF}"))
+    if not modules:
+        raise ValueError("save_peft_adapter: the (IA)³ delta scales no encoder module")
+    names = {m: mods.name(m) for m in modules}
+    ff = {names[m] for m in modules if is_feedforward(transform.config, m)}
+    universe = list(mods.by_name)
+    want = set(names.values())
+    chosen = None
+    for suffixes in T._suffix_candidates(list(want)):
+        selection = {"target_modules": suffixes, "modules_to_save": ["classifier"] if mods.prefix else []}
+        if {n for n in universe if T.peft_target_matches(selection, n)} != want:
+            continue
+        ff_entries = sorted({s for s in suffixes if any(n.endswith(s) for n in ff)})
+        if {n for n in want if any(n.endswith(s) for s in ff_entries)} == ff:
+            chosen = (suffixes, ff_entries)
+            break
+    if chosen is None:
+        raise ValueError("save_peft_adapter: PEFT's target rules cannot select exactly these (IA)³ "
+                         "targets and feed-forward targets")
+    tensors = {}
+    for m in modules:
+        v = PC.to_numpy(body[f"{m}/{LEAF}"])
+        tensors[f"{PC.MODULE_KEY}{names[m]}.{LEAF}"] = v.reshape((1, -1) if names[m] in ff else (-1, 1))
+    fields = {"peft_type": "IA3", "target_modules": chosen[0], "feedforward_modules": chosen[1],
+              "fan_in_fan_out": False, "init_ia3_weights": True}
+    return fields, tensors, ctx.params
+
+
+register("ia3", IA3Config, ia3,
+         peft=PC.PeftConverter(peft_type="IA3", layout="modules", load=_from_peft, save=_to_peft))

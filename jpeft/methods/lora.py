@@ -39,7 +39,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jpeft.checkpoint import peft_convert as PC
+from jpeft.checkpoint import peft_fields as F
+from jpeft.checkpoint import peft_targets as T
 from jpeft.core import layers as L
 from jpeft.core import paths as P
 from jpeft.core.capabilities import OptimizerGroups
@@ -265,4 +269,121 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
     )
 
 
-register("lora", LoraConfig, lora)
+# -- Hugging Face PEFT format ------------------------------------------------------------------
+# PEFT keys per target: ``<module>.lora_A.weight (r, d_in)``, ``.lora_B.weight (d_out, r)`` and,
+# with DoRA, ``.lora_magnitude_vector (d_out,)``; trained biases as ``<module>[.base_layer].bias``.
+
+def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext) -> tuple[Transform, Any]:
+    """A PEFT ``LORA`` adapter as ``(lora(config), delta)``; the config selects exactly PEFT's
+    targets with PEFT's per-module rank and alpha."""
+    for field in ("fan_in_fan_out", "lora_bias"):
+        if cfg.get(field):
+            raise F._refuse(field, cfg[field])
+    init = cfg.get("init_lora_weights", True)
+    if not any(init is ok or (isinstance(init, str) and init == ok) for ok in F._SAFE_LORA_INITS):
+        raise F._refuse("init_lora_weights", init,
+                        "this init rewrites the base weights (the adapter expects a modified base); "
+                        "re-save it with save_pretrained(..., path_initial_model_for_weight_conversion=...) "
+                        "to get a plain LoRA adapter")
+    F._check_fields(cfg, F._LORA_HANDLED, F._LORA_IGNORED)
+    bias = cfg.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise F._refuse("bias", bias)
+    r0, alpha0 = int(cfg["r"]), float(cfg.get("lora_alpha", 8))
+    use_rslora, use_dora = bool(cfg.get("use_rslora", False)), bool(cfg.get("use_dora", False))
+    label, mods = ctx.label, ctx.mods
+    assert mods is not None
+    modules = T._resolve_targets(cfg, mods, "LoRA")
+    flat_base = P.flatten(ctx.params)
+    flat: dict[str, Any] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for path in modules:
+        name = mods.name(path)
+        key = PC.MODULE_KEY + name
+        r = int(T._peft_pattern_value(cfg.get("rank_pattern") or {}, name, r0))
+        alphas[path] = float(T._peft_pattern_value(cfg.get("alpha_pattern") or {}, name, alpha0))
+        a = PC.take(tensors, f"{key}.lora_A.weight", label, "LoRA A")
+        b = PC.take(tensors, f"{key}.lora_B.weight", label, "LoRA B")
+        d_in, d_out = np.shape(flat_base[f"{path}/kernel"])
+        if a.shape != (r, d_in) or b.shape != (d_out, r):
+            raise ValueError(
+                f"{label}: {name}: lora_A {a.shape} / lora_B {b.shape} do not fit r={r} and the base "
+                f"kernel (d_in={d_in}, d_out={d_out}); expected ({r}, {d_in}) / ({d_out}, {r}). Is the "
+                "base the architecture the adapter was trained on?")
+        flat[f"{path}/lora_A"], flat[f"{path}/lora_B"] = jnp.asarray(a.T), jnp.asarray(b.T)
+        if use_dora:
+            m = PC.take(tensors, f"{key}.lora_magnitude_vector", label, "DoRA magnitude")
+            if m.shape != (d_out,):
+                raise ValueError(f"{label}: {name}.lora_magnitude_vector has shape {m.shape}, expected "
+                                 f"({d_out},) (one magnitude per output column); is the base the right "
+                                 "architecture?")
+            flat[f"{path}/{dora.MAGNITUDE}"] = jnp.asarray(m)
+        ranks[path] = r
+    PC.refuse_leftover(tensors, (".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_vector"), label)
+    common = {"r": r0, "alpha": alpha0, "dropout": float(cfg.get("lora_dropout") or 0.0),
+              "use_rslora": use_rslora, "bias": bias, "use_dora": use_dora,
+              "init": "gaussian" if init == "gaussian" else "kaiming",
+              "rank_pattern": PC.pattern_groups(ranks, r0, T._exact_regex),
+              "alpha_pattern": PC.pattern_groups(alphas, alpha0, T._exact_regex)}
+    candidates = []  # PEFT's own list of suffixes first (readable), else every module by name
+    targets = cfg.get("target_modules")
+    if isinstance(targets, (list, tuple)) and not cfg.get("exclude_modules"):
+        layers = cfg.get("layers_to_transform")
+        layers = tuple([layers] if isinstance(layers, int) else (layers or ()))
+        candidates.append({"targets": PC.list_targets_regex(targets), "layers": layers})
+    candidates.append({"targets": T._exact_regex(modules), "layers": ()})
+    for cand in candidates:
+        try:
+            config = LoraConfig(**common, **cand)
+            chosen = sorted(target_modules(config, ctx.params))
+        except (ValueError, P.NoMatchError):
+            continue
+        if chosen == modules and all(
+                rank_and_scale(config, p) == (r, alphas[p] / (math.sqrt(r) if use_rslora else r))
+                for p, r in ranks.items()):
+            return lora(config), P.unflatten(flat)
+    raise AssertionError("unreachable: the explicit LoRA config reproduces the PEFT targets")
+
+
+def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dict[str, Any], dict[str, np.ndarray], P.Params]:
+    """A LoRA delta (without its head part) as PEFT's config fields and tensors."""
+    config, mods, body = transform.config, ctx.mods, P.flatten(delta)
+    assert mods is not None
+    modules = sorted(k[: -len("/lora_A")] for k in body if k.endswith("/lora_A"))
+    if not modules:
+        raise ValueError("save_peft_adapter: the LoRA delta adapts no encoder module")
+    names = [mods.name(m) for m in modules]
+    selection = T._peft_targets_for(names, list(mods.by_name), ["classifier"] if mods.prefix else [])
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for path, name in zip(modules, names):
+        a, b = PC.to_numpy(body[f"{path}/lora_A"]), PC.to_numpy(body[f"{path}/lora_B"])
+        r, _ = rank_and_scale(config, path)
+        if a.shape[1] != r or b.shape[0] != r:
+            raise ValueError(f"save_peft_adapter: {path} has rank {a.shape[1]} but the config gives r={r}")
+        ranks[name], alphas[name] = r, float(_pattern_value(config.alpha_pattern, path, config.alpha))
+        tensors[f"{PC.MODULE_KEY}{name}.lora_A.weight"] = a.T
+        tensors[f"{PC.MODULE_KEY}{name}.lora_B.weight"] = b.T
+        if config.use_dora:
+            tensors[f"{PC.MODULE_KEY}{name}.lora_magnitude_vector"] = PC.to_numpy(body[f"{path}/{dora.MAGNITUDE}"])
+    flat = P.flatten(ctx.params)
+    for path in ctx.trained_base:  # trained biases (bias="all" / "lora_only")
+        module = path.rpartition("/")[0]
+        inner = ".base_layer" if module in set(modules) else ""
+        tensors[f"{PC.MODULE_KEY}{mods.name(module)}{inner}.bias"] = PC.to_numpy(flat[path])
+    fields = {
+        "peft_type": "LORA", "r": int(config.r), "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "use_rslora": bool(config.use_rslora), "bias": config.bias, "fan_in_fan_out": False,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "use_dora": bool(config.use_dora),
+        "rank_pattern": PC.pattern_groups(ranks, config.r, PC.torch_names_regex),
+        "alpha_pattern": PC.pattern_groups(alphas, config.alpha, PC.torch_names_regex),
+        "layers_pattern": None, **selection,
+    }
+    return fields, tensors, ctx.params
+
+
+register("lora", LoraConfig, lora,
+         peft=PC.PeftConverter(peft_type="LORA", layout="modules", load=_from_peft, save=_to_peft))

@@ -65,6 +65,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jpeft.checkpoint import peft_convert as PC
+from jpeft.checkpoint.peft_fields import _PREFIX_HANDLED
 from jpeft.core import paths as P
 from jpeft.core.capabilities import AddsTokens, AfterTraining
 from jpeft.core.registry import register
@@ -320,4 +322,48 @@ def prefix(config: PrefixConfig = PrefixConfig(), *, name: str = "prefix") -> Tr
     )
 
 
-register("prefix", PrefixConfig, prefix)
+# -- Hugging Face PEFT format ------------------------------------------------------------------
+# PEFT's ``prompt_embeddings (P, L·2·H)``: the prefix table after its projection. PEFT feeds it as
+# ``past_key_values``, so transformers numbers the real tokens from P (``peft_positions``).
+
+def _from_peft(cfg: dict[str, Any], tensors: dict[str, Any], ctx: PC.PeftContext) -> tuple[Transform, Any]:
+    """A PEFT ``PREFIX_TUNING`` adapter as a prefix with ``peft_positions=True``."""
+    info = ctx.model.info()
+    table = PC.read_prompts(cfg, tensors, ctx, _PREFIX_HANDLED, info.num_layers * 2 * info.hidden_size,
+                            "layers·2·hidden")
+    config = PrefixConfig(num_virtual_tokens=int(cfg["num_virtual_tokens"]),
+                          projection=bool(cfg.get("prefix_projection", False)),
+                          projection_hidden=int(cfg.get("encoder_hidden_size") or info.hidden_size),
+                          peft_positions=True, init="zero" if cfg.get("init_weights") == "zero" else "normal")
+    return prefix(config), {"prefix": jnp.asarray(table)}
+
+
+def to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dict[str, Any], dict[str, Any], P.Params]:
+    """A prefix (or P-tuning v2: ``transform.config.to_prefix()``) as PEFT's ``PREFIX_TUNING``;
+    only a prefix on every layer trained with ``peft_positions=True`` computes PEFT's logits."""
+    config = transform.config
+    config = config if isinstance(config, PrefixConfig) else config.to_prefix()
+    k = config.num_virtual_tokens
+    if config.layers:
+        raise ValueError(f"save_peft_adapter: a prefix on layers {list(config.layers)} only cannot be "
+                         "written: PEFT's prefix tuning covers every layer")
+    if not config.peft_positions:
+        raise ValueError(
+            "save_peft_adapter: PEFT runs a prefix through past_key_values, and transformers then "
+            f"numbers the input positions from num_virtual_tokens={k}; this jpeft prefix was "
+            "trained with positions from 0, so PEFT would compute other logits. Train with "
+            "peft_positions=True (--prefix.peft_positions=true) to export to PEFT, or keep this "
+            "one as a jpeft adapter (jpeft.checkpoint.export.save_adapter).")
+    fields = PC.prompt_fields(k, ctx)
+    width = fields["num_layers"] * 2 * fields["token_dim"]
+    table = project(delta)
+    if table.shape != (k, width):
+        raise ValueError(f"save_peft_adapter: prefix table {table.shape} != ({k}, {width})")
+    fields = {"peft_type": "PREFIX_TUNING", "prefix_projection": bool(config.projection),
+              "encoder_hidden_size": config.projection_hidden if config.projection else fields["token_dim"],
+              **fields}
+    return fields, PC.prompt_tensors(table, k), ctx.params
+
+
+register("prefix", PrefixConfig, prefix,
+         peft=PC.PeftConverter(peft_type="PREFIX_TUNING", layout="prompt", load=_from_peft, save=to_peft))

@@ -54,6 +54,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jpeft.checkpoint import peft_convert as PC
+from jpeft.checkpoint.peft_fields import _PROMPT_TUNING_HANDLED
 from jpeft.core import paths as P
 from jpeft.core.capabilities import AddsTokens
 from jpeft.core.registry import register
@@ -248,4 +250,20 @@ def prompt(config: PromptConfig = PromptConfig(), *, name: str = "prompt") -> Tr
     )
 
 
-register("prompt", PromptConfig, prompt, prepare=with_text_ids)
+# -- Hugging Face PEFT format ------------------------------------------------------------------
+
+def _from_peft(cfg: dict[str, Any], tensors: dict[str, Any], ctx: PC.PeftContext) -> tuple[Transform, Any]:
+    """A PEFT ``PROMPT_TUNING`` adapter: its ``prompt_embeddings (P, H)`` is the delta's prompt."""
+    hidden = ctx.model.info().hidden_size
+    table = PC.read_prompts(cfg, tensors, ctx, _PROMPT_TUNING_HANDLED, hidden, "hidden")
+    return prompt(PromptConfig(num_virtual_tokens=int(cfg["num_virtual_tokens"]))), {LABEL: jnp.asarray(table)}
+
+
+def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dict[str, Any], dict[str, Any], P.Params]:
+    k = transform.config.num_virtual_tokens
+    fields = {"peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM", **PC.prompt_fields(k, ctx)}
+    return fields, PC.prompt_tensors(delta[LABEL], k), ctx.params
+
+
+register("prompt", PromptConfig, prompt, prepare=with_text_ids,
+         peft=PC.PeftConverter(peft_type="PROMPT_TUNING", layout="prompt", load=_from_peft, save=_to_peft))

@@ -50,6 +50,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jpeft.checkpoint import peft_convert as PC
+from jpeft.checkpoint.peft_fields import _PTUNING_HANDLED, _refuse
 from jpeft.core import paths as P
 from jpeft.core.dropout import dropout as apply_dropout
 from jpeft.core.capabilities import AddsTokens, AfterTraining
@@ -246,4 +248,33 @@ def ptuning(config: PTuningConfig = PTuningConfig(), *, name: str = "ptuning") -
     )
 
 
-register("ptuning", PTuningConfig, ptuning)
+# -- Hugging Face PEFT format ------------------------------------------------------------------
+# PEFT saves P-tuning's prompts after its encoder: the finalized delta (``prompt`` alone).
+
+def _from_peft(cfg: dict[str, Any], tensors: dict[str, Any], ctx: PC.PeftContext) -> tuple[Transform, Any]:
+    """A PEFT ``P_TUNING`` adapter as the finalized P-tuning delta ``{"prompt": (P, H)}``."""
+    hidden = ctx.model.info().hidden_size
+    table = PC.read_prompts(cfg, tensors, ctx, _PTUNING_HANDLED, hidden, "hidden")
+    kind = str(cfg.get("encoder_reparameterization_type") or "MLP").lower()
+    if kind not in ("mlp", "lstm"):
+        raise _refuse("encoder_reparameterization_type", cfg.get("encoder_reparameterization_type"))
+    encoder_hidden = cfg.get("encoder_hidden_size")
+    lstm = kind == "lstm"
+    config = PTuningConfig(num_virtual_tokens=int(cfg["num_virtual_tokens"]), encoder=kind,
+                           encoder_hidden=int(encoder_hidden) if encoder_hidden else None,
+                           encoder_num_layers=int(cfg.get("encoder_num_layers") or 2) if lstm else 2,
+                           encoder_dropout=float(cfg.get("encoder_dropout") or 0.0) if lstm else 0.0)
+    return ptuning(config), {LABEL: jnp.asarray(table)}
+
+
+def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dict[str, Any], dict[str, Any], P.Params]:
+    config = transform.config
+    fields = {"peft_type": "P_TUNING", "encoder_reparameterization_type": config.encoder.upper(),
+              "encoder_hidden_size": config.encoder_hidden or PC.encoder_width(ctx.params),
+              "encoder_num_layers": config.encoder_num_layers, "encoder_dropout": config.encoder_dropout,
+              **PC.prompt_fields(config.num_virtual_tokens, ctx)}
+    return fields, PC.prompt_tensors(encode(delta), config.num_virtual_tokens), ctx.params
+
+
+register("ptuning", PTuningConfig, ptuning,
+         peft=PC.PeftConverter(peft_type="P_TUNING", layout="prompt", load=_from_peft, save=_to_peft))

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from jpeft.checkpoint.peft_convert import PeftConverter
 from jpeft.core.registry import register
 from jpeft.core.transform import Transform
 from jpeft.methods.prefix import PrefixConfig, prefix, validate_prompt_fields
+from jpeft.methods.prefix import to_peft as prefix_to_peft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,4 +67,6 @@ def ptuning2(config: PTuningV2Config = PTuningV2Config(), *, name: str = "ptunin
     return dataclasses.replace(prefix(config.to_prefix(), name=name), config=config)
 
 
-register("ptuning2", PTuningV2Config, ptuning2)
+# PEFT has no P-tuning v2 type: it is written as PREFIX_TUNING (and reads back as a prefix).
+register("ptuning2", PTuningV2Config, ptuning2,
+         peft=PeftConverter(peft_type=None, layout="prompt", load=None, save=prefix_to_peft))

@@ -1,0 +1,169 @@
+"""The contract between :mod:`~jpeft.checkpoint.hf_peft` and a method's Hugging Face PEFT
+converter, and the helpers converters share.
+
+A method that has a PEFT equivalent registers a :class:`PeftConverter` beside itself
+(``register("lora", LoraConfig, lora, peft=PeftConverter(...))`` at the end of its file);
+``load_peft_adapter`` and ``save_peft_adapter`` find it by the folder's ``peft_type`` or by the
+transform's config class and hold no method-specific code. The converter receives the adapter's
+config and tensors (or the jpeft delta) and a :class:`PeftContext` with the model's module naming;
+the folder I/O, the head (``modules_to_save``) and trained biases are handled by ``hf_peft``.
+
+Two layouts exist in PEFT: ``"modules"`` (LoRA, (IA)³: tensors per targeted module under
+``base_model.model.<module>``) and ``"prompt"`` (prompt learning: one ``prompt_embeddings``
+tensor, the head under ``base_model.``, sequence classification only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+from jpeft.checkpoint.peft_fields import ADAPTER_CONFIG
+from jpeft.checkpoint.peft_naming import _Modules
+from jpeft.checkpoint.peft_targets import _name_to_path_regex
+from jpeft.core import paths as P
+from jpeft.core.transform import Transform
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODULE_KEY = "base_model.model."  # tensors of the "modules" layout: MODULE_KEY + torch module name
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftContext:
+    """What a converter may read besides the adapter itself.
+
+    ``label``: the folder, for error messages. ``mods``: jpeft module paths <-> PyTorch module
+    names of this model (``None`` for the "prompt" layout). ``params``: on load the base, on save
+    the model's parameters (with the trained head). ``model``: the jpeft model (may be ``None``
+    on save). ``trained_base``: on save, the base leaves the transform trains besides the head
+    (LoRA's ``bias="all"``).
+    """
+
+    label: str
+    mods: _Modules | None
+    params: P.Params
+    model: Any = None
+    trained_base: Sequence[str] = ()
+
+
+LoadFn = Callable[[dict[str, Any], dict[str, np.ndarray], PeftContext], tuple[Transform, Any]]
+SaveFn = Callable[[Transform, Any, PeftContext], tuple[dict[str, Any], dict[str, np.ndarray], P.Params]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConverter:
+    """A method's Hugging Face PEFT format, both ways.
+
+    ``peft_type``: the ``peft_type`` it reads (``None``: it only writes, e.g. P-tuning v2 writes
+    PEFT's ``PREFIX_TUNING``, which reads back as prefix tuning). ``layout``: ``"modules"`` or
+    ``"prompt"`` (see the module docstring). ``load(adapter_config, tensors, ctx) ->
+    (transform, delta)`` pops the tensors it uses (``hf_peft`` puts the rest into the base:
+    head, biases) and raises ``ValueError`` naming the field for anything it cannot represent
+    exactly. ``save(transform, delta, ctx) -> (adapter_config fields, tensors, params)`` returns
+    the method's config fields and tensors (keys as PEFT names them) and ``params`` with whatever
+    it folded in (a LoRA on the head is merged, PEFT trains the head whole).
+    """
+
+    peft_type: str | None
+    layout: Literal["modules", "prompt"]
+    load: LoadFn | None
+    save: SaveFn
+
+
+def take(tensors: dict[str, np.ndarray], key: str, label: str, what: str) -> np.ndarray:
+    """Pop ``tensors[key]``; a missing key is a mismatch between the adapter and this base."""
+    if key not in tensors:
+        raise ValueError(f"{label}: {ADAPTER_WEIGHTS} lacks {key!r} ({what}); the adapter does not "
+                         "match its config on this base — is it the architecture it was trained on?")
+    return tensors.pop(key)
+
+
+def refuse_leftover(tensors: Mapping[str, np.ndarray], markers: Sequence[str], label: str) -> None:
+    """Refuse method tensors (keys containing a marker) for modules the config does not target."""
+    extra = [k for k in tensors if any(m in k for m in markers)]
+    if extra:
+        raise ValueError(f"{label}: adapter tensors for modules its config does not target on this "
+                         f"base: {sorted(extra)[:10]}; is the base the architecture it was trained on?")
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A float32 host copy of a delta leaf."""
+    return np.asarray(jax.device_get(x), np.float32)
+
+
+def list_targets_regex(targets: Iterable[str]) -> str:
+    """The jpeft path regex selecting what PEFT's list ``target_modules`` selects (suffix match)."""
+    return "(?:^|/)(?:" + "|".join(_name_to_path_regex(t) for t in sorted(targets)) + ")$"
+
+
+def pattern_groups(values: Mapping[str, Any], default: Any, key: Callable[[list[str]], str]) -> dict[str, Any]:
+    """``{key(names): value}`` for the names whose value differs from ``default`` (PEFT's and
+    jpeft's ``rank_pattern``/``alpha_pattern``: one regex per distinct value)."""
+    groups: dict[Any, list[str]] = {}
+    for name, value in values.items():
+        if value != default:
+            groups.setdefault(value, []).append(name)
+    return {key(sorted(names)): value for value, names in groups.items()}
+
+
+def torch_names_regex(names: Sequence[str]) -> str:
+    """A PEFT pattern key matching exactly these module names."""
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def read_prompts(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PeftContext,
+                 handled: Iterable[str], width: int, what: str) -> np.ndarray:
+    """The checks every prompt-learning adapter shares, then its ``prompt_embeddings``
+    ``(num_virtual_tokens, width)`` (``what`` names the width in the error)."""
+    from jpeft.checkpoint.peft_fields import _check_fields, _refuse
+
+    _check_fields(cfg, handled)
+    subs = cfg.get("num_transformer_submodules") or 1
+    if subs != 1:
+        raise _refuse("num_transformer_submodules", subs, "an encoder has one transformer stack")
+    info = ctx.model.info()
+    expect = {"token_dim": info.hidden_size, "num_layers": info.num_layers,
+              "num_attention_heads": info.num_heads}
+    for field, want in expect.items():
+        got = cfg.get(field)
+        if got is not None and int(got) != want:
+            raise ValueError(f"{ctx.label}: {ADAPTER_CONFIG} has {field}={got} but the model has {want}; "
+                             "is the base the architecture the adapter was trained on?")
+    k = int(cfg["num_virtual_tokens"])
+    prompts = take(tensors, "prompt_embeddings", ctx.label, "the prompts")
+    if prompts.shape != (k, width):
+        raise ValueError(f"{ctx.label}: prompt_embeddings has shape {prompts.shape}, expected "
+                         f"({k}, {width}) = (num_virtual_tokens, {what})")
+    return prompts
+
+
+def prompt_fields(num_virtual_tokens: int, ctx: PeftContext) -> dict[str, Any]:
+    """The config fields every prompt-learning adapter writes, read off the parameters."""
+    flat = P.flatten(ctx.params)
+    layers = {m.group(1) for p in flat for m in [re.match(r"encoder/layer_(\d+)/", p)] if m}
+    return {"num_virtual_tokens": num_virtual_tokens, "token_dim": encoder_width(ctx.params),
+            "num_layers": len(layers), "num_transformer_submodules": 1,
+            "num_attention_heads": int(ctx.model.config.num_attention_heads) if ctx.model is not None else None}
+
+
+def encoder_width(params: P.Params) -> int:
+    """The hidden size of a BERT-family parameter tree (its word embeddings' width)."""
+    return int(np.shape(P.flatten(params)["embeddings/word_embeddings/embedding"])[1])
+
+
+def prompt_tensors(table: Any, num_virtual_tokens: int) -> dict[str, np.ndarray]:
+    """``{"prompt_embeddings": table}``, refusing a table with another number of rows."""
+    table = to_numpy(table)
+    if table.shape[0] != num_virtual_tokens:
+        raise ValueError(f"save_peft_adapter: {table.shape[0]} prompts but num_virtual_tokens={num_virtual_tokens}")
+    return {"prompt_embeddings": table}
+
+
+__all__ = ["ADAPTER_WEIGHTS", "MODULE_KEY", "PeftContext", "PeftConverter", "encoder_width",
+           "list_targets_regex", "pattern_groups", "prompt_fields", "prompt_tensors", "read_prompts",
+           "refuse_leftover", "take", "to_numpy", "torch_names_regex"]
