@@ -36,7 +36,7 @@ CONFIGS = {
     "houlsby": AdapterConfig(size=4, init_scale=0.3),
     "diff_pruning": DiffPruningConfig(),
 }
-SPECS = ["lora", "ia3", "prefix", "prompt", "houlsby", "ptuning2", "lora+bitfit", "houlsby+ia3",
+SPECS = ["lora", "prefix", "prompt", "ptuning2", "lora+bitfit", "houlsby+ia3",
          "diff_pruning"]
 
 _tiny = functools.lru_cache(maxsize=None)(tiny_bert)
@@ -89,7 +89,7 @@ def _task_loss(logits, labels, weights):
     return (losses * weights).sum() / weights.sum()
 
 
-@pytest.mark.parametrize("spec", ["lora", "prefix", "prompt", "ia3", "houlsby"])
+@pytest.mark.parametrize("spec", ["lora", "prompt"])  # a weight interceptor and a tap
 def test_each_delta_gets_gradients_only_from_its_examples(spec):
     model, base, inner, method, delta = _trained_bank(spec)
     batch = _mixed(b=6)

@@ -1,5 +1,5 @@
 """Rematerialisation (``config.remat``): the same loss and gradients as without it, for every
-method and some compositions, on a tiny BERT in training mode (dropout on), and on tiny
+kind of method hook (single methods and compositions), on a tiny BERT in training mode (dropout on), and on tiny
 Llama/GPT-2 configs; and fewer saved activations (less temporary memory on GPU/TPU) for a
 deeper model.
 
@@ -31,9 +31,12 @@ from tests.helpers import perturb, tiny_batch, tiny_bert
 GRAD_TOL = 5e-6
 LOSS_TOL = 1e-6
 
-METHODS = ["full", "lora", "houlsby", "pfeiffer", "ia3", "prompt", "ptuning", "prefix", "ptuning2",
-           "bitfit", "freeze", "diff_pruning"]
-COMPOSITIONS = ["lora+bitfit", "prefix+lora", "houlsby+ia3", "prompt+lora+ia3"]
+# Remat wraps the layers, so what matters is the kind of hook traced inside them: weight
+# interceptors (lora, ia3), taps in attention (prefix), at the embeddings (prompt), adapter taps
+# (houlsby, pfeiffer), trained base leaves (full, freeze, bitfit) and an encoder outside the
+# layers with its own dropout (ptuning). Each kind is covered once.
+METHODS = ["full", "ptuning", "freeze"]
+COMPOSITIONS = ["prefix+lora", "houlsby+ia3", "prompt+lora+ia3", "pfeiffer+bitfit"]
 
 
 def _remat(model):
