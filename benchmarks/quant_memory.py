@@ -1,17 +1,20 @@
-"""Argument bytes per device of the LoRA train step over a float32, bfloat16, int8 or nf4 frozen
-base (``--base-dtype``), for SmolLM2-135M and a ~1B-parameter Llama (Llama-3.2-1B's shapes),
-random weights, FSDP 1, 2, 4, 8 on 8 forced CPU devices. Nothing is run and no weight is
-allocated: the parameters are abstract (``jax.eval_shape``, the quantized base too). The
-argument bytes are the shard sizes of every argument under the step's input shardings, which is
-what XLA reports as ``argument_size_in_bytes``; ``--compile`` names configurations whose step is
-also lowered and compiled (compile-only ``memory_analysis()``: argument and temp bytes) to check
-it (several minutes each on a 2-core machine, hence not all 32).
+"""Argument bytes per device of the LoRA train step over a float32, bfloat16, int8, nf4 or nf4-dq
+(nf4 with double-quantized scales) frozen base (``--base-dtype``), for SmolLM2-135M and a
+~1B-parameter Llama (Llama-3.2-1B's shapes), random weights, FSDP 1, 2, 4, 8 on 8 forced CPU
+devices. Nothing is run and no weight is allocated: the parameters are abstract
+(``jax.eval_shape``, the quantized base too). The argument bytes are the shard sizes of every
+argument under the step's input shardings, which is what XLA reports as
+``argument_size_in_bytes``; ``--compile`` names configurations whose step is also lowered and
+compiled (compile-only ``memory_analysis()``: argument and temp bytes) to check it (several
+minutes each on a 2-core machine, hence not all 40).
 
     python -m benchmarks.quant_memory                          # both models, every configuration
     python -m benchmarks.quant_memory --models=smollm2 --fsdp=1,8
+    python -m benchmarks.quant_memory --base-dtype=nf4-dq --compile=smollm2:nf4-dq:8 --update
 
 Arguments are the train state (LoRA delta, AdamW moments: float32), the frozen base and the
-batch; the frozen base's share is reported too. Writes ``benchmarks/results/quant_memory.{json,md}``.
+batch; the frozen base's share is reported too. Writes ``benchmarks/results/quant_memory.{json,md}``;
+``--update`` keeps the rows of the existing JSON that this run does not measure again.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ MODELS = {
                                  num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                                  tie_word_embeddings=True, rope_theta=500000.0),
 }
-DTYPES = ("float32", "bfloat16", "int8", "nf4")
+DTYPES = ("float32", "bfloat16", "int8", "nf4", "nf4-dq")
 
 
 def abstract_llama_trainer(config: llama.LlamaConfig, base_dtype: str) -> tuple[Any, Any, Any]:
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", default="smollm2:float32:8,smollm2:nf4:8,smollm2:int8:2",
                         help="model:dtype:fsdp configurations also compiled (minutes each on 2 cores)")
     parser.add_argument("--output", default=str(RESULTS / "quant_memory.json"))
+    parser.add_argument("--update", action="store_true",
+                        help="merge into --output: keep its rows for the configurations not measured now")
     args = parser.parse_args(argv)
     if jax.device_count() != MS.DEVICES:
         raise SystemExit(f"needs {MS.DEVICES} devices, found {jax.device_count()}: run it as "
@@ -167,18 +172,33 @@ def main(argv: list[str] | None = None) -> int:
                               f"{name}:{dtype}:{fsdp}" in args.compile.split(","))
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
+    out = Path(args.output)
+    command = "python -m benchmarks.quant_memory " + " ".join(argv if argv is not None else sys.argv[1:])
+    earlier = []
+    if args.update and out.is_file():
+        old = json.loads(out.read_text())
+        if old["batch"] != [args.batch, args.seq]:
+            raise SystemExit(f"--update: {out} was measured at batch {old['batch']}, this run at "
+                             f"{[args.batch, args.seq]}; rerun every configuration without --update")
+        params = {**old["params"], **params}
+        earlier = [*old.get("earlier_commands", []), old["command"]]
+        now = {(r["model"], r["base_dtype"], r["fsdp"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["model"], r["base_dtype"], r["fsdp"]) not in now] + rows
+        order = {k: i for i, k in enumerate([*MODELS, *DTYPES])}
+        rows.sort(key=lambda r: (order.get(r["model"], 99), order.get(r["base_dtype"], 99), r["fsdp"]))
     meta = {"batch": [args.batch, args.seq], "cpu": cpu_model(), "params": params}
     table = markdown(rows, meta)
     print(table)
     result = {
-        "command": "python -m benchmarks.quant_memory " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "machine": {"cpu": meta["cpu"], "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
                     "devices": MS.DEVICES},
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
                      "flax": __import__("flax").__version__},
         "params": params, "batch": meta["batch"], "rows": rows, "table": table,
     }
-    out = Path(args.output)
+    if earlier:  # the kept rows come from these runs
+        result["earlier_commands"] = earlier
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text("# Quantized base: argument bytes per device\n\n" + table + "\n")

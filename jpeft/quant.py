@@ -1,4 +1,5 @@
-"""A quantized frozen base (QLoRA-style): int8 per output channel and 4-bit NormalFloat.
+"""A quantized frozen base (QLoRA-style): int8 per output channel and 4-bit NormalFloat, with or
+without double quantization of its scales.
 
 The matmul kernels of the frozen base are stored as :class:`QuantizedArray` leaves (codes +
 scales, a registered pytree, so it is jitted, sharded and donated like any array) and every
@@ -17,8 +18,18 @@ Formats (``W`` a kernel ``(…, K, N)``: ``K`` inputs, ``N`` outputs, as Flax st
   the flattened PyTorch ``(out, in)`` weight), ``a_b = max |W| over the block``,
   ``code = argmin_i |W/a_b - q_i|`` over the 16 levels ``q_i``, two codes packed per ``uint8``;
   ``|W - a_b·q_code| ≤ a_b · max_i (q_{i+1} - q_i) / 2``. Needs ``K`` divisible by 64 and
-  ``N`` even. Double quantization of the scales is not implemented (scales are float32:
-  0.5 bit per weight).
+  ``N`` even. Scales float32: 4 + 32/64 = 4.5 bits per weight.
+* ``nf4-dq``: ``nf4`` with QLoRA's double quantization (§3; bitsandbytes
+  ``compress_statistics=True``): the codes are ``nf4``'s (from the float32 ``a_b``); the scales
+  are stored quantized. ``μ = mean_b a_b`` per kernel is subtracted, the centred scales
+  ``a_b - μ`` are taken in bitsandbytes' order (the ``(out, in)`` weight's blocks: output-major)
+  in blocks of 256, and each block ``j`` is int8 absmax-quantized, ``t_j = max |a_b - μ| / 127``,
+  ``c_b = round((a_b - μ) / t_j)``; stored: ``c_b`` int8, ``t_j`` and ``μ`` float32, so
+  ``â_b = μ + t_j·c_b`` with ``|a_b - â_b| ≤ t_j / 2`` (QLoRA's FP8 and bitsandbytes' dynamic
+  8-bit code are replaced by linear int8). With ``|q_i| ≤ 1``:
+  ``|W - â_b·q_code| ≤ a_b·gap/2 + |a_b - â_b| ≤ (â_b + t_j/2)·gap/2 + t_j/2`` (``gap`` the
+  largest NF4 gap). Bits per weight: 4 + 8/64 + 32/(64·256) ≈ 4.127 (plus 32 bits of ``μ``
+  per kernel).
 
 Which leaves: the ``kernel`` leaves (2-D or more) that are not trained (the task head, a
 method's trained base leaves) and not rewritten by the method's ``adapt_params`` (BitFit's
@@ -31,7 +42,7 @@ A quantized leaf refuses arithmetic: merging a delta into it (``jpeft.merge``) r
 Example::
 
     method = jpeft.lora(jpeft.LoraConfig(r=2))
-    qbase = jpeft.quantize_base(base, "int8", transform=method, info=model.info())  # or "nf4"
+    qbase = jpeft.quantize_base(base, "int8", transform=method, info=model.info())  # nf4, nf4-dq
     delta = method.init(key, qbase, model.info())
     logits = jpeft.apply(model, method, qbase, delta, ids, mask)
 """
@@ -52,8 +63,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jpeft.core import paths as P
 
-FORMATS = ("int8", "nf4")
+FORMATS = ("int8", "nf4", "nf4-dq")
+NF4_FORMATS = ("nf4", "nf4-dq")  # 4-bit codes in blocks of 64 inputs
 NF4_BLOCK = 64
+DQ_BLOCK = 256  # scales per block of the second quantization (nf4-dq)
 INT8_MAX = 127
 NF4_LEVELS = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -70,21 +83,38 @@ class QuantizedBaseError(TypeError):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class QuantizedScales:
+    """The block absmax of an ``nf4-dq`` kernel, quantized again (QLoRA's double quantization).
+
+    Attributes:
+      codes: ``int8 (…, K/64, N)``, ``c_b = round((a_b - μ) / t_j)``.
+      scales: ``float32 (…, ceil(K/64·N / 256))``, ``t_j``: the absmax / 127 of each block of 256
+        centred scales, in bitsandbytes' order (output-major; the last block may be partial).
+      mean: ``float32 (…, 1, 1)``, ``μ``: the mean of the kernel's block absmax.
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    mean: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class QuantizedArray:
     """A frozen quantized kernel: ``codes`` and ``scales`` (pytree children) with the format
     and the dtype it dequantizes to (static).
 
     Attributes:
       codes: ``int8 (…, K, N)`` (int8), or ``uint8 (…, K, N/2)`` two NF4 codes per byte (the
-        even output in the high nibble).
-      scales: ``float32 (…, 1, N)`` per output channel (int8), or ``(…, K/64, N)`` block absmax
-        (nf4).
-      format: ``"int8"`` or ``"nf4"``.
+        even output in the high nibble; nf4, nf4-dq).
+      scales: ``float32 (…, 1, N)`` per output channel (int8), ``(…, K/64, N)`` block absmax
+        (nf4), or those absmax double-quantized, a :class:`QuantizedScales` (nf4-dq).
+      format: ``"int8"``, ``"nf4"`` or ``"nf4-dq"``.
       dtype: the dtype :meth:`dequantize` returns (the float base's).
     """
 
     codes: jax.Array
-    scales: jax.Array
+    scales: jax.Array | QuantizedScales
     format: str = dataclasses.field(metadata={"static": True})
     dtype: str = dataclasses.field(default="float32", metadata={"static": True})
 
@@ -92,7 +122,7 @@ class QuantizedArray:
     def shape(self) -> tuple[int, ...]:
         """The shape of the dequantized kernel."""
         *lead, n = self.codes.shape
-        return (*lead, n * 2) if self.format == "nf4" else (*lead, n)
+        return (*lead, n * 2) if self.format in NF4_FORMATS else (*lead, n)
 
     @property
     def ndim(self) -> int:
@@ -116,7 +146,7 @@ class QuantizedArray:
             f"this base weight is quantized ({self.format}, shape {self.shape}); jpeft computes with "
             "it only inside the nn.Dense layer that holds it, never as an array (merging a delta "
             "into it, rewriting or reading it). Merge into the float base instead (load the model "
-            "without --base-dtype=int8/nf4, or jpeft.dequantize_base(base)) or keep the delta "
+            "without --base-dtype=int8/nf4/nf4-dq, or jpeft.dequantize_base(base)) or keep the delta "
             "unmerged (jpeft.apply); a method that rewrites or reads base weights needs a float "
             "base (--base-dtype=float32 or bfloat16; jpeft.quantize_base(..., transform=method) "
             "keeps the weights the method rewrites float).")
@@ -141,15 +171,58 @@ def check_format(fmt: str) -> None:
         raise ValueError(f"quantization format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
+def _absmax_int8(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 along ``axis``: ``(codes, s)``, ``s = max |x| / 127`` (kept dims),
+    ``codes = round(x / s) ∈ [-127, 127]``; ``|x - s·codes| ≤ s / 2``."""
+    scale = jnp.max(jnp.abs(x), axis=axis, keepdims=True) / INT8_MAX
+    codes = jnp.clip(jnp.round(x / jnp.where(scale == 0, 1.0, scale)), -INT8_MAX, INT8_MAX)
+    return codes.astype(jnp.int8), scale
+
+
+def _dq_order(x: jax.Array) -> jax.Array:
+    """``(…, K/64, N) -> (…, N·K/64)``: per-block values in bitsandbytes' order (output-major)."""
+    return jnp.swapaxes(x, -1, -2).reshape(*x.shape[:-2], -1)
+
+
+def _per_scale(t: jax.Array, blocks: tuple[int, int]) -> jax.Array:
+    """The second-level ``t (…, ceil(M/256))`` repeated to every scale: ``(…, K/64, N)``."""
+    kb, n = blocks
+    flat = jnp.repeat(t, DQ_BLOCK, axis=-1, total_repeat_length=kb * n)
+    return jnp.swapaxes(flat.reshape(*t.shape[:-1], n, kb), -1, -2)
+
+
+def quantize_scales(absmax: jax.Array) -> QuantizedScales:
+    """Double quantization of NF4's block absmax ``(…, K/64, N)`` (see ``nf4-dq`` in the module
+    docstring): the kernel's mean subtracted, int8 absmax per block of 256 in bitsandbytes'
+    order."""
+    chex.assert_rank(absmax, {*range(2, 8)})
+    *lead, kb, n = absmax.shape
+    mean = jnp.mean(absmax, axis=(-2, -1), keepdims=True)
+    flat = _dq_order(absmax - mean)
+    pad = -flat.shape[-1] % DQ_BLOCK  # the last block is partial: padded with zeros
+    blocks = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, -1, DQ_BLOCK)
+    codes, scale = _absmax_int8(blocks, axis=-1)
+    codes = codes.reshape(*lead, -1)[..., :kb * n].reshape(*lead, n, kb)
+    return QuantizedScales(jnp.swapaxes(codes, -1, -2), scale[..., 0], mean)
+
+
+def dequantize_scales(s: QuantizedScales) -> jax.Array:
+    """``â_b = μ + t_j·c_b``, float32 ``(…, K/64, N)``."""
+    return s.codes.astype(jnp.float32) * _per_scale(s.scales, s.codes.shape[-2:]) + s.mean
+
+
+def block_scales(q: QuantizedArray) -> jax.Array:
+    """The float32 scales ``q`` dequantizes with (nf4-dq: the dequantized absmax ``â_b``)."""
+    return dequantize_scales(q.scales) if q.format == "nf4-dq" else q.scales
+
+
 def quantize(w: jax.Array, fmt: str) -> QuantizedArray:
     """Quantize a kernel ``w (…, K, N)`` (see the module docstring for the formats)."""
     check_format(fmt)
     chex.assert_rank(w, {*range(2, 8)})
     w32 = jnp.asarray(w, jnp.float32)
     if fmt == "int8":
-        scale = jnp.max(jnp.abs(w32), axis=-2, keepdims=True) / INT8_MAX
-        safe = jnp.where(scale == 0, 1.0, scale)
-        codes = jnp.clip(jnp.round(w32 / safe), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+        codes, scale = _absmax_int8(w32, axis=-2)
         return QuantizedArray(codes, scale, "int8", jnp.dtype(w.dtype).name)
     *lead, k, n = w32.shape
     if k % NF4_BLOCK or n % 2:
@@ -161,7 +234,8 @@ def quantize(w: jax.Array, fmt: str) -> QuantizedArray:
     midpoints = jnp.asarray((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2)
     codes = jnp.searchsorted(midpoints, normed.reshape(*lead, k, n)).astype(jnp.uint8)  # nearest level
     packed = (codes[..., 0::2] << 4) | codes[..., 1::2]
-    return QuantizedArray(packed, absmax, "nf4", jnp.dtype(w.dtype).name)
+    scales = quantize_scales(absmax) if fmt == "nf4-dq" else absmax
+    return QuantizedArray(packed, scales, fmt, jnp.dtype(w.dtype).name)
 
 
 def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
@@ -172,15 +246,21 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     *lead, k, half = q.codes.shape
     codes = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(*lead, k, 2 * half)
     values = jnp.asarray(NF4_LEVELS)[codes.astype(jnp.int32)]
-    blocks = values.reshape(*lead, k // NF4_BLOCK, NF4_BLOCK, 2 * half) * q.scales[..., None, :]
+    scales = block_scales(q)[..., None, :]
+    blocks = values.reshape(*lead, k // NF4_BLOCK, NF4_BLOCK, 2 * half) * scales
     return blocks.reshape(*lead, k, 2 * half).astype(dtype)
 
 
 def error_bound(q: QuantizedArray) -> jax.Array:
-    """The largest ``|W - dequantize(q)|`` the format allows, per element ``(…, K, N)``."""
+    """The largest ``|W - dequantize(q)|`` the format allows, per element ``(…, K, N)``: int8
+    ``s_n/2``; nf4 ``a_b·gap/2``; nf4-dq ``(â_b + t_j/2)·gap/2 + t_j/2``."""
     if q.format == "int8":
         return jnp.broadcast_to(q.scales / 2, q.shape)
-    bound = q.scales * (NF4_MAX_GAP / 2)
+    if q.format == "nf4":
+        bound = q.scales * (NF4_MAX_GAP / 2)
+    else:  # a_b ≤ â_b + t_j/2 in the 4-bit error, plus |q_i| ≤ 1 times |a_b - â_b| ≤ t_j/2
+        half_t = _per_scale(q.scales.scales, q.scales.codes.shape[-2:]) / 2
+        bound = (dequantize_scales(q.scales) + half_t) * (NF4_MAX_GAP / 2) + half_t
     return jnp.repeat(bound, NF4_BLOCK, axis=-2)
 
 
@@ -219,7 +299,8 @@ def _dense_paths(info: Any) -> set[str] | None:
 
 def quantize_base(base: P.Params, fmt: str, *, keep: Iterable[str] = (), transform: Any = None,
                   info: Any = None, skip: str = SKIP_DEFAULT) -> dict[str, Any]:
-    """``base`` with its frozen matmul kernels quantized to ``fmt`` (``"int8"`` or ``"nf4"``).
+    """``base`` with its frozen matmul kernels quantized to ``fmt`` (``"int8"``, ``"nf4"`` or
+    ``"nf4-dq"``).
 
     Quantized: every ``…/kernel`` leaf of rank 2 of a Dense layer (per ``info.layers`` when
     given), except the paths in ``keep`` (trained base leaves: the task head, a method's
@@ -239,7 +320,7 @@ def quantize_base(base: P.Params, fmt: str, *, keep: Iterable[str] = (), transfo
                   and (dense is None or p in dense) and not re.search(skip, p)]
     frozen = [p for p in candidates if p not in kept and p not in rewritten]
     chosen = frozen
-    if fmt == "nf4":
+    if fmt in NF4_FORMATS:
         chosen = [p for p in frozen if flat[p].shape[-2] % NF4_BLOCK == 0 and flat[p].shape[-1] % 2 == 0]
     if not chosen:
         name = getattr(transform, "name", "the method")

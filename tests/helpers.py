@@ -63,3 +63,21 @@ def train_tiny(model, transform, params, steps: int = 8, lr: float = 2e-2):
     assert np.isfinite(losses).all()
     assert losses[-1] < losses[0] - 0.05, losses
     return state, losses
+
+
+def mesh_train_losses(model, method, params, mesh_spec: str, steps: int):
+    """``(trainer, state, losses)`` after ``steps`` train steps on tiny batches of 8 under
+    ``mesh_spec`` (``"data=1,fsdp=1"``: one device)."""
+    from jpeft.train.sharding import make_mesh
+    from jpeft.train.trainer import Trainer
+
+    devices = jax.devices()[:1] if mesh_spec == "data=1,fsdp=1" else None
+    trainer = Trainer(model, method, params, total_steps=4, mesh=make_mesh(mesh_spec, devices),
+                      min_shard_size=16)
+    state = trainer.init_state(jax.random.key(0))
+    losses = []
+    for i in range(steps):
+        batch = trainer.shard_batch(dict(tiny_batch(batch=8, seed=i)))
+        state, metrics = trainer.train_step(state, trainer.frozen, batch)
+        losses.append(float(metrics["loss"]))
+    return trainer, state, losses

@@ -1,17 +1,26 @@
-"""A quantized frozen base (``jpeft.quant``): int8 per output channel and NF4 blocks of 64.
+"""A quantized frozen base (``jpeft.quant``): int8 per output channel, NF4 blocks of 64, and NF4
+with double-quantized scales (nf4-dq).
 
 Checked: the quantize→dequantize error stays within each format's bound (int8: half the
-channel's scale; nf4: half the largest gap between adjacent levels times the block's absmax);
-NF4 picks the nearest of the 16 QLoRA levels; a model over a quantized base computes what the
-same model over the dequantized float base computes (same kernels, so equal up to float32
-rounding), with a fresh and with a trained delta; gradients reach only the delta and the
-trained head; merging is refused; each method that trains or rewrites base weights is either
-handled (its leaves stay float) or refused with a message naming the fix.
+channel's scale; nf4: half the largest gap between adjacent levels times the block's absmax;
+nf4-dq: that with the dequantized absmax plus the absmax's own int8 error); NF4 picks the nearest
+of the 16 QLoRA levels; nf4-dq keeps nf4's codes, stores the absmax as int8 in blocks of 256
+around their mean, and takes 4.127 bits per weight (measured from the arrays' bytes); a model
+over a quantized base computes what the same model over the dequantized float base computes
+(same kernels, so equal up to float32 rounding), with a fresh and with a trained delta;
+gradients reach only the delta and the trained head; LoRA over nf4-dq trains alike on a
+data × fsdp mesh and on one device; merging is refused; each method that trains or rewrites
+base weights is either handled (its leaves stay float) or refused with a message naming the fix.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +36,8 @@ from jpeft.methods import build
 from jpeft.models.bert import BertConfig, BertModel, init_params
 from jpeft.train.trainer import Trainer, trainable_base_paths
 from tests.helpers import perturb, tiny_batch, train_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bert(seed: int = 0):
@@ -83,10 +94,51 @@ def test_nf4_uses_the_qlora_levels_nearest_code_and_packs_two_per_byte():
     assert P.nbytes(q) * 8 / w.size == pytest.approx(4 + 32 / 64)
 
 
-def test_nf4_refuses_a_kernel_that_does_not_fit_the_blocks():
+def test_nf4_dq_quantizes_the_absmax_to_int8_in_blocks_of_256_around_their_mean():
+    w = jax.random.normal(jax.random.key(6), (1024, 256)) * jnp.linspace(0.01, 2.0, 256)
+    nf4, dq = Q.quantize(w, "nf4"), Q.quantize(w, "nf4-dq")
+    np.testing.assert_array_equal(dq.codes, nf4.codes)  # the 4-bit codes come from the float absmax
+    s = dq.scales
+    assert isinstance(s, Q.QuantizedScales) and dq.shape == w.shape
+    assert s.codes.dtype == jnp.int8 and s.codes.shape == (16, 256)
+    assert s.scales.dtype == s.mean.dtype == jnp.float32
+    assert s.scales.shape == (16,) and s.mean.shape == (1, 1)
+    # reference in NumPy: centred absmax in (out, in) order, blocks of 256, absmax / 127 each
+    absmax = np.asarray(nf4.scales)
+    np.testing.assert_allclose(s.mean[0, 0], absmax.mean(), rtol=1e-6)
+    blocks = (absmax - absmax.mean()).T.reshape(16, 256)
+    step = np.abs(blocks).max(1) / 127
+    np.testing.assert_allclose(s.scales, step, rtol=1e-6)
+    codes = np.round(blocks / step[:, None]).reshape(256, 16).T
+    assert np.abs(np.asarray(s.codes, np.float64) - codes).max() <= 1  # ties may round either way
+    assert int(np.abs(np.asarray(s.codes, np.int32)).max()) == 127
+    # |a_b - â_b| ≤ t_j / 2, and the bound is reached closely somewhere
+    err = np.abs(np.asarray(Q.block_scales(dq)) - absmax).T.reshape(16, 256)
+    assert (err <= step[:, None] / 2 * (1 + 1e-5) + 1e-7).all() and (err / (step[:, None] / 2)).max() > 0.9
+    # the absmax's own error counts: nf4's bound with â_b in place of a_b is exceeded, dq's is not
+    werr = jnp.abs(dq.dequantize() - w)
+    assert float((werr / jnp.repeat(Q.block_scales(dq) * (Q.NF4_MAX_GAP / 2), 64, axis=0)).max()) > 1.5
+    assert bool((werr <= Q.error_bound(dq) * (1 + 1e-6)).all())
+    # storage, from the arrays' bytes: 4 + 8/64 + 32/(64·256) bits per weight (QLoRA §3) and μ
+    assert P.nbytes(dq) * 8 / w.size == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / w.size)
+    assert P.nbytes(dq) * 8 / w.size == pytest.approx(4.127, abs=5e-4)
+    assert P.nbytes(nf4) * 8 / w.size == 4.5
+
+
+def test_nf4_dq_blocks_of_256_may_end_partial():
+    w = jax.random.normal(jax.random.key(7), (2, 192, 150))  # 2 kernels of 3 × 150 = 450 scales
+    q = Q.quantize(w, "nf4-dq")
+    assert q.scales.codes.shape == (2, 3, 150) and q.scales.scales.shape == (2, 2)
+    assert q.scales.mean.shape == (2, 1, 1)
+    assert bool((jnp.abs(q.dequantize() - w) <= Q.error_bound(q) * (1 + 1e-6) + 1e-12).all())
+    np.testing.assert_allclose(jax.jit(Q.dequantize)(q), q.dequantize(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", Q.NF4_FORMATS)
+def test_nf4_refuses_a_kernel_that_does_not_fit_the_blocks(fmt):
     with pytest.raises(ValueError, match="multiple of 64"):
-        Q.quantize(jnp.ones((48, 8)), "nf4")
-    with pytest.raises(ValueError, match="choose one of int8, nf4"):
+        Q.quantize(jnp.ones((48, 8)), fmt)
+    with pytest.raises(ValueError, match="choose one of int8, nf4, nf4-dq"):
         Q.quantize(jnp.ones((64, 8)), "int4")
 
 
@@ -114,11 +166,12 @@ def test_quantized_base_computes_as_its_dequantized_float_base(fmt):
     assert float(jnp.abs(plain - apply(model, method, floats, delta, *_inputs(batch))).max()) > 0
 
 
-def test_gradients_reach_only_the_delta_and_the_head():
+@pytest.mark.parametrize("fmt", Q.NF4_FORMATS)
+def test_gradients_reach_only_the_delta_and_the_head(fmt):
     model, params = _bert()
     method = build("lora")
     keep = trainable_base_paths(method, params, model.info())
-    qbase = jpeft.quantize_base(params, "nf4", keep=keep, transform=method, info=model.info())
+    qbase = jpeft.quantize_base(params, fmt, keep=keep, transform=method, info=model.info())
     trainer = Trainer(model, method, qbase, total_steps=4)
     assert set(trainer.base_trainable_paths) == set(keep)
     assert all(Q.is_quantized(trainer.frozen[p]) for p in Q.quantized_paths(qbase))
@@ -134,6 +187,45 @@ def test_gradients_reach_only_the_delta_and_the_head():
                            jax.tree_util.tree_map(np.asarray, trainer.frozen))
 
 
+MESH_SCRIPT = textwrap.dedent("""
+    import json
+    import jax
+    from jpeft import quant as Q
+    from jpeft.methods import build
+    from jpeft.train.trainer import trainable_base_paths
+    from tests.helpers import mesh_train_losses, tiny_bert
+    model, params = tiny_bert(hidden=64, heads=4, layers=1)
+    method = build("lora")
+    keep = trainable_base_paths(method, params, model.info())
+    qbase = Q.quantize_base(params, "nf4-dq", keep=keep, transform=method, info=model.info())
+    out = {}
+    for spec in ("data=2,fsdp=4", "data=1,fsdp=1"):
+        trainer, _, losses = mesh_train_losses(model, method, qbase, spec, steps=2)
+        q = trainer.frozen["encoder/layer_0/attention/self/query/kernel"]
+        split = [x.sharding.shard_shape(x.shape) != x.shape for x in jax.tree_util.tree_leaves(q)]
+        out[spec] = {"losses": losses, "format": q.format, "split": split}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_lora_over_an_nf4_dq_base_trains_alike_on_an_fsdp_mesh():
+    """8 forced CPU devices in a subprocess: the quantized leaves (codes, int8 scale codes) are
+    split over fsdp like any leaf; the losses match the one-device run."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT"):])
+    mesh, one = out["data=2,fsdp=4"], out["data=1,fsdp=1"]
+    assert mesh["format"] == "nf4-dq"
+    # leaves: 4-bit codes, int8 scale codes (both split), block steps and mean (small: replicated)
+    assert mesh["split"] == [True, True, False, False] and not any(one["split"])
+    np.testing.assert_allclose(mesh["losses"], one["losses"], atol=2e-5, rtol=0)
+    assert mesh["losses"][1] != mesh["losses"][0]
+
+
 @pytest.mark.parametrize("fmt", Q.FORMATS)
 def test_lora_trains_on_a_quantized_base(fmt):
     model, params = _bert()
@@ -143,10 +235,11 @@ def test_lora_trains_on_a_quantized_base(fmt):
     train_tiny(model, method, qbase, steps=8)
 
 
-def test_merge_into_a_quantized_base_is_refused():
+@pytest.mark.parametrize("fmt", Q.FORMATS)
+def test_merge_into_a_quantized_base_is_refused(fmt):
     model, params = _bert()
     method = build("lora")
-    qbase = jpeft.quantize_base(params, "int8", transform=method, info=model.info())
+    qbase = jpeft.quantize_base(params, fmt, transform=method, info=model.info())
     delta = perturb(method.init(jax.random.key(0), params, model.info()))
     with pytest.raises(jpeft.QuantizedBaseError, match="Merge into the float base"):
         jpeft.merge(method, qbase, delta, model.info())
@@ -173,13 +266,13 @@ def test_freeze_keeps_its_trained_layers_float_and_quantizes_the_rest():
     train_tiny(model, method, qbase, steps=8, lr=1e-3)
 
 
-@pytest.mark.parametrize("name", ["full", "diff_pruning"])
-def test_methods_that_train_every_weight_are_refused(name):
+@pytest.mark.parametrize("name,fmt", [("full", "nf4"), ("diff_pruning", "nf4"), ("full", "nf4-dq")])
+def test_methods_that_train_every_weight_are_refused(name, fmt):
     model, params = _bert()
     method = build(name)
     keep = trainable_base_paths(method, params, model.info())
     with pytest.raises(ValueError, match=rf"'{name}' trains or rewrites all 14 .*--base-dtype=float32"):
-        cast_frozen_base(params, keep, "nf4", method, model.info())
+        cast_frozen_base(params, keep, fmt, method, model.info())
 
 
 def test_a_rewrite_missed_by_quantize_base_fails_clearly():
@@ -212,7 +305,8 @@ def test_llama_quantized_matches_dequantized_with_bf16_matmuls():
 
 def test_base_dtype_flag_names_the_formats():
     check_base_dtype("nf4")
-    with pytest.raises(ValueError, match="float32, bfloat16, int8, nf4"):
+    check_base_dtype("nf4-dq")
+    with pytest.raises(ValueError, match="float32, bfloat16, int8, nf4, nf4-dq$"):
         check_base_dtype("int4")
 
 
@@ -220,9 +314,9 @@ def test_fingerprint_of_a_quantized_base_is_stable():
     from jpeft.checkpoint.orbax_ckpt import fingerprint
 
     model, params = _bert()
-    a = jpeft.quantize_base(params, "nf4")
-    b = jpeft.quantize_base(params, "nf4")
+    a, b, dq = (jpeft.quantize_base(params, fmt) for fmt in ("nf4", "nf4", "nf4-dq"))
     assert fingerprint(a) == fingerprint(b) != fingerprint(params)
+    assert fingerprint(dq) not in (fingerprint(a), fingerprint(params))
 
 
 def test_counts_and_dora_see_the_weight_a_quantized_kernel_stands_for():

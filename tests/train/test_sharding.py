@@ -21,30 +21,21 @@ TOLERANCE = 2e-5  # float32: the reduction order differs between meshes
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from tests.helpers import tiny_bert, tiny_batch
+    from tests.helpers import mesh_train_losses, tiny_batch, tiny_bert
     from jpeft.methods import build
-    from jpeft.train.trainer import Trainer
-    from jpeft.train.sharding import make_mesh
     from jpeft.core import paths as P
     model, params = tiny_bert(hidden=32, heads=4)
     out = {}
     for spec in sys.argv[1].split(","):
         # every mesh for LoRA; for the other methods, data and fsdp both > 1 against one device
         for mesh_spec in (%r if spec == "lora" else ["data=2,fsdp=4", "data=1,fsdp=1"]):
-            devices = jax.devices()[:1] if mesh_spec == "data=1,fsdp=1" else None
-            trainer = Trainer(model, build(spec), params, total_steps=4,
-                              mesh=make_mesh(mesh_spec, devices), min_shard_size=16)
-            state = trainer.init_state(jax.random.key(0))
-            losses = []
-            for i in range(3):
-                batch = trainer.shard_batch(dict(tiny_batch(batch=8, seed=i)))
-                state, metrics = trainer.train_step(state, trainer.frozen, batch)
-                losses.append(float(metrics["loss"]))
+            trainer, state, losses = mesh_train_losses(model, build(spec), params, mesh_spec, steps=3)
             frozen_bytes = sum(x.addressable_shards[0].data.nbytes for x in trainer.frozen.values())
             leaves = [np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(state.trainable)]
             out[f"{spec}|{mesh_spec}"] = {"losses": losses, "leaves": leaves,
                                           "frozen_bytes_per_device": frozen_bytes}
             if spec == "lora":  # the compiled step's argument bytes (one more compilation)
+                batch = trainer.shard_batch(dict(tiny_batch(batch=8, seed=2)))
                 compiled = trainer.train_step.lower(state, trainer.frozen, batch).compile()
                 out[f"{spec}|{mesh_spec}"]["argument_bytes"] = compiled.memory_analysis().argument_size_in_bytes
     print("RESULT" + json.dumps(out))
