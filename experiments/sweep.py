@@ -15,7 +15,8 @@ Each cell runs ``python -m experiments.glue`` (``experiments.e2e`` for the task 
 variants live in ``configs/e2e/variants``) in its own process (its own memory and
 compilation cache) with the recipe of ``configs/`` plus ``--extra`` flags, and reads back its
 ``summary.json``. Finished cells are skipped when the sweep is started again, so a sweep can be
-stopped and resumed. Results go to ``<out>/results.json`` and ``<out>/results.md``.
+stopped and resumed. Results go to ``<out>/results.json`` and ``<out>/results.md``; a GLUE table
+also rewrites ``<out>/claims.{json,md}``, the papers' claims next to it (``experiments.claims``).
 
 With ``--seeds=0,1,2`` every cell runs once per seed (seed-major: every cell at the first seed,
 then the next seed), each in ``<out>/runs/<task>-<method>-s<seed>/``, and the table gives the mean
@@ -43,6 +44,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from experiments.claims import write_claims
 
 VARIANTS = Path(__file__).resolve().parents[1] / "configs" / "variants"
 GLUE_RECIPES = (
@@ -168,6 +171,7 @@ def write_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
                         lambda c: f"{_fmt_metrics(c['metrics'])} ({c['wall_s'] / 60:.1f} min)")
     body = "\n".join(lines)
     (out / "results.md").write_text(f"{note}\n\n{body}\n\n{GLUE_RECIPES}\n")
+    write_claims(cells, out)
     print("\n".join(lines))
 
 
@@ -235,6 +239,7 @@ def write_seeded_table(runs: list[dict[str, Any]], out: Path, note: str) -> dict
     count = f"Cells whose mean main metric ({mains}) is above the majority class: {above} of {len(cells)}."
     body = "\n".join(lines)
     (out / "results.md").write_text(f"{note}\n\n{body}\n\n{count}\n\n{SEEDED_RECIPES}\n")
+    write_claims(list(cells.values()), out, runs=runs)
     print("\n".join(lines) + "\n" + count)
     return cells
 
