@@ -46,11 +46,13 @@ def register(name: str, config_cls: type, factory: Callable[..., Transform], *,
     writable as a Hugging Face PEFT adapter; called by the method's own file."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"register({name!r}): the config class {config_cls!r} is not a dataclass")
+    spec = MethodSpec(name, config_cls, factory, prepare, peft)
     known = REGISTRY.get(name)
-    if known is not None and (known.config_cls, known.factory) != (config_cls, factory):
+    if known is not None and known != spec:
         raise ValueError(f"register: the method name {name!r} is taken by {known.factory.__module__}."
-                         f"{known.factory.__name__}; choose another name")
-    REGISTRY[name] = MethodSpec(name, config_cls, factory, prepare, peft)
+                         f"{known.factory.__name__}; choose another name (registering it again must "
+                         "give the same config class, factory, prepare and peft converter)")
+    REGISTRY[name] = spec
 
 
 def parse_spec(spec: str) -> list[str]:

@@ -105,7 +105,11 @@ def test_a_taken_name_is_refused_and_a_config_must_be_a_dataclass():
     with pytest.raises(TypeError, match="not a dataclass"):
         register("not_a_method", dict, lambda config: None)
     assert "not_a_method" not in REGISTRY
-    register("lora", REGISTRY["lora"].config_cls, REGISTRY["lora"].factory)  # the same again: fine
+    known = REGISTRY["lora"]
+    with pytest.raises(ValueError, match="'lora' is taken"):  # dropping its converter is refused too
+        register("lora", known.config_cls, known.factory, prepare=known.prepare)
+    register("lora", known.config_cls, known.factory, prepare=known.prepare, peft=known.peft)  # the same: fine
+    assert REGISTRY["lora"] == known and REGISTRY["lora"].peft is not None
 
 
 def test_full_is_exclusive_through_build():
