@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.core.dropout import Dropout
+from jpeft.core.dropout import Dropout, dropout
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
 from jpeft.models.common import (
@@ -36,6 +36,10 @@ Array = jax.Array
 
 
 HEADS = ("classification", "none")
+# Batch rows per attention block (attention_in_blocks); None: the whole batch in one block.
+# Measured in benchmarks/results/attention_blocks.md and not the default: blocks of 8 rows sped
+# the MiniLM LoRA step up and slowed full fine-tuning down on an AMD EPYC.
+ATTENTION_BLOCK_ROWS: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +134,37 @@ class Embeddings(nn.Module):
         return h, attention_mask
 
 
+def attention_block(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, key: jax.Array | None,
+                    rate: float, matmul_dtype: str | None, start: int = 0, batch: int | None = None) -> jax.Array:
+    """``dropout(softmax(q·kᵀ/√d + bias)) · v`` for heads-major ``q, k, v`` (B, H, T, d) and an
+    additive key ``bias`` (B, T); rows ``start:start+B`` of a batch of ``batch`` rows (the mask
+    of dropout with ``key`` is that block of the whole batch's)."""
+    dh = q.shape[-1]
+    scores = matmul_einsum("bhqd,bhkd->bhqk", q, k, matmul_dtype).astype(jnp.float32)
+    scores = scores / np.sqrt(dh).astype(np.float32) + bias[:, None, None, :]
+    probs = jax.nn.softmax(scores, axis=-1)
+    if key is not None:
+        full = (q.shape[0] if batch is None else batch, *probs.shape[1:])
+        probs = dropout(key, probs, rate, start=(start, 0, 0, 0), full_shape=full)
+    return matmul_einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, matmul_dtype)
+
+
+def attention_in_blocks(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, key: jax.Array | None,
+                        rate: float, matmul_dtype: str | None, rows: int | None = None) -> jax.Array:
+    """:func:`attention_block` over blocks of ``rows`` batch rows, concatenated: the same numbers
+    as one block (dropout included), computed as independent batched matmuls over
+    (rows·H) × T × T scores instead of (B·H) × T × T. ``rows=None``: :data:`ATTENTION_BLOCK_ROWS`
+    (``None``, the default: one block; ``python -m benchmarks.attention_blocks`` times the sizes)."""
+    b = q.shape[0]
+    rows = rows or ATTENTION_BLOCK_ROWS or b
+    if rows >= b:
+        return attention_block(q, k, v, bias, key, rate, matmul_dtype)
+    return jnp.concatenate([
+        attention_block(q[i:i + rows], k[i:i + rows], v[i:i + rows], bias[i:i + rows], key, rate,
+                        matmul_dtype, start=i, batch=b)
+        for i in range(0, b, rows)])
+
+
 class SelfAttention(nn.Module):
     config: BertConfig
     layer: int
@@ -151,11 +186,9 @@ class SelfAttention(nn.Module):
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
         # Softmax in float32 whatever the compute dtype; masked keys get finfo.min added, as HF BERT.
         bias = jnp.where(mask > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-        scores = matmul_einsum("bhqd,bhkd->bhqk", q, k, cfg.matmul_dtype).astype(jnp.float32)
-        scores = scores / np.sqrt(dh).astype(np.float32) + bias[:, None, None, :]
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        ctx = matmul_einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, cfg.matmul_dtype)
+        rate = cfg.attention_probs_dropout_prob
+        key = Dropout(rate).key(deterministic)
+        ctx = attention_in_blocks(q, k, v, bias, key, rate, cfg.matmul_dtype)
         return ctx.transpose(0, 2, 1, 3).reshape(b, t, heads * dh)
 
 

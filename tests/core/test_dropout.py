@@ -98,3 +98,28 @@ def test_module_is_identity_when_deterministic():
     np.testing.assert_array_equal(layer.apply({}, x, deterministic=True), x)
     y = layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
     assert 0 < int((y == 0).sum()) < x.size
+
+
+@pytest.mark.parametrize("limit", [1 << 32, 1 << 9])  # one group, and several (7·6·5 = 210 ≥ 2⁹ / 7)
+def test_a_block_gets_the_mask_of_the_whole_tensor(limit):
+    shape, key = (7, 6, 5, 4), jax.random.key(3)
+    whole = np.asarray(random_words(key, shape, limit))
+    for start, size in [((0, 0, 0, 0), (3, 6, 5, 4)), ((3, 0, 0, 0), (4, 6, 5, 4)), ((2, 1, 3, 1), (1, 5, 2, 3))]:
+        block = random_words(key, size, limit, start=start, full_shape=shape)
+        index = tuple(slice(s, s + n) for s, n in zip(start, size))
+        np.testing.assert_array_equal(block, whole[index])
+    x = jnp.ones(shape, jnp.float32)
+    halves = [dropout(key, x[i:i + 4], 0.3, start=(i, 0, 0, 0), full_shape=shape) for i in (0, 4)]
+    np.testing.assert_array_equal(jnp.concatenate(halves), dropout(key, x, 0.3))
+    with pytest.raises(ValueError, match=r"does not fit in \(7, 6, 5, 4\)"):
+        random_words(key, (3, 6, 5, 4), start=(5, 0, 0, 0), full_shape=shape)
+
+
+def test_the_module_key_is_the_key_its_call_draws():
+    x = jnp.ones((4, 8), jnp.float32)
+    rngs = {"dropout": jax.random.key(5)}
+    called = Dropout(0.25).apply({}, x, deterministic=False, rngs=rngs)
+    key = Dropout(0.25).apply({}, False, rngs=rngs, method=Dropout.key)
+    np.testing.assert_array_equal(dropout(key, x, 0.25), called)
+    assert Dropout(0.25).apply({}, True, rngs=rngs, method=Dropout.key) is None
+    assert Dropout(0.0).apply({}, False, rngs=rngs, method=Dropout.key) is None

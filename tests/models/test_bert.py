@@ -25,6 +25,7 @@ from jpeft.models import taps  # noqa: E402
 from jpeft.models.bert import (  # noqa: E402
     BertConfig,
     BertModel,
+    attention_in_blocks,
     from_pretrained,
     init_params,
     params_from_state_dict,
@@ -450,3 +451,26 @@ def test_an_unknown_head_is_refused_up_front():
 
     with pytest.raises(ValueError, match=r"head='nonsense'.*'classification', 'none'"):
         BertConfig(head="nonsense")
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+def test_attention_in_blocks_equals_the_whole_batch_with_gradients(rate):
+    """Blocks of rows (the CPU default) give the numbers of one block: the same dropout mask, the
+    same per-row matmuls; gradients too."""
+    b, h, t, d = 5, 3, 8, 4
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(x, (b, h, t, d)) for x in keys[:3])
+    bias = jnp.where(jnp.arange(t)[None, :] < jnp.array([8, 5, 8, 2, 7])[:, None], 0.0, jnp.finfo(jnp.float32).min)
+    key = keys[3] if rate else None
+
+    def loss(rows):
+        return lambda q, k, v: jnp.sum(jnp.sin(attention_in_blocks(q, k, v, bias, key, rate, None, rows=rows)))
+
+    whole = jax.jit(jax.value_and_grad(loss(b), argnums=(0, 1, 2)))(q, k, v)
+    for rows in (1, 2, 4):  # 2: blocks of 2, 2, 1 rows
+        blocks = jax.jit(jax.value_and_grad(loss(rows), argnums=(0, 1, 2)))(q, k, v)
+        for a, w in zip(jax.tree_util.tree_leaves(blocks), jax.tree_util.tree_leaves(whole)):
+            np.testing.assert_allclose(a, w, rtol=1e-6, atol=1e-6, err_msg=f"rows={rows}")
+    if rate:  # dropout really applied: a different key changes the output
+        other = attention_in_blocks(q, k, v, bias, jax.random.key(9), rate, None, rows=2)
+        assert not np.allclose(other, attention_in_blocks(q, k, v, bias, key, rate, None, rows=2))
