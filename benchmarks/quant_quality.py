@@ -28,7 +28,10 @@ def read_run(folder: Path) -> dict[str, Any]:
     summary_path = folder / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     last = evals[-1] if evals else {}
-    metric = summary["main_metric"] if summary else next((k for k in last if k not in ("split", "step", "wall_s")), None)
+    metric = summary["main_metric"] if summary and "main_metric" in summary else next(
+        (k for k in last if k not in ("split", "step", "wall_s")), None)
+    if summary and "main_metric" not in summary:  # experiments.e2e: the decoded test MRs' BLEU
+        metric, last = "BLEU", {**last, "BLEU": summary["metrics"]["BLEU"], "step": summary["steps"]}
     compute = config.get("compute", config)
     return {"run": str(folder), "task": summary["task"] if summary else config.get("task", "e2e"),
             "base_dtype": compute.get("base_dtype"), "seed": config.get("seed", config.get("train", {}).get("seed")),
