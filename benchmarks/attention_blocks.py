@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, run_meta
+from benchmarks.common import command_line, run_meta, run_worker
 from benchmarks.train_step import _robust, matmul_peak_gflops
 
 _WORKER = """
@@ -39,11 +38,7 @@ print("RESULT " + json.dumps(worker_jpeft(sys.argv[2], int(sys.argv[3]), int(sys
 
 def _worker(rows: int, config: str, steps: int, batch: int, length: int) -> dict[str, Any]:
     cmd = [sys.executable, "-c", _WORKER, str(rows), config, str(steps), str(batch), str(length)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"rows={rows}/{config} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return run_worker(cmd, f"rows={rows}/{config}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,3 +39,16 @@ def run_meta(command: str, **versions: str | None) -> dict[str, Any]:
             "command": command, "date": time.strftime("%Y-%m-%d"),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "train_step_compiler_options": default_compiler_options()}
+
+
+def run_worker(cmd: list[str], what: str, **kwargs: Any) -> dict[str, Any]:
+    """Run a benchmark worker process (``cmd``; ``kwargs`` to :func:`subprocess.run`, e.g. ``env``,
+    ``cwd``) and return the JSON of its ``RESULT `` line; ``what`` names it in the error."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False, **kwargs)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, run_meta
+from benchmarks.common import command_line, run_meta, run_worker
 from benchmarks.train_step import _robust
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +33,7 @@ def _worker(tree: Path, config: str, steps: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", "jpeft", "--configs", config,
            "--steps", str(steps)]
-    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"{tree.name}/{config} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return run_worker(cmd, f"{tree.name}/{config}", cwd=tree, env=env)
 
 
 def _rev(name: str) -> str:

@@ -34,13 +34,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, run_meta
+from benchmarks.common import command_line, run_meta, run_worker
 
 CONFIGS = ["full", "lora", "lora_all", "ia3", "prefix", "prompt", "houlsby", "bitfit", "inference"]
 NO_PEFT = {"houlsby"}  # Hugging Face PEFT has no bottleneck adapters
@@ -235,11 +234,7 @@ def _run_worker(side: str, config: str, steps: int, batch: int, length: int, mat
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", side, "--configs", config,
            "--steps", str(steps), "--batch", str(batch), "--length", str(length),
            "--matmul-dtype", matmul_dtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"{side}/{config} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return run_worker(cmd, f"{side}/{config}")
 
 
 def _robust(times: list[float]) -> tuple[float, list[float], int]:

@@ -110,10 +110,8 @@ class Dropout(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
-        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-        if deterministic or self.rate == 0.0:
-            return x
-        return dropout(self.make_rng("dropout"), x, self.rate)
+        key = self.key(deterministic)
+        return x if key is None else dropout(key, x, self.rate)
 
     def key(self, deterministic: bool | None = None) -> jax.Array | None:
         """The key ``__call__`` would draw (``None`` when it would be the identity), for applying
