@@ -21,6 +21,13 @@ the run uses the same
   LoRA's rank, alpha, dropout and target layers (jpeft's regex, searched in the module path), the
   task head trained with the adapter and the pooler frozen, as jpeft does.
 
+A run writes ``checkpoint/`` in its folder every ``--save-every`` steps (the trained tensors, AdamW's
+moments, the learning-rate schedule's position, the torch random state and the metrics so far;
+safetensors and JSON, written atomically) and a run started again with the same recipe resumes
+from it, with the same batches and random draws as without the interruption; a recipe that
+differs from the checkpoint's is refused. The checkpoint is removed when the run's
+``summary.json`` is written.
+
 What differs: the framework and the random draws (the head's and LoRA A's initial values, dropout
 masks). Recipes that use features not reproduced here (group learning rates, bf16, other methods)
 are refused. Runs go to ``<out>/runs/<task>-<method>-s<seed>/summary.json`` (with the recipe);
@@ -36,6 +43,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -128,17 +136,82 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
             {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]
 
 
-def run(cfg: GlueConfig, out_dir: Path, dynamic_padding: bool = False) -> dict[str, Any]:
+CHECKPOINT = "checkpoint"
+SAVE_EVERY = 200
+
+
+def save_checkpoint(folder: Path, model: Any, opt: Any, sched: Any, meta: dict[str, Any]) -> None:
+    """Write the resumable state of a PyTorch run to ``folder`` (replaced atomically): the trained
+    tensors ``p/<name>``, AdamW's state ``opt/<index>/<key>`` and the torch random state in
+    ``state.safetensors``; ``meta`` with the optimizer's groups and the schedule's state in
+    ``meta.json``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from jpeft.checkpoint.atomic import atomic_dir
+
+    tensors = {f"p/{n}": p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    opt_state = opt.state_dict()
+    for index, entry in opt_state["state"].items():
+        tensors.update({f"opt/{index}/{k}": torch.as_tensor(v).contiguous() for k, v in entry.items()})
+    tensors["rng/torch"] = torch.get_rng_state()
+    sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    meta = {**meta, "param_groups": opt_state["param_groups"], "scheduler": sched_state}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    atomic_dir(folder, write, overwrite=True)
+
+
+def load_checkpoint(folder: Path, model: Any, opt: Any, sched: Any, recipe: dict[str, Any]) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote into ``model``, ``opt`` and ``sched``; returns
+    its ``meta``. Refuses a checkpoint of another recipe or model (``ValueError``, naming the fix)."""
+    import torch
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("recipe") != recipe:
+        changed = sorted(k for k in set(recipe) | set(meta.get("recipe", {}))
+                         if recipe.get(k) != meta.get("recipe", {}).get(k))
+        raise ValueError(f"{folder} holds a checkpoint of another recipe ({', '.join(changed)} differ); "
+                         "delete the run's folder to start it again with this recipe")
+    tensors = load_file(str(folder / "state.safetensors"))
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = {k[2:] for k in tensors if k.startswith("p/")}
+    if saved != set(trained):
+        raise ValueError(f"{folder}: the checkpoint's tensors are not this model's trainable ones; "
+                         "delete the run's folder to start it again")
+    with torch.no_grad():
+        for name, param in trained.items():
+            param.copy_(tensors[f"p/{name}"])
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt/"):
+            _, index, field = key.split("/", 2)
+            state.setdefault(int(index), {})[field] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
+    torch.set_rng_state(tensors["rng/torch"])
+    return meta
+
+
+def run(cfg: GlueConfig, out_dir: Path, dynamic_padding: bool = False,
+        save_every: int | None = SAVE_EVERY) -> dict[str, Any]:
     """Train and evaluate one configuration with PyTorch (+ PEFT); returns the summary (also
     written to ``out_dir/summary.json``). ``dynamic_padding``: each batch (the same examples) is
     cut to its longest example, as a collator that pads to the longest in the batch does, instead
-    of being padded to its length bucket."""
+    of being padded to its length bucket. ``save_every``: steps between checkpoints (``None`` or
+    0: none); a checkpoint of the same recipe in ``out_dir`` is resumed."""
     import numpy as np
     import peft
     import torch
     import transformers
     from transformers import AutoTokenizer
 
+    from jpeft.checkpoint.atomic import atomic_write_text
     from jpeft.config import to_dict
     from jpeft.data import glue as G
     from jpeft.metrics import glue_metrics, majority_baseline
@@ -209,13 +282,29 @@ def run(cfg: GlueConfig, out_dir: Path, dynamic_padding: bool = False) -> dict[s
     print(f"{task.name} | {cfg.method} (PyTorch {torch.__version__}, PEFT {peft.__version__}) | "
           f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch}) | "
           f"trainable {trainable:,d}", flush=True)
+    recipe = {**to_dict(cfg), "dynamic_padding": dynamic_padding}
+    step, final, wall_before, rows = 0, {}, 0.0, []
+    if (out_dir / CHECKPOINT / "meta.json").is_file():
+        meta = load_checkpoint(out_dir / CHECKPOINT, model, opt, sched, recipe)
+        step, final, wall_before, rows = meta["step"], meta["final"], meta["wall_s"], meta["metrics"]
+        print(f"resumed at step {step} from {out_dir / CHECKPOINT}", flush=True)
     log = (out_dir / "metrics.jsonl").open("w")
+    for row in rows:
+        log.write(json.dumps(row) + "\n")
+
+    def write_row(row: dict[str, Any]) -> None:
+        rows.append(row)
+        log.write(json.dumps(row) + "\n")
+
+    def elapsed() -> float:
+        return round(wall_before + time.perf_counter() - t_start, 3)
+
     model.train()
-    step, final = 0, {}
     while step < total_steps:
         epoch = step // steps_per_epoch
         for batch in G.iterate_batches(train, cfg.data.batch_size, buckets=buckets, shuffle=True,
-                                       seed=cfg.seed, epoch=epoch, group_by_length=cfg.data.group_by_length):
+                                       seed=cfg.seed, epoch=epoch, start_batch=step % steps_per_epoch,
+                                       group_by_length=cfg.data.group_by_length):
             loss = loss_of(model(**tensors(batch)).logits, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -225,19 +314,21 @@ def run(cfg: GlueConfig, out_dir: Path, dynamic_padding: bool = False) -> dict[s
             sched.step()
             step += 1
             if step % cfg.loop.log_every == 0:
-                log.write(json.dumps({"split": "train", "step": step, "loss": loss.item(),
-                                      "grad_norm": float(norm),
-                                      "wall_s": round(time.perf_counter() - t_start, 3)}) + "\n")
+                write_row({"split": "train", "step": step, "loss": loss.item(), "grad_norm": float(norm),
+                           "wall_s": elapsed()})
             if step % eval_every == 0 or step == total_steps:
                 final = evaluate()
-                log.write(json.dumps({"split": "dev", "step": step, **final,
-                                      "wall_s": round(time.perf_counter() - t_start, 3)}) + "\n")
+                write_row({"split": "dev", "step": step, **final, "wall_s": elapsed()})
                 log.flush()
                 print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()), flush=True)
+            if save_every and step % save_every == 0 and step < total_steps:
+                save_checkpoint(out_dir / CHECKPOINT, model, opt, sched,
+                                {"step": step, "final": final, "wall_s": elapsed(), "metrics": rows,
+                                 "recipe": recipe})
             if step >= total_steps:
                 break
     log.close()
-    wall = time.perf_counter() - t_start
+    wall = elapsed()
     summary = {
         "task": task.name, "method": cfg.method, "label": cfg.method, "library": "peft",
         "model": str(cfg.model), "metrics": final, "main_metric": task.main_metric,
@@ -248,7 +339,8 @@ def run(cfg: GlueConfig, out_dir: Path, dynamic_padding: bool = False) -> dict[s
         "torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
         "config": to_dict(cfg),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    shutil.rmtree(out_dir / CHECKPOINT, ignore_errors=True)
     print(f"[summary] {task.name} {cfg.method} (PEFT): " + ", ".join(f"{k}={v:.4f}" for k, v in final.items())
           + f" | {step} steps | wall {wall:.1f}s | {out_dir}", flush=True)
     return summary
@@ -306,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/glue/peft_compare")
     parser.add_argument("--jpeft", default="results/glue", help="the jpeft sweep's folder (with runs/)")
     parser.add_argument("--extra", default="", help="flags for every run (jpeft's GLUE flags)")
+    parser.add_argument("--save-every", type=int, default=SAVE_EVERY,
+                        help="steps between checkpoints of a run (0: none); a stopped run resumes from its last")
     parser.add_argument("--table", action="store_true", help="run nothing: write the table only")
     args = parser.parse_args(argv)
     try:
@@ -328,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = parse_args([f"--method={method}", f"--task={task}", f"--seed={seed}",
                                       *shlex.split(args.extra)])
                     try:
-                        run(cfg, run_dir)
+                        run(cfg, run_dir, save_every=args.save_every)
                     except (ValueError, FileNotFoundError) as err:
                         print(f"{task}-{method}-s{seed}: error: {err}", file=sys.stderr)
                         failed.append(f"{task}-{method}-s{seed}")

@@ -108,3 +108,55 @@ def test_unsupported_recipes_are_refused():
     with pytest.raises(ValueError, match="group_lr"):
         C.check_recipe(parse_args(["--method=lora", "--task=mrpc", "--group-lr={\"head\": 10}"]))
     C.check_recipe(parse_args(["--method=lora", "--task=mrpc"]))
+
+
+def test_a_stopped_run_resumes_with_the_same_steps(tmp_path, monkeypatch):
+    """Interrupted after 5 of 7 updates, the run resumes from its step-4 checkpoint and logs the
+    same losses, gradient norms and dev metrics as the run that was never stopped."""
+    import torch
+
+    from experiments.glue import parse_args
+
+    _tiny_model(tmp_path / "model")
+    _tiny_glue(tmp_path / "glue")
+    cfg = parse_args(["--method=lora", "--task=sst2", f"--model={tmp_path / 'model'}",
+                      f"--data-dir={tmp_path / 'glue'}", "--max-steps=7", "--eval-every=3",
+                      "--batch-size=8", "--eval-batch-size=8"])
+    whole = C.run(cfg, tmp_path / "whole", save_every=0)
+
+    step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def stop_at_the_fifth(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", stop_at_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        C.run(cfg, tmp_path / "stopped", save_every=2)
+    meta = json.loads((tmp_path / "stopped" / C.CHECKPOINT / "meta.json").read_text())
+    assert meta["step"] == 4 and not (tmp_path / "stopped" / "summary.json").exists()
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    resumed = C.run(cfg, tmp_path / "stopped", save_every=2)
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "wall_s"}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows("stopped") == rows("whole") and len(rows("whole")) == 7 + 3
+    assert resumed["metrics"] == whole["metrics"] and resumed["steps"] == 7
+    assert not (tmp_path / "stopped" / C.CHECKPOINT).exists()  # removed with the summary
+
+    # a checkpoint of another recipe is refused, naming the fix
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(torch.optim.AdamW, "step", stop_at_the_fifth)
+        calls["n"] = 0
+        C.run(cfg, tmp_path / "other", save_every=2)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    other = parse_args(["--method=lora", "--task=sst2", f"--model={tmp_path / 'model'}",
+                        f"--data-dir={tmp_path / 'glue'}", "--max-steps=7", "--eval-every=3",
+                        "--batch-size=8", "--eval-batch-size=8", "--lr=1e-2"])
+    with pytest.raises(ValueError, match="another recipe.*lr.*delete the run's folder"):
+        C.run(other, tmp_path / "other", save_every=2)
