@@ -2,6 +2,10 @@
 
     python -m experiments.claims --results=results/glue/results.json      # claims.{json,md} next to it
     python -m experiments.claims --results=results/glue/results.json --out=/tmp/claims
+    python -m experiments.claims --results=results/glue/results.json --readme=README.md
+
+``--readme`` also rewrites the short claims table in the README, between the lines
+``<!-- claims:begin -->`` and ``<!-- claims:end -->`` (:func:`readme_table`).
 
 ``python -m experiments.sweep`` rewrites ``claims.{json,md}`` whenever it (re)writes a GLUE
 ``results.md``. Each claim (:data:`CLAIMS`) names its source, the rows it compares with the
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -267,6 +272,53 @@ def claims_markdown(claims: Sequence[Claim], records: Sequence[Mapping[str, Any]
             f"jpeft's GLUE cells in `{results}`.\n\n{RULE}\n\n" + "\n".join(lines) + "\n")
 
 
+README_BEGIN, README_END = "<!-- claims:begin -->", "<!-- claims:end -->"
+
+
+def _short_comparison(c: Mapping[str, Any], name_row: bool) -> str:
+    """``[row ]task Δ[ ±larger std] ✓``."""
+    row = f"{c['row']} " if name_row else ""
+    spread = max(c["std_row"], c["std_full"])
+    spread_text = f" ±{spread:.1f}" if max(c["n_row"], c["n_full"]) > 1 else ""
+    return f"{row}{c['task']} {c['delta']:+.1f}{spread_text} {'✓' if c['holds'] else '✗'}"
+
+
+def readme_table(claims: Sequence[Claim], records: Sequence[Mapping[str, Any]], claims_md: str) -> str:
+    """The README's short claims table: claim, papers (linked), Δ vs full per measured task with
+    ✓/✗, verdict with its seeds; the rule and the sources' tables and figures are in ``claims_md``."""
+    lines = [f"| claim ([rule and sources]({claims_md})) | paper | Δ vs full fine-tuning, points (✓ holds) | verdict |",
+             "|---|---|---|---|"]
+    for claim, r in zip(claims, records, strict=True):
+        papers = ", ".join(f"[{s.authors} {s.year}](https://arxiv.org/abs/{s.arxiv})" for s in claim.sources)
+        measured = "; ".join(_short_comparison(c, len(claim.rows) > 1) for c in r["comparisons"]) or "–"
+        text = r["verdict"]
+        if r["seeds"]:
+            low, high = r["seeds"]
+            text += f", {low}{'' if low == high else f'–{high}'} seed{'s' if high > 1 else ''}"
+        if r["comparisons"] and r["missing"]:
+            text += f", {len(r['missing'])} of {len(r['missing']) + len(r['comparisons'])} cells to run"
+        lines.append(f"| {claim.text} | {papers} | {measured} | {text} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path | str, table: str) -> bool:
+    """Replace the lines between :data:`README_BEGIN` and :data:`README_END` in ``readme`` with
+    ``table`` (written atomically); returns whether the file changed. ``ValueError`` when the
+    markers are missing or out of order."""
+    from jpeft.checkpoint.atomic import atomic_write_text
+
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{path} has no '{README_BEGIN}' line followed by a '{README_END}' line; "
+                         "add both where the claims table goes")
+    new = text[:begin + len(README_BEGIN)] + "\n" + table + "\n" + text[end:]
+    if new != text:
+        atomic_write_text(path, new)
+    return new != text
+
+
 def write_claims(cells: Iterable[Mapping[str, Any]], out_dir: Path | str,
                  runs: Sequence[Mapping[str, Any]] = (), results: str = "results.json",
                  claims: Sequence[Claim] = CLAIMS) -> list[dict[str, Any]]:
@@ -286,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.claims", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", required=True, help="a sweep's results.json, e.g. results/glue/results.json")
     parser.add_argument("--out", default=None, help="folder for claims.{json,md} (default: the results' folder)")
+    parser.add_argument("--readme", default=None,
+                        help=f"also rewrite the short table of this file between {README_BEGIN} and {README_END}")
     args = parser.parse_args(argv)
     path = Path(args.results)
     if not path.is_file():
@@ -299,10 +353,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--results={path}: no \"cells\" list; give a GLUE sweep's results.json")
     out = Path(args.out) if args.out else path.parent
     try:
-        write_claims(data["cells"], out, runs=data.get("runs", []), results=str(path))
+        records = write_claims(data["cells"], out, runs=data.get("runs", []), results=str(path))
     except ValueError as err:
         parser.error(f"--results={path}: {err}")
     print((out / "claims.md").read_text(), end="")
+    if args.readme:
+        readme = Path(args.readme)
+        link = os.path.relpath(out / "claims.md", readme.resolve().parent if readme.exists() else ".")
+        try:
+            update_readme(readme, readme_table(CLAIMS, records, Path(link).as_posix()))
+        except (OSError, ValueError) as err:
+            parser.error(f"--readme={readme}: {err}")
     return 0
 
 

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from experiments.claims import CLAIMS, GLUE_TASKS, Claim, Source, compare, main, verdict, write_claims
+from experiments.claims import (CLAIMS, GLUE_TASKS, README_BEGIN, README_END, Claim, Source, compare, main,
+                               readme_table, update_readme, verdict, write_claims)
 from experiments.sweep import write_seeded_table, write_table
 
 MAIN = {"sst2": "accuracy", "mrpc": "accuracy", "rte": "accuracy", "stsb": "pearson",
@@ -185,3 +186,41 @@ def test_the_sweep_rewrites_the_claims_with_its_tables(tmp_path):
     saved = json.loads((tmp_path / "one" / "claims.json").read_text())
     lora = next(r for r in saved["claims"] if r["id"] == "lora-matches")
     assert lora["verdict"] == "holds" and lora["seeds"] == [1, 1]
+
+
+def test_cli_rewrites_the_readme_table_between_its_markers(tmp_path, capsys):
+    results = tmp_path / "glue" / "results.json"
+    results.parent.mkdir()
+    cells = grid({"sst2": -0.5, "mrpc": -3.0}, row="lora")
+    results.write_text(json.dumps({"cells": list(cells.values()), "runs": []}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
+    assert main([f"--results={results}", f"--readme={readme}"]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{README_END}\nafter\n")
+    assert "old table" not in text and "(glue/claims.md)" in text
+    lora = next(line for line in text.splitlines() if line.startswith("| LoRA"))
+    assert "sst2 -0.5 ±0.0 ✓; mrpc -3.0 ±0.0 ✗" in lora and "holds partly, 3 seeds, 3 of 5 cells to run" in lora
+    assert "[Hu et al. 2021](https://arxiv.org/abs/2106.09685)" in lora
+    assert update_readme(readme, readme_table(CLAIMS, [verdict(c, cells) for c in CLAIMS],
+                                              "glue/claims.md")) is False  # unchanged: not rewritten
+
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"--results={results}", f"--readme={readme}"])
+    assert exit_info.value.code == 2 and "no '<!-- claims:begin -->' line" in capsys.readouterr().err
+
+
+def test_the_readme_table_is_the_committed_results():
+    """README.md's claims table is what ``--readme`` writes for results/glue/results.json: rerun
+    ``python -m experiments.claims --results=results/glue/results.json --readme=README.md``
+    after the results change."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "results" / "glue" / "results.json").read_text())
+    keyed = {(c["label"], c["task"]): c for c in data["cells"]}
+    table = readme_table(CLAIMS, [verdict(c, keyed, data.get("runs", [])) for c in CLAIMS],
+                         "results/glue/claims.md")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert f"{README_BEGIN}\n{table}\n{README_END}" in readme
