@@ -70,8 +70,11 @@ def time_round_robin(calls: Mapping[str, Callable[[], Any]], reps: int,
     return times
 
 
-def _calls(config: str, variants: Mapping[str, dict[str, Any]], matmul_dtype: str | None,
-           base_dtype: str, batch: int, length: int) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
+def compiled_call(config: str, options: Mapping[str, Any] | None, matmul_dtype: str | None = None,
+                  base_dtype: str = "float32", batch: int = 32, length: int = 128) -> tuple[Callable[[], Any], Any]:
+    """One call of MiniLM's train step of ``config`` (``"inference"``: the base model's forward pass)
+    on ``benchmarks.train_step``'s fixed batch, compiled with ``options`` (None: jpeft's defaults),
+    and its compiled executable (``.as_text()``, ``.cost_analysis()``)."""
     import jax
     import jax.numpy as jnp
 
@@ -88,27 +91,29 @@ def _calls(config: str, variants: Mapping[str, dict[str, Any]], matmul_dtype: st
         keep = () if method is None else trainable_base_paths(method, base, model.info())
         base = cast_frozen_base(base, keep, base_dtype)
     ids, mask, types, labels = (jnp.asarray(x) for x in _batch_arrays(batch, length))
+    if config == "inference":
+        fwd = jit(lambda p, i, m, t: model.apply({"params": p}, i, m, t, deterministic=True),
+                  compiler_options=options)
+        return (lambda: jax.block_until_ready(fwd(base, ids, mask, types))), fwd.lower(base, ids, mask, types).compile()
+    trainer = Trainer(model, method, base, total_steps=10_000, compiler_options=options,
+                      optim=OptimConfig(lr=LR, warmup_ratio=0.0, clip_norm=0.0))
+    holder = {"state": trainer.init_state(jax.random.key(0))}
+    data = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels,
+            "weights": jnp.ones((batch,), jnp.float32)}
+
+    def step() -> None:
+        holder["state"], metrics = trainer.train_step(holder["state"], trainer.frozen, data)
+        jax.block_until_ready(metrics["loss"])
+
+    return step, trainer.train_step.lower(holder["state"], trainer.frozen, data).compile()
+
+
+def _calls(config: str, variants: Mapping[str, dict[str, Any]], matmul_dtype: str | None,
+           base_dtype: str, batch: int, length: int) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
     calls, fusions = {}, {}
     for name, options in variants.items():
-        if config == "inference":
-            fwd = jit(lambda p, i, m, t: model.apply({"params": p}, i, m, t, deterministic=True),
-                      compiler_options=options)
-            fusions[name] = fwd.lower(base, ids, mask, types).compile().as_text().count("__ynn_fusion")
-            calls[name] = lambda fwd=fwd: jax.block_until_ready(fwd(base, ids, mask, types))
-            continue
-        trainer = Trainer(model, method, base, total_steps=10_000, compiler_options=options,
-                          optim=OptimConfig(lr=LR, warmup_ratio=0.0, clip_norm=0.0))
-        holder = {"state": trainer.init_state(jax.random.key(0))}
-        data = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels,
-                "weights": jnp.ones((batch,), jnp.float32)}
-        compiled = trainer.train_step.lower(holder["state"], trainer.frozen, data).compile()
+        calls[name], compiled = compiled_call(config, options, matmul_dtype, base_dtype, batch, length)
         fusions[name] = compiled.as_text().count("__ynn_fusion")
-
-        def step(trainer=trainer, holder=holder, data=data):
-            holder["state"], metrics = trainer.train_step(holder["state"], trainer.frozen, data)
-            jax.block_until_ready(metrics["loss"])
-
-        calls[name] = step
     return calls, fusions
 
 
