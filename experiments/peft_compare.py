@@ -32,7 +32,7 @@ What differs: the framework and the random draws (the head's and LoRA A's initia
 masks). Recipes that use features not reproduced here (group learning rates, bf16, other methods)
 are refused. Runs go to ``<out>/runs/<task>-<method>-s<seed>/summary.json`` (with the recipe);
 ``<out>/results.md`` sets each cell's mean ± std next to jpeft's from
-``<jpeft>/runs/<task>-<method>-s<seed>/summary.json`` with the criterion of issue 26: jpeft's mean
+``<jpeft>/runs/<task>-<method>-s<seed>/summary.json`` with this agreement criterion: jpeft's mean
 lies within the seeds' spread of PEFT's, |Δmean| ≤ the larger std + 0.5 points.
 """
 
