@@ -4,8 +4,8 @@ of Gaussian weights of the same spread.
 
     python -m benchmarks.quant_base_loss --pairs=96
 
-Rows: float32 and bf16 bases; int8 / nf4 with every matmul kernel quantized (the LM head stays
-float), with only the attention kernels quantized and with only the MLP kernels quantized. The
+Rows: float32 and bf16 bases; int8 / nf4 / q4_1 with every matmul kernel quantized (the LM head
+stays float), with only the attention kernels quantized and with only the MLP kernels quantized. The
 error table takes the first ``--kernels`` 2-D kernels: ``‖dequant(quant(W)) − W‖ / ‖W‖``, and the
 same for ``N(0, std(W)²)`` weights of W's shape — equal values say the quantizer does what the
 format specifies and any extra loss comes from the weights themselves. Writes
@@ -26,6 +26,7 @@ from benchmarks.common import command_line, run_meta
 RESULTS = Path(__file__).resolve().parent / "results"
 ATTENTION_ONLY = r"(^|/)lm_head/|mlp|ffn"  # skip the LM head and the MLP: attention kernels quantized
 MLP_ONLY = r"(^|/)lm_head/|attn|attention"  # skip the LM head and attention: MLP kernels quantized
+FORMATS = ("int8", "nf4", "q4_1")
 
 
 def dev_loss(model: Any, transform: Any, base: Any, delta: Any, batches: list[dict[str, Any]]) -> float:
@@ -103,14 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"base": "float32", "quantized": "–", "kernels": 0, "dev_loss": dev_loss(model, transform, base, delta, batches)},
             {"base": "bfloat16", "quantized": "–", "kernels": 0,
              "dev_loss": dev_loss(bf16_model, transform, cast_frozen_base(base, [], "bfloat16"), delta, batches)}]
-    for fmt in ("int8", "nf4"):
+    for fmt in FORMATS:
         for where, skip in (("all matmul kernels", quant.SKIP_DEFAULT), ("attention only", ATTENTION_ONLY),
                             ("MLP only", MLP_ONLY)):
             qbase = quant.quantize_base(base, fmt, transform=transform, info=model.info(), skip=skip)
             rows.append({"base": fmt, "quantized": where, "kernels": len(quant.quantized_paths(qbase)),
                          "dev_loss": dev_loss(model, transform, qbase, delta, batches)})
             print(rows[-1], flush=True)
-    errors = {fmt: kernel_errors(base, fmt, args.kernels) for fmt in ("int8", "nf4")}
+    errors = {fmt: kernel_errors(base, fmt, args.kernels) for fmt in FORMATS}
 
     ref = rows[0]["dev_loss"]
     lines = [f"SmolLM2 E2E dev loss (nats, {args.pairs} dev pairs) with a fresh LoRA, before training; "

@@ -1,5 +1,5 @@
-"""Argument bytes per device of the LoRA train step over a float32, bfloat16, int8, nf4 or nf4-dq
-(nf4 with double-quantized scales) frozen base (``--base-dtype``), for SmolLM2-135M and a
+"""Argument bytes per device of the LoRA train step over a float32, bfloat16, int8, nf4, nf4-dq
+(nf4 with double-quantized scales) or q4_1 (GGUF's Q4_1) frozen base (``--base-dtype``), for SmolLM2-135M and a
 ~1B-parameter Llama (Llama-3.2-1B's shapes), random weights, FSDP 1, 2, 4, 8 on 8 forced CPU
 devices. Nothing is run and no weight is allocated: the parameters are abstract
 (``jax.eval_shape``, the quantized base too). The argument bytes are the shard sizes of every
@@ -52,7 +52,7 @@ MODELS = {
                                  num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                                  tie_word_embeddings=True, rope_theta=500000.0),
 }
-DTYPES = ("float32", "bfloat16", "int8", "nf4", "nf4-dq")
+DTYPES = ("float32", "bfloat16", "int8", "nf4", "nf4-dq", "q4_1")
 
 
 def abstract_llama_trainer(config: llama.LlamaConfig, base_dtype: str) -> tuple[Any, Any, Any]:

@@ -81,7 +81,7 @@ def setting(default: Any, help: str) -> Any:
 class ComputeConfig:
     """How the frozen base is stored and computed, and on which devices."""
 
-    base_dtype: str = setting("float32", "dtype of the frozen base and of the model's compute: float32 or bfloat16 (the delta, trained base leaves, gradients and optimizer state stay float32); int8 (per output channel), nf4 (4-bit NormalFloat, blocks of 64) or nf4-dq (nf4 with QLoRA's double quantization: the block scales stored as int8 in blocks of 256) quantize the frozen matmul weights, computed in float32 (docs/quantized-base.md)")
+    base_dtype: str = setting("float32", "dtype of the frozen base and of the model's compute: float32 or bfloat16 (the delta, trained base leaves, gradients and optimizer state stay float32); int8 (per output channel), nf4 (4-bit NormalFloat, blocks of 64) or nf4-dq (nf4 with QLoRA's double quantization: the block scales stored as int8 in blocks of 256) or q4_1 (GGUF's Q4_1: blocks of 32, a float16 step and minimum; a Q4_1 GGUF file keeps its own codes) quantize the frozen matmul weights, computed in float32 (docs/quantized-base.md)")
     matmul_dtype: str = setting("float32", "operand dtype of the transformer's matmuls: float32, or bfloat16 (bf16 products accumulated in float32, forward and backward; uses AMX on recent x86 CPUs and tensor cores on GPUs)")
     remat: bool = setting(False, "rematerialise each transformer layer (recompute activations in the backward pass: less memory, more compute)")
     mesh: str | None = setting(None, "device mesh, e.g. 'data=4,fsdp=2' (default: all devices on data when there are several)")
@@ -283,7 +283,7 @@ def cast_frozen_base(base: Any, keep: Sequence[str], dtype: str, transform: Any 
     """``base`` with every floating leaf not in ``keep`` (the trained base paths) cast to
     ``dtype``; the kept leaves stay float32 (they are trained, with float32 optimizer state).
 
-    ``int8`` / ``nf4`` / ``nf4-dq``: the frozen matmul kernels quantized
+    ``int8`` / ``nf4`` / ``nf4-dq`` / ``q4_1``: the frozen matmul kernels quantized
     (:func:`jpeft.quant.quantize_base`; the leaves ``transform`` rewrites stay float too), every
     other leaf float32 as loaded."""
     import jax.numpy as jnp

@@ -1,5 +1,5 @@
-"""A quantized frozen base (QLoRA-style): int8 per output channel and 4-bit NormalFloat, with or
-without double quantization of its scales.
+"""A quantized frozen base (QLoRA-style): int8 per output channel, 4-bit NormalFloat with or
+without double quantization of its scales, and GGUF's Q4_1.
 
 The matmul kernels of the frozen base are stored as :class:`QuantizedArray` leaves (codes +
 scales, a registered pytree, so it is jitted, sharded and donated like any array) and every
@@ -31,6 +31,16 @@ Formats (``W`` a kernel ``(…, K, N)``: ``K`` inputs, ``N`` outputs, as Flax st
   largest NF4 gap). Bits per weight: 4 + 8/64 + 32/(64·256) ≈ 4.127 (plus 32 bits of ``μ``
   per kernel).
 
+* ``q4_1``: llama.cpp's / GGUF's ``Q4_1`` (ggml ``quantize_row_q4_1_ref``): blocks of 32
+  consecutive inputs of one output, affine, ``d_b = (max_b - min_b) / 15``,
+  ``code = min(15, ⌊(W - min_b)/d_b + 0.5⌋)``, stored ``d_b`` and ``m_b = min_b`` as float16
+  (:class:`AffineScales`), ``W ≈ d_b·code + m_b``; two codes per ``uint8`` as nf4. 4 + 32/32 = 5
+  bits per weight. Quantizing the weights of a GGUF ``Q4_1`` file (as jpeft loads them,
+  dequantized) gives back the file's own codes and scales, so the base computes exactly what
+  the file holds: no second rounding, unlike NF4 over a 4-bit source. Needs ``K`` divisible by
+  32 and ``N`` even. ``|W - Ŵ| ≤ d_b/2`` plus the float16 rounding of ``d_b`` and ``m_b``
+  (:func:`error_bound`).
+
 Which leaves: the ``kernel`` leaves (2-D or more) that are not trained (the task head, a
 method's trained base leaves) and not rewritten by the method's ``adapt_params`` (BitFit's
 biases, layer freezing's top layers, diff pruning's ``θ₀ + δ``: found by tracing the rewrite),
@@ -42,7 +52,7 @@ A quantized leaf refuses arithmetic: merging a delta into it (``jpeft.merge``) r
 Example::
 
     method = jpeft.lora(jpeft.LoraConfig(r=2))
-    qbase = jpeft.quantize_base(base, "int8", transform=method, info=model.info())  # nf4, nf4-dq
+    qbase = jpeft.quantize_base(base, "int8", transform=method, info=model.info())  # nf4, nf4-dq, q4_1
     delta = method.init(key, qbase, model.info())
     logits = jpeft.apply(model, method, qbase, delta, ids, mask)
 """
@@ -63,9 +73,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jpeft.core import paths as P
 
-FORMATS = ("int8", "nf4", "nf4-dq")
+FORMATS = ("int8", "nf4", "nf4-dq", "q4_1")
 NF4_FORMATS = ("nf4", "nf4-dq")  # 4-bit codes in blocks of 64 inputs
+PACKED_FORMATS = (*NF4_FORMATS, "q4_1")  # two 4-bit codes per byte along the outputs
 NF4_BLOCK = 64
+Q4_1_BLOCK = 32  # GGUF's QK4_1
+Q4_1_LEVELS = 15
+_F16_REL = 2.0 ** -11  # float16's relative rounding error (half an ulp)
 DQ_BLOCK = 256  # scales per block of the second quantization (nf4-dq)
 INT8_MAX = 127
 NF4_LEVELS = np.array([
@@ -100,21 +114,36 @@ class QuantizedScales:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class AffineScales:
+    """The block scales of a ``q4_1`` kernel (GGUF ``block_q4_1``'s ``d`` and ``m``).
+
+    Attributes:
+      step: ``float16 (…, K/32, N)``, ``d_b``: the distance between adjacent levels.
+      offset: ``float16 (…, K/32, N)``, ``m_b``: the block minimum, the value of code 0.
+    """
+
+    step: jax.Array
+    offset: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class QuantizedArray:
     """A frozen quantized kernel: ``codes`` and ``scales`` (pytree children) with the format
     and the dtype it dequantizes to (static).
 
     Attributes:
-      codes: ``int8 (…, K, N)`` (int8), or ``uint8 (…, K, N/2)`` two NF4 codes per byte (the
-        even output in the high nibble; nf4, nf4-dq).
+      codes: ``int8 (…, K, N)`` (int8), or ``uint8 (…, K, N/2)`` two 4-bit codes per byte (the
+        even output in the high nibble; nf4, nf4-dq, q4_1).
       scales: ``float32 (…, 1, N)`` per output channel (int8), ``(…, K/64, N)`` block absmax
-        (nf4), or those absmax double-quantized, a :class:`QuantizedScales` (nf4-dq).
-      format: ``"int8"``, ``"nf4"`` or ``"nf4-dq"``.
+        (nf4), those absmax double-quantized, a :class:`QuantizedScales` (nf4-dq), or the
+        blocks' step and minimum, an :class:`AffineScales` (q4_1).
+      format: ``"int8"``, ``"nf4"``, ``"nf4-dq"`` or ``"q4_1"``.
       dtype: the dtype :meth:`dequantize` returns (the float base's).
     """
 
     codes: jax.Array
-    scales: jax.Array | QuantizedScales
+    scales: jax.Array | QuantizedScales | AffineScales
     format: str = dataclasses.field(metadata={"static": True})
     dtype: str = dataclasses.field(default="float32", metadata={"static": True})
 
@@ -122,7 +151,7 @@ class QuantizedArray:
     def shape(self) -> tuple[int, ...]:
         """The shape of the dequantized kernel."""
         *lead, n = self.codes.shape
-        return (*lead, n * 2) if self.format in NF4_FORMATS else (*lead, n)
+        return (*lead, n * 2) if self.format in PACKED_FORMATS else (*lead, n)
 
     @property
     def ndim(self) -> int:
@@ -146,7 +175,7 @@ class QuantizedArray:
             f"this base weight is quantized ({self.format}, shape {self.shape}); jpeft computes with "
             "it only inside the nn.Dense layer that holds it, never as an array (merging a delta "
             "into it, rewriting or reading it). Merge into the float base instead (load the model "
-            "without --base-dtype=int8/nf4/nf4-dq, or jpeft.dequantize_base(base)) or keep the delta "
+            "without --base-dtype=int8/nf4/nf4-dq/q4_1, or jpeft.dequantize_base(base)) or keep the delta "
             "unmerged (jpeft.apply); a method that rewrites or reads base weights needs a float "
             "base (--base-dtype=float32 or bfloat16; jpeft.quantize_base(..., transform=method) "
             "keeps the weights the method rewrites float).")
@@ -225,17 +254,50 @@ def quantize(w: jax.Array, fmt: str) -> QuantizedArray:
         codes, scale = _absmax_int8(w32, axis=-2)
         return QuantizedArray(codes, scale, "int8", jnp.dtype(w.dtype).name)
     *lead, k, n = w32.shape
-    if k % NF4_BLOCK or n % 2:
-        raise ValueError(f"nf4 needs a kernel whose input axis is a multiple of {NF4_BLOCK} and "
+    block = block_size(fmt)
+    if k % block or n % 2:
+        raise ValueError(f"{fmt} needs a kernel whose input axis is a multiple of {block} and "
                          f"whose output axis is even, got shape {tuple(w32.shape)}")
+    if fmt == "q4_1":
+        return _quantize_q4_1(w32, jnp.dtype(w.dtype).name)
     blocks = w32.reshape(*lead, k // NF4_BLOCK, NF4_BLOCK, n)
     absmax = jnp.max(jnp.abs(blocks), axis=-2)  # (…, K/64, N)
     normed = blocks / jnp.where(absmax == 0, 1.0, absmax)[..., None, :]
     midpoints = jnp.asarray((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2)
     codes = jnp.searchsorted(midpoints, normed.reshape(*lead, k, n)).astype(jnp.uint8)  # nearest level
-    packed = (codes[..., 0::2] << 4) | codes[..., 1::2]
     scales = quantize_scales(absmax) if fmt == "nf4-dq" else absmax
-    return QuantizedArray(packed, scales, fmt, jnp.dtype(w.dtype).name)
+    return QuantizedArray(_pack(codes), scales, fmt, jnp.dtype(w.dtype).name)
+
+
+def block_size(fmt: str) -> int:
+    """Inputs per block of a 4-bit format (64 for nf4 / nf4-dq, 32 for q4_1)."""
+    return Q4_1_BLOCK if fmt == "q4_1" else NF4_BLOCK
+
+
+def _pack(codes: jax.Array) -> jax.Array:
+    """4-bit codes ``(…, K, N)`` two per byte ``(…, K, N/2)``, the even output in the high nibble."""
+    return (codes[..., 0::2] << 4) | codes[..., 1::2]
+
+
+def _unpack(packed: jax.Array) -> jax.Array:
+    *lead, k, half = packed.shape
+    return jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(*lead, k, 2 * half)
+
+
+def _quantize_q4_1(w32: jax.Array, dtype: str) -> QuantizedArray:
+    """ggml's ``quantize_row_q4_1_ref`` on blocks of 32 inputs: the codes from the float32 step,
+    the step and minimum stored as float16."""
+    *lead, k, n = w32.shape
+    blocks = w32.reshape(*lead, k // Q4_1_BLOCK, Q4_1_BLOCK, n)
+    low, high = jnp.min(blocks, axis=-2), jnp.max(blocks, axis=-2)  # (…, K/32, N)
+    # A true division, as ggml's: XLA turns a division by a constant into a multiplication by
+    # its reciprocal, which rounds differently; the barrier hides the constant from it.
+    step = (high - low) / jax.lax.optimization_barrier(jnp.full_like(high, Q4_1_LEVELS))
+    inverse = jnp.where(step == 0, 0.0, 1.0 / jnp.where(step == 0, 1.0, step))
+    codes = jnp.floor((blocks - low[..., None, :]) * inverse[..., None, :] + 0.5)
+    codes = jnp.minimum(codes, Q4_1_LEVELS).astype(jnp.uint8).reshape(*lead, k, n)
+    scales = AffineScales(step.astype(jnp.float16), low.astype(jnp.float16))
+    return QuantizedArray(_pack(codes), scales, "q4_1", dtype)
 
 
 def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
@@ -243,19 +305,30 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     dtype = jnp.dtype(dtype or q.dtype)
     if q.format == "int8":
         return (q.codes.astype(jnp.float32) * q.scales).astype(dtype)
-    *lead, k, half = q.codes.shape
-    codes = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(*lead, k, 2 * half)
+    codes = _unpack(q.codes)
+    *lead, k, n = codes.shape
+    if q.format == "q4_1":
+        step, offset = (jnp.asarray(x, jnp.float32)[..., None, :] for x in (q.scales.step, q.scales.offset))
+        blocks = codes.reshape(*lead, k // Q4_1_BLOCK, Q4_1_BLOCK, n).astype(jnp.float32) * step + offset
+        return blocks.reshape(*lead, k, n).astype(dtype)
     values = jnp.asarray(NF4_LEVELS)[codes.astype(jnp.int32)]
     scales = block_scales(q)[..., None, :]
-    blocks = values.reshape(*lead, k // NF4_BLOCK, NF4_BLOCK, 2 * half) * scales
-    return blocks.reshape(*lead, k, 2 * half).astype(dtype)
+    blocks = values.reshape(*lead, k // NF4_BLOCK, NF4_BLOCK, n) * scales
+    return blocks.reshape(*lead, k, n).astype(dtype)
 
 
 def error_bound(q: QuantizedArray) -> jax.Array:
     """The largest ``|W - dequantize(q)|`` the format allows, per element ``(…, K, N)``: int8
-    ``s_n/2``; nf4 ``a_b·gap/2``; nf4-dq ``(â_b + t_j/2)·gap/2 + t_j/2``."""
+    ``s_n/2``; nf4 ``a_b·gap/2``; nf4-dq ``(â_b + t_j/2)·gap/2 + t_j/2``; q4_1 ``d_b/2`` plus the
+    float16 rounding of ``d_b`` (times 15 codes) and of ``m_b`` (twice float16's half ulp, to
+    cover the rounding of the float32 arithmetic too)."""
     if q.format == "int8":
         return jnp.broadcast_to(q.scales / 2, q.shape)
+    if q.format == "q4_1":  # half a float32 step, and 15 × the step's and 1 × the minimum's f16 rounding
+        step = jnp.asarray(q.scales.step, jnp.float32)
+        offset = jnp.abs(jnp.asarray(q.scales.offset, jnp.float32))
+        bound = step / 2 * (1 + 2 * _F16_REL) + Q4_1_LEVELS * step * 2 * _F16_REL + offset * 2 * _F16_REL
+        return jnp.repeat(bound + 2.0 ** -24, Q4_1_BLOCK, axis=-2)
     if q.format == "nf4":
         bound = q.scales * (NF4_MAX_GAP / 2)
     else:  # a_b ≤ â_b + t_j/2 in the 4-bit error, plus |q_i| ≤ 1 times |a_b - â_b| ≤ t_j/2
@@ -299,8 +372,8 @@ def _dense_paths(info: Any) -> set[str] | None:
 
 def quantize_base(base: P.Params, fmt: str, *, keep: Iterable[str] = (), transform: Any = None,
                   info: Any = None, skip: str = SKIP_DEFAULT) -> dict[str, Any]:
-    """``base`` with its frozen matmul kernels quantized to ``fmt`` (``"int8"``, ``"nf4"`` or
-    ``"nf4-dq"``).
+    """``base`` with its frozen matmul kernels quantized to ``fmt`` (``"int8"``, ``"nf4"``,
+    ``"nf4-dq"`` or ``"q4_1"``).
 
     Quantized: every ``…/kernel`` leaf of rank 2 of a Dense layer (per ``info.layers`` when
     given), except the paths in ``keep`` (trained base leaves: the task head, a method's
@@ -320,8 +393,9 @@ def quantize_base(base: P.Params, fmt: str, *, keep: Iterable[str] = (), transfo
                   and (dense is None or p in dense) and not re.search(skip, p)]
     frozen = [p for p in candidates if p not in kept and p not in rewritten]
     chosen = frozen
-    if fmt in NF4_FORMATS:
-        chosen = [p for p in frozen if flat[p].shape[-2] % NF4_BLOCK == 0 and flat[p].shape[-1] % 2 == 0]
+    if fmt in PACKED_FORMATS:
+        block = block_size(fmt)
+        chosen = [p for p in frozen if flat[p].shape[-2] % block == 0 and flat[p].shape[-1] % 2 == 0]
     if not chosen:
         name = getattr(transform, "name", "the method")
         if not candidates:
@@ -330,7 +404,8 @@ def quantize_base(base: P.Params, fmt: str, *, keep: Iterable[str] = (), transfo
             why = f"'{name}' trains or rewrites all {len(candidates)} of them"
         else:
             why = (f"none of the {len(frozen)} frozen kernels has an input size that is a multiple of "
-                   f"the NF4 block ({NF4_BLOCK}); int8 has no such constraint")
+                   f"the {fmt} block ({block_size(fmt)}) and an even output size; int8 has no such "
+                   "constraint")
         raise ValueError(
             f"base dtype {fmt!r}: no matmul weight would be quantized ({why}); a quantized base "
             "holds frozen weights only. Use a float base (--base-dtype=float32 or bfloat16) for "

@@ -81,3 +81,15 @@ def mesh_train_losses(model, method, params, mesh_spec: str, steps: int):
         state, metrics = trainer.train_step(state, trainer.frozen, batch)
         losses.append(float(metrics["loss"]))
     return trainer, state, losses
+
+
+def q4_1_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GGUF Q4_1 bytes ``(N rows, K/32 · 20)`` (``block_q4_1 {f16 d; f16 m; u8 qs[16]}`` per 32
+    inputs, input ``j`` in the low nibble of ``qs[j]``, ``j + 16`` in the high one) as jpeft's
+    kernel layout: codes ``(K, N)``, ``d`` and ``m`` ``(K/32, N)``."""
+    blocks = np.asarray(raw).reshape(raw.shape[0], -1, 20)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].T
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].T
+    qs = blocks[..., 4:]
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(raw.shape[0], -1).T
+    return codes, d, m

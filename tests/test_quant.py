@@ -1,9 +1,11 @@
-"""A quantized frozen base (``jpeft.quant``): int8 per output channel, NF4 blocks of 64, and NF4
-with double-quantized scales (nf4-dq).
+"""A quantized frozen base (``jpeft.quant``): int8 per output channel, NF4 blocks of 64, NF4
+with double-quantized scales (nf4-dq) and GGUF's Q4_1 (blocks of 32, affine, float16 scales).
 
 Checked: the quantize→dequantize error stays within each format's bound (int8: half the
 channel's scale; nf4: half the largest gap between adjacent levels times the block's absmax;
-nf4-dq: that with the dequantized absmax plus the absmax's own int8 error); NF4 picks the nearest
+nf4-dq: that with the dequantized absmax plus the absmax's own int8 error; q4_1: half a step plus
+the float16 rounding of its step and minimum); q4_1 equals the gguf package's Q4_1 bit for bit and
+is idempotent on its own values (a Q4_1 file keeps its codes); NF4 picks the nearest
 of the 16 QLoRA levels; nf4-dq keeps nf4's codes, stores the absmax as int8 in blocks of 256
 around their mean, and takes 4.127 bits per weight (measured from the arrays' bytes); a model
 over a quantized base computes what the same model over the dequantized float base computes
@@ -35,7 +37,7 @@ from jpeft.core.transform import ApplyContext, apply
 from jpeft.methods import build
 from jpeft.models.bert import BertConfig, BertModel, init_params
 from jpeft.train.trainer import Trainer, trainable_base_paths
-from tests.helpers import perturb, tiny_batch, train_tiny
+from tests.helpers import perturb, q4_1_blocks, tiny_batch, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,12 +136,56 @@ def test_nf4_dq_blocks_of_256_may_end_partial():
     np.testing.assert_allclose(jax.jit(Q.dequantize)(q), q.dequantize(), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("fmt", Q.NF4_FORMATS)
-def test_nf4_refuses_a_kernel_that_does_not_fit_the_blocks(fmt):
-    with pytest.raises(ValueError, match="multiple of 64"):
-        Q.quantize(jnp.ones((48, 8)), fmt)
-    with pytest.raises(ValueError, match="choose one of int8, nf4, nf4-dq"):
+@pytest.mark.parametrize("fmt", Q.PACKED_FORMATS)
+def test_4_bit_formats_refuse_a_kernel_that_does_not_fit_the_blocks(fmt):
+    block = Q.block_size(fmt)
+    with pytest.raises(ValueError, match=f"{fmt} needs .* multiple of {block}"):
+        Q.quantize(jnp.ones((block + 16, 8)), fmt)
+    with pytest.raises(ValueError, match="output axis is even"):
+        Q.quantize(jnp.ones((block, 7)), fmt)
+    with pytest.raises(ValueError, match="choose one of int8, nf4, nf4-dq, q4_1"):
         Q.quantize(jnp.ones((64, 8)), "int4")
+
+
+def _gguf_q4_1(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``gguf`` package's own Q4_1 of a kernel ``(K, N)`` (GGUF rows are outputs): its
+    dequantized kernel, and per block (in our ``(K/32, N)`` layout) the codes, ``d`` and ``m``
+    read from the bytes of ``block_q4_1 {f16 d; f16 m; u8 qs[16]}``."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize, quantize
+
+    kind = gguf.GGMLQuantizationType.Q4_1
+    rows = np.ascontiguousarray(w.T, np.float32)  # (N, K)
+    raw = quantize(rows, kind)
+    return (dequantize(raw, kind).T, *q4_1_blocks(raw))
+
+
+def test_q4_1_is_ggml_s_q4_1_bit_for_bit():
+    w = np.array(jax.random.normal(jax.random.key(8), (128, 10)) * jnp.linspace(0.01, 3.0, 10))
+    w[:32, 0] = 0.5  # a constant block: step 0, every code 0
+    q = Q.quantize(jnp.asarray(w), "q4_1")
+    want, codes, d, m = _gguf_q4_1(w)
+    assert isinstance(q.scales, Q.AffineScales) and q.scales.step.dtype == jnp.float16
+    assert q.codes.shape == (128, 5) and q.scales.step.shape == q.scales.offset.shape == (4, 10)
+    np.testing.assert_array_equal(np.asarray(Q._unpack(q.codes)), codes)
+    np.testing.assert_array_equal(np.asarray(q.scales.step), d)
+    np.testing.assert_array_equal(np.asarray(q.scales.offset), m)
+    np.testing.assert_array_equal(np.asarray(q.dequantize()), want)
+    assert float(q.scales.step[0, 0]) == 0.0 and bool((q.dequantize()[:32, 0] == 0.5).all())
+    # storage: 4 bits per weight plus a float16 step and minimum per 32 weights
+    assert P.nbytes(q) * 8 / w.size == 5.0
+
+
+def test_q4_1_gives_back_its_own_codes_from_its_dequantized_weights():
+    """Quantizing a Q4_1 kernel's float values again is the identity: a GGUF Q4_1 model loaded
+    as floats becomes the file's own Q4_1 base, with no second rounding."""
+    w = jax.random.normal(jax.random.key(9), (2, 128, 12)) * 0.05
+    q = Q.quantize(w, "q4_1")
+    again = Q.quantize(q.dequantize(), "q4_1")
+    for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # nf4 over those values rounds a second time (the loss q4_1 avoids)
+    assert float(jnp.abs(Q.quantize(q.dequantize(), "nf4").dequantize() - q.dequantize()).max()) > 1e-3
 
 
 @pytest.mark.parametrize("fmt", Q.FORMATS)
@@ -306,7 +352,8 @@ def test_llama_quantized_matches_dequantized_with_bf16_matmuls():
 def test_base_dtype_flag_names_the_formats():
     check_base_dtype("nf4")
     check_base_dtype("nf4-dq")
-    with pytest.raises(ValueError, match="float32, bfloat16, int8, nf4, nf4-dq$"):
+    check_base_dtype("q4_1")
+    with pytest.raises(ValueError, match="float32, bfloat16, int8, nf4, nf4-dq, q4_1$"):
         check_base_dtype("int4")
 
 

@@ -143,3 +143,29 @@ def test_smollm2_gguf_matches_transformers():
     print(f"SmolLM2 GGUF: max |diff| = {diff:.3g} (max |logit| {np.abs(expected).max():.3g})")
     assert np.array_equal(logits.argmax(-1), expected.argmax(-1))
     assert diff <= 1e-3
+
+
+@pytest.mark.real
+def test_smollm2_q4_1_base_is_the_file_s_own_q4_1():
+    """``--base-dtype=q4_1`` over the Q4_1 file: every matmul kernel quantizes back to the file's
+    codes, steps and minima (read from its bytes for one tensor), so the quantized base computes
+    with exactly the weights the float base holds: no second rounding."""
+    from jpeft import quant as Q
+    from jpeft.core import paths as P
+    from tests.helpers import q4_1_blocks
+
+    path = smollm2_gguf()
+    reader = gguf.GGUFReader(str(path))
+    model, params = from_gguf(path)
+    qbase = Q.quantize_base(params, "q4_1", info=model.info())
+    flat, quantized = P.flatten(params), P.flatten(qbase)
+    assert len(Q.quantized_paths(qbase)) == 30 * 7  # q, k, v, o, gate, up, down in 30 layers
+    for p in Q.quantized_paths(qbase):
+        np.testing.assert_array_equal(np.asarray(quantized[p].dequantize()), np.asarray(flat[p]), err_msg=p)
+    # the bytes of blk.0.ffn_down (not permuted): block_q4_1 {f16 d; f16 m; u8 qs[16]} per 32 inputs
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    codes, d, m = q4_1_blocks(np.asarray(tensor.data))
+    q = quantized["model/layers_0/mlp/down_proj/kernel"]
+    np.testing.assert_array_equal(np.asarray(q.scales.step), d)
+    np.testing.assert_array_equal(np.asarray(q.scales.offset), m)
+    np.testing.assert_array_equal(np.asarray(Q._unpack(q.codes)), codes)
