@@ -1,4 +1,5 @@
-"""Step time of a LoRA train step over an nf4 frozen base vs a bfloat16 one, interleaved.
+"""Step time of a LoRA train step over quantized frozen bases (nf4, q4_1, ...) vs a bfloat16 one,
+interleaved.
 
 Each side runs in its own process (SmolLM2-135M's shapes, random weights, the base built as
 ``--base-dtype`` builds it: bf16 casts the frozen leaves and computes in bf16; nf4 quantizes
@@ -8,6 +9,7 @@ steps, ``--rounds`` times, alternating which goes first, so that both sides see 
 machine load. Writes ``benchmarks/results/quant_step_time.{json,md}``.
 
     python -m benchmarks.quant_step_time --rounds=6 --steps=3
+    python -m benchmarks.quant_step_time --sides=bfloat16,nf4,q4_1   # each ratio to the first side
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.quant_memory import cpu_model
 
     med = {s: statistics.median(v) for s, v in times.items()}
-    ratio = med[sides[1]] / med[sides[0]]
+    ratios = {s: med[s] / med[sides[0]] for s in sides[1:]}
     cpu = cpu_model()
     md = [f"SmolLM2-135M shapes{f' ({args.layers} layers)' if args.layers else ''}, LoRA r=8 q/v, "
           f"batch {args.batch}×{args.seq}, {args.rounds} interleaved rounds of {args.steps} steps, "
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
           "| base | median s/step | rounds (s/step) | compile + first step s |", "|---|---:|---|---:|"]
     for s in sides:
         md.append(f"| {s} | {med[s]:.3f} | {', '.join(f'{t:.2f}' for t in times[s])} | {compile_s[s]:.0f} |")
-    md += ["", f"{sides[1]} / {sides[0]} step time: **{ratio:.2f}×**"]
+    md += [""] + [f"{s} / {sides[0]} step time: **{r:.2f}×**" for s, r in ratios.items()]
     table = "\n".join(md)
     print(table)
     out = Path(args.output)
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.quant_step_time " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu": cpu, "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg(),
         "times_s_per_step": times, "median_s_per_step": med, "compile_s": compile_s,
-        "ratio": ratio, "table": table}, indent=2) + "\n")
+        "ratios": ratios, "table": table}, indent=2) + "\n")
     out.with_suffix(".md").write_text("# Quantized base: step time\n\n" + table + "\n")
     return 0
 
