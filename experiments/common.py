@@ -304,6 +304,30 @@ def cast_frozen_base(base: Any, keep: Sequence[str], dtype: str, transform: Any 
     return P.unflatten(out)
 
 
+def requantization_note(model: str, base_dtype: str) -> str | None:
+    """A note when ``--base-dtype`` quantizes weights that a GGUF file already stored in 4 or 5
+    bits (they get rounded a second time), naming ``q4_1`` when the file is Q4_1; else ``None``."""
+    from jpeft import quant
+    from jpeft.models import _gguf_file
+    from jpeft.models.gguf import matmul_tensor_types
+
+    if base_dtype not in quant.FORMATS:
+        return None
+    path = _gguf_file(model)
+    if path is None:
+        return None
+    types = matmul_tensor_types(path)
+    low = {t: n for t, n in types.items() if t.startswith(("Q4", "Q5", "IQ4", "Q3", "Q2", "IQ3", "IQ2"))}
+    if not low or (base_dtype == "q4_1" and set(low) == {"Q4_1"}):
+        return None
+    stored = ", ".join(f"{n} {t}" for t, n in sorted(low.items()))
+    fix = (" --base-dtype=q4_1 keeps the file's own Q4_1 codes (no second rounding)."
+           if "Q4_1" in low else " A float or 8-bit source file avoids the second rounding.")
+    return (f"note: {path.name} stores its matmul weights quantized already ({stored}); "
+            f"--base-dtype={base_dtype} rounds them a second time, onto other levels (on SmolLM2's Q4_1 "
+            f"file nf4 costs 0.38 nats of dev loss before training, docs/quantized-base.md).{fix}")
+
+
 def check_base(model: str, base: Any) -> None:
     """Refuse a base whose weights hold non-finite values (a damaged weights file)."""
     import jax.numpy as jnp

@@ -54,6 +54,7 @@ from experiments.common import (
     model_matmul_dtype,
     parse_experiment_args,
     reading,
+    requantization_note,
     run_directory,
     run_mesh,
     scan_flag,
@@ -209,6 +210,10 @@ def _run(cfg: E2EConfig, out_dir: Path, t_start: float) -> dict[str, Any]:
     buckets = tuple(cfg.data.buckets) or e2e_buckets(cfg.data.max_length)
     if cfg.compute.base_dtype != "float32":
         from jpeft.quant import base_compute_dtype
+
+        note = requantization_note(str(cfg.model), cfg.compute.base_dtype)
+        if note:
+            print(note)
 
         model = type(model)(dataclasses.replace(model.config, dtype=base_compute_dtype(cfg.compute.base_dtype)))
         base = cast_frozen_base(base, trainable_base_paths(transform, base, model.info()), cfg.compute.base_dtype,

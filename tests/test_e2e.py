@@ -200,6 +200,21 @@ def smollm2():
 
 
 @pytest.mark.real
+def test_requantizing_a_4_bit_gguf_file_is_pointed_out(smollm2):
+    from experiments.common import requantization_note
+    from jpeft.models.gguf import matmul_tensor_types
+    from jpeft.models.hub import packaged_gguf
+
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert matmul_tensor_types(packaged_gguf(name)) == {"Q4_1": 210}
+    note = requantization_note(name, "nf4")
+    assert note and "210 Q4_1" in note and "--base-dtype=q4_1 keeps the file's own Q4_1 codes" in note
+    assert requantization_note(name, "int8") and requantization_note(name, "nf4-dq")
+    assert requantization_note(name, "q4_1") is None  # the file's own format: no second rounding
+    assert requantization_note(name, "bfloat16") is None
+
+
+@pytest.mark.real
 @pytest.mark.slow
 def test_bitfit_run_is_refused_with_a_clear_error(smollm2, tmp_path, capsys):
     from experiments import e2e as E

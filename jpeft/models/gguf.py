@@ -151,6 +151,18 @@ def params_from_gguf(reader, config: LlamaConfig) -> dict[str, np.ndarray]:
     return flat
 
 
+def matmul_tensor_types(path: str | os.PathLike[str]) -> dict[str, int]:
+    """How many of a GGUF file's matmul weights (the ``blk.N.*`` matrices and ``output``) are
+    stored in each GGML type, e.g. ``{"Q4_1": 210}``: what precision the file's weights had."""
+    counts: dict[str, int] = {}
+    for tensor in _reader(path).tensors:
+        m = _NAME.match(tensor.name)
+        if m is None or len(tensor.shape) != 2 or m.group(2) in ("token_embd",):
+            continue
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
+
+
 def from_gguf(path: str | os.PathLike[str], *, dtype: str = "float32", **config_overrides: Any
               ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """``(model, params)`` from a llama GGUF file (weights dequantised to float32, then cast to
