@@ -35,15 +35,13 @@ def dev_loss(model: Any, transform: Any, base: Any, delta: Any, batches: list[di
     import jax.numpy as jnp
 
     import jpeft
+    from jpeft.train.trainer import causal_lm_loss
 
     @jax.jit
     def summed(base_: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        logits = jpeft.apply(model, transform, base_, delta, batch["input_ids"],
-                             batch["attention_mask"]).astype(jnp.float32)
-        log_probs = jax.nn.log_softmax(logits[:, :-1])
-        nll = -jnp.take_along_axis(log_probs, batch["input_ids"][:, 1:, None], -1)[..., 0]
-        weight = batch["loss_mask"][:, 1:] * batch["weights"][:, None]
-        return (nll * weight).sum(), weight.sum()
+        logits = jpeft.apply(model, transform, base_, delta, batch["input_ids"], batch["attention_mask"])
+        tokens = (batch["loss_mask"][:, 1:] * batch["weights"][:, None]).sum()
+        return causal_lm_loss(logits, batch) * tokens, tokens
 
     total = count = 0.0
     for batch in batches:

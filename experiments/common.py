@@ -317,7 +317,7 @@ def requantization_note(model: str, base_dtype: str) -> str | None:
     if path is None:
         return None
     types = matmul_tensor_types(path)
-    low = {t: n for t, n in types.items() if t.startswith(("Q4", "Q5", "IQ4", "Q3", "Q2", "IQ3", "IQ2"))}
+    low = {t: n for t, n in types.items() if t not in ("F32", "F16", "BF16") and not t.startswith("Q8")}
     if not low or (base_dtype == "q4_1" and set(low) == {"Q4_1"}):
         return None
     stored = ", ".join(f"{n} {t}" for t, n in sorted(low.items()))

@@ -157,7 +157,7 @@ def matmul_tensor_types(path: str | os.PathLike[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for tensor in _reader(path).tensors:
         m = _NAME.match(tensor.name)
-        if m is None or len(tensor.shape) != 2 or m.group(2) in ("token_embd",):
+        if m is None or len(tensor.shape) != 2 or m.group(2) == "token_embd":
             continue
         counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
     return counts
