@@ -93,7 +93,7 @@ class DataConfig:
 
     data_dir: str | None = setting(None, "folder with the data files (default: ../shared/data/<dataset>, else the Hub)")
     max_length: int = setting(128, "tokens per example (truncation)")
-    buckets: tuple[int, ...] = setting((), "padded lengths (default: powers of two from 16 to max_length); batches group examples of one bucket")
+    buckets: tuple[int, ...] = setting((), "padded lengths (default: GLUE powers of two from 16 to max_length, E2E 48, 64, 80, 96, 128 up to max_length); batches group examples of one bucket")
     group_by_length: bool = setting(True, "batch examples of the same length bucket together (less padding)")
     max_train_samples: int | None = setting(None, "use only the first N training examples (none: all)")
     batch_size: int = setting(32, "training batch size")
