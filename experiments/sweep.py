@@ -41,7 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,27 @@ def _with_recipe(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def variant_file(entry: str, task: str) -> Path:
+    """The settings file that ``METHOD@VARIANT`` adds to its cell's run (``configs/variants/``, or
+    ``configs/e2e/variants/`` for the task ``e2e``)."""
+    method, _, variant = entry.partition("@")
+    variants = VARIANTS.parent / "e2e" / "variants" if task == "e2e" else VARIANTS
+    return variants / f"{method}_{variant}.toml"
+
+
+def check_variants(methods: Sequence[str], tasks: Sequence[str]) -> None:
+    """Refuse a ``METHOD@VARIANT`` whose settings file does not exist, before any cell runs."""
+    for entry in methods:
+        if "@" not in entry:
+            continue
+        for task in tasks:
+            path = variant_file(entry, task)
+            if not path.is_file():
+                known = sorted(p.name for p in path.parent.glob("*.toml"))
+                raise ValueError(f"--methods: {entry!r} needs {path}, which does not exist (files "
+                                 f"there: {', '.join(known) or 'none'})")
+
+
 def run_cell(entry: str, task: str, run_dir: Path, extra: list[str], seed: int | None = None,
              runner: Runner = _run_logged, prune: bool = False, tag: str = "") -> dict[str, Any] | None:
     """Run (or read back) one cell; ``entry`` is ``METHOD`` or ``METHOD@VARIANT``; ``seed`` adds
@@ -123,8 +144,7 @@ def run_cell(entry: str, task: str, run_dir: Path, extra: list[str], seed: int |
     method, _, variant = entry.partition("@")
     summary = run_dir / "summary.json"
     if not summary.is_file():
-        variants = VARIANTS.parent / "e2e" / "variants" if task == "e2e" else VARIANTS
-        variant_flags = [f"--config={variants / f'{method}_{variant}.toml'}"] if variant else []
+        variant_flags = [f"--config={variant_file(entry, task)}"] if variant else []
         experiment = ["experiments.e2e"] if task == "e2e" else ["experiments.glue", f"--task={task}"]
         seed_flag = [] if seed is None else [f"--seed={seed}"]
         cmd = [sys.executable, "-m", *experiment, f"--method={method}", f"--output-dir={run_dir}",
@@ -382,6 +402,8 @@ def main(argv: list[str] | None = None, runner: Runner = _run_logged) -> int:
         for t in tasks:
             check_name(t, "task")
         seeds = _parse_seeds(args.seeds)
+        if not args.rebuild:
+            check_variants(methods, tasks)
         if args.tag:
             check_name(args.tag, "tag")
             if seeds is None:

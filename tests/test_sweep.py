@@ -185,6 +185,17 @@ def test_method_names_with_path_separators_are_refused(tmp_path, capsys, methods
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_variant_without_its_settings_file_is_refused_before_any_cell_runs(tmp_path, capsys):
+    calls = []
+    with pytest.raises(SystemExit) as exc:
+        main([f"--out={tmp_path}", "--methods=lora,lora@no_such_variant", "--tasks=sst2", "--seeds=0"],
+             runner=_fake_runner(SCORES, calls))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and calls == []
+    assert "lora_no_such_variant.toml, which does not exist" in err and "lora_dora.toml" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_seeds_are_refused(tmp_path, capsys):
     for seeds in ("0,x", "1,1", ","):
         with pytest.raises(SystemExit):
