@@ -2,9 +2,13 @@
 
     python -m benchmarks.profile_step [--config=lora|inference|...] [--matmul-dtype=float32|bfloat16]
                                       [--steps=2] [--batch=32] [--length=128] [--out=benchmarks/results]
+    python -m benchmarks.profile_step --model=smollm2 --layers=8 --batch=4 [--vocab=4096]
 
 MiniLM with a 2-class head, the same fixed batch and AdamW step as ``benchmarks.train_step``
-(``--config=inference``: the base model's forward pass instead).
+(``--config=inference``: the base model's forward pass instead). ``--model=smollm2``: a LoRA (q, v,
+r=8) step of a decoder with SmolLM2-135M's shapes and random weights (``--layers`` of its 30,
+``--vocab`` to shrink the tied LM head and so measure what the head and its cross-entropy cost)
+on a fixed batch of random tokens with the next-token loss.
 After compilation, ``--steps`` steps run under ``jax.profiler.trace`` (Perfetto JSON); the
 executed XLA thunks are summed per step and grouped by what they compute, read from the compiled
 HLO's ``op_name`` metadata: matmul fusions (``ynn_fusion``/``dot``), dropout's random bits and
@@ -37,6 +41,7 @@ TOP_OPS = 60  # the slowest operations kept in the JSON
 
 # (group, regex searched in "<thunk name> <op_name>"), first match wins.
 GROUPS = [
+    ("LM head (tied embeddings)", r"\.attend/"),
     ("dropout (random bits, masks)", r"Dropout|threefry|random_bits|shift_right_logical"),
     ("matmuls (dot / ynn fusions)", r"^(ynn_fusion|dot)"),
     ("GELU", r"erf|gelu|intermediate/(mul|add|integer_pow)"),
@@ -77,7 +82,45 @@ def _op_spans(events: list[dict[str, Any]]) -> list[tuple[str, float]]:
     return spans
 
 
-def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int) -> dict[str, Any]:
+def _decoder_step(layers: int | None, vocab: int | None, batch: int, length: int) -> tuple[Any, dict[str, str]]:
+    """A LoRA (q, v) train step of a decoder with SmolLM2-135M's shapes (random weights, float32),
+    ``layers`` of its 30 and a tied LM head of ``vocab`` rows (its own 49,152 when ``None``), on a
+    fixed ``(batch, length)`` batch of random tokens: ``(step, HLO op names)``."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.quant_memory import MODELS
+    from jpeft.methods.lora import LoraConfig, lora
+    from jpeft.models import llama
+    from jpeft.train.optim import OptimConfig
+    from jpeft.train.trainer import Trainer, causal_lm_loss
+
+    config = MODELS["smollm2"]
+    config = dataclasses.replace(config, num_hidden_layers=layers or config.num_hidden_layers,
+                                 vocab_size=vocab or config.vocab_size)
+    model = llama.LlamaForCausalLM(config)
+    base = llama.init_params(model, jax.random.key(0))
+    trainer = Trainer(model, lora(LoraConfig(r=8, alpha=16.0, targets=r"self_attn/(q_proj|v_proj)$")), base,
+                      optim=OptimConfig(lr=1e-4, warmup_ratio=0.0, clip_norm=0.0), total_steps=10_000,
+                      loss=causal_lm_loss, model_inputs=("input_ids", "attention_mask"))
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, length))
+    data = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.ones((batch, length), jnp.int32),
+            "loss_mask": jnp.ones((batch, length), jnp.int32), "weights": jnp.ones((batch,), jnp.float32)}
+    box = [trainer.init_state(jax.random.key(0))]
+    names = _hlo_op_names(trainer.train_step.lower(box[0], trainer.frozen, data).compile().as_text())
+
+    def step() -> None:
+        box[0], metrics = trainer.train_step(box[0], trainer.frozen, data)
+        jax.block_until_ready(metrics["loss"])
+    return step, names
+
+
+def _minilm_step(config: str, matmul_dtype: str, batch: int, length: int) -> tuple[Any, dict[str, str]]:
+    """MiniLM's train step of ``config`` (``"inference"``: its forward pass) on the fixed batch of
+    ``benchmarks.train_step``: ``(step, HLO op names)``."""
     import jax
     import jax.numpy as jnp
 
@@ -94,19 +137,40 @@ def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int)
                   matmul_dtype=model.info().matmul_dtype)
         names = _hlo_op_names(fwd.lower(base, ids, mask, types).compile().as_text())
 
-        def step() -> None:
+        def forward() -> None:
             jax.block_until_ready(fwd(base, ids, mask, types))
-    else:
-        data = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels,
-                "weights": jnp.ones((batch,), jnp.float32)}
-        trainer = Trainer(model, _jpeft_method(config), base,
-                          optim=OptimConfig(lr=1e-4, warmup_ratio=0.0, clip_norm=0.0), total_steps=10_000)
-        box = [trainer.init_state(jax.random.key(0))]
-        names = _hlo_op_names(trainer.train_step.lower(box[0], trainer.frozen, data).compile().as_text())
+        return forward, names
+    data = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels,
+            "weights": jnp.ones((batch,), jnp.float32)}
+    trainer = Trainer(model, _jpeft_method(config), base,
+                      optim=OptimConfig(lr=1e-4, warmup_ratio=0.0, clip_norm=0.0), total_steps=10_000)
+    box = [trainer.init_state(jax.random.key(0))]
+    names = _hlo_op_names(trainer.train_step.lower(box[0], trainer.frozen, data).compile().as_text())
 
-        def step() -> None:
-            box[0], metrics = trainer.train_step(box[0], trainer.frozen, data)
-            jax.block_until_ready(metrics["loss"])
+    def step() -> None:
+        box[0], metrics = trainer.train_step(box[0], trainer.frozen, data)
+        jax.block_until_ready(metrics["loss"])
+    return step, names
+
+
+def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int, model_name: str = "minilm",
+            layers: int | None = None, vocab: int | None = None) -> dict[str, Any]:
+    """Trace ``steps`` steps and sum the executed XLA operations per step and per group (see the
+    module docstring); ``model_name="smollm2"`` profiles the decoder's LoRA step instead of
+    MiniLM's ``config`` (then ``config`` and ``matmul_dtype`` stay ``"lora"`` and ``"float32"``)."""
+    import jax
+
+    if model_name == "smollm2":
+        if (config, matmul_dtype) != ("lora", "float32"):
+            raise ValueError("the smollm2 profile is a float32 LoRA step: leave --config and --matmul-dtype "
+                             f"at their defaults (got {config!r}, {matmul_dtype!r})")
+        step, names = _decoder_step(layers, vocab, batch, length)
+    elif model_name == "minilm":
+        if layers is not None or vocab is not None:
+            raise ValueError("--layers and --vocab apply to --model=smollm2 only")
+        step, names = _minilm_step(config, matmul_dtype, batch, length)
+    else:
+        raise ValueError(f"model must be 'minilm' or 'smollm2', got {model_name!r}")
     step()
     with tempfile.TemporaryDirectory() as trace_dir:
         t0 = time.perf_counter()
@@ -127,7 +191,8 @@ def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int)
         key = f"{name} {names.get(name, '')}"
         group = next((g for g, pattern in GROUPS if re.search(pattern, key)), "other")
         groups[group] += ms
-    return {"config": config, "matmul_dtype": matmul_dtype, "wall_ms_per_step": wall * 1e3,
+    return {"model": model_name, "layers": layers, "vocab": vocab, "batch": batch, "length": length,
+            "config": config, "matmul_dtype": matmul_dtype, "wall_ms_per_step": wall * 1e3,
             "groups_ms": dict(groups.most_common()),
             "top_ops": [{"op": n, "ms": round(ms, 3), "hlo": names.get(n, "")}
                         for n, ms in per_op.most_common(TOP_OPS)]}
@@ -142,8 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--model", choices=["minilm", "smollm2"], default="minilm",
+                        help="smollm2: a LoRA step of a decoder with SmolLM2-135M's shapes, random weights")
+    parser.add_argument("--layers", type=int, default=None, help="smollm2: decoder layers (default 30)")
+    parser.add_argument("--vocab", type=int, default=None, help="smollm2: rows of the tied LM head (default 49152)")
     args = parser.parse_args(argv)
-    result = profile(args.config, args.matmul_dtype, args.steps, args.batch, args.length)
+    try:
+        result = profile(args.config, args.matmul_dtype, args.steps, args.batch, args.length,
+                         args.model, args.layers, args.vocab)
+    except ValueError as err:
+        parser.error(str(err))
     total = sum(result["groups_ms"].values())
     print(f"{args.config}, {args.matmul_dtype} matmuls: {result['wall_ms_per_step']:.0f} ms per step (wall), "
           f"{total:.0f} ms of operations")
@@ -153,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = run_meta(command_line("benchmarks.profile_step", argv))
-    (out / f"profile_{args.config}_{args.matmul_dtype}.json").write_text(
+    name = (f"profile_{args.config}_{args.matmul_dtype}" if args.model == "minilm" else
+            f"profile_smollm2_l{args.layers or 30}_v{args.vocab or 49152}_b{args.batch}x{args.length}")
+    (out / f"{name}.json").write_text(
         json.dumps({**meta, **result}, indent=2) + "\n")
     return 0
 

@@ -33,3 +33,32 @@ def test_an_asynchronous_operation_counts_from_its_start_to_its_end_event():
         {"ph": "i", "name": "marker", "ts": 1.0},
     ]
     assert _op_spans(events) == [("dot_general.1", 3.001), ("fusion.2", 0.5), ("dot_general.1", 2.0)]
+
+
+def test_the_decoder_profile_finds_its_tied_lm_head():
+    result = profile("lora", "float32", steps=1, batch=1, length=8, model_name="smollm2", layers=1, vocab=512)
+    groups = result["groups_ms"]
+    assert groups.get("LM head (tied embeddings)", 0.0) > 0.0
+    assert groups.get("matmuls (dot / ynn fusions)", 0.0) > 0.0
+    ops = " ".join(op["hlo"] for op in result["top_ops"])
+    assert "q_proj" in ops and "transpose(jvp(" in ops
+    assert (result["model"], result["layers"], result["vocab"]) == ("smollm2", 1, 512)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"model_name": "smollm2", "layers": 1}, None),
+    ({"model_name": "minilm", "vocab": 512}, "apply to --model=smollm2 only"),
+    ({"model_name": "gpt", "layers": None}, "model must be"),
+])
+def test_profile_refuses_settings_that_do_not_apply(kwargs, message):
+    config = "inference" if message is None else "lora"
+    with pytest.raises(ValueError, match=message or "float32 LoRA step"):
+        profile(config, "float32", steps=1, batch=1, length=8, **kwargs)
+
+
+def test_the_command_line_names_the_bad_setting(capsys):
+    from benchmarks.profile_step import main
+
+    with pytest.raises(SystemExit):
+        main(["--model=minilm", "--layers=2"])
+    assert "apply to --model=smollm2 only" in capsys.readouterr().err
