@@ -82,6 +82,20 @@ def _op_spans(events: list[dict[str, Any]]) -> list[tuple[str, float]]:
     return spans
 
 
+def _train_step(trainer: Any, data: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+    """``(step, HLO op names)``: ``step()`` runs one train step of ``trainer`` on ``data`` from a
+    state it keeps, and waits for it."""
+    import jax
+
+    box = [trainer.init_state(jax.random.key(0))]
+    names = _hlo_op_names(trainer.train_step.lower(box[0], trainer.frozen, data).compile().as_text())
+
+    def step() -> None:
+        box[0], metrics = trainer.train_step(box[0], trainer.frozen, data)
+        jax.block_until_ready(metrics["loss"])
+    return step, names
+
+
 def _decoder_step(layers: int | None, vocab: int | None, batch: int, length: int) -> tuple[Any, dict[str, str]]:
     """A LoRA (q, v) train step of a decoder with SmolLM2-135M's shapes (random weights, float32),
     ``layers`` of its 30 and a tied LM head of ``vocab`` rows (its own 49,152 when ``None``), on a
@@ -109,13 +123,7 @@ def _decoder_step(layers: int | None, vocab: int | None, batch: int, length: int
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, length))
     data = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.ones((batch, length), jnp.int32),
             "loss_mask": jnp.ones((batch, length), jnp.int32), "weights": jnp.ones((batch,), jnp.float32)}
-    box = [trainer.init_state(jax.random.key(0))]
-    names = _hlo_op_names(trainer.train_step.lower(box[0], trainer.frozen, data).compile().as_text())
-
-    def step() -> None:
-        box[0], metrics = trainer.train_step(box[0], trainer.frozen, data)
-        jax.block_until_ready(metrics["loss"])
-    return step, names
+    return _train_step(trainer, data)
 
 
 def _minilm_step(config: str, matmul_dtype: str, batch: int, length: int) -> tuple[Any, dict[str, str]]:
@@ -144,13 +152,7 @@ def _minilm_step(config: str, matmul_dtype: str, batch: int, length: int) -> tup
             "weights": jnp.ones((batch,), jnp.float32)}
     trainer = Trainer(model, _jpeft_method(config), base,
                       optim=OptimConfig(lr=1e-4, warmup_ratio=0.0, clip_norm=0.0), total_steps=10_000)
-    box = [trainer.init_state(jax.random.key(0))]
-    names = _hlo_op_names(trainer.train_step.lower(box[0], trainer.frozen, data).compile().as_text())
-
-    def step() -> None:
-        box[0], metrics = trainer.train_step(box[0], trainer.frozen, data)
-        jax.block_until_ready(metrics["loss"])
-    return step, names
+    return _train_step(trainer, data)
 
 
 def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int, model_name: str = "minilm",
