@@ -96,10 +96,15 @@ def _train_step(trainer: Any, data: dict[str, Any]) -> tuple[Any, dict[str, str]
     return step, names
 
 
-def _decoder_step(layers: int | None, vocab: int | None, batch: int, length: int) -> tuple[Any, dict[str, str]]:
-    """A LoRA (q, v) train step of a decoder with SmolLM2-135M's shapes (random weights, float32),
-    ``layers`` of its 30 and a tied LM head of ``vocab`` rows (its own 49,152 when ``None``), on a
-    fixed ``(batch, length)`` batch of random tokens: ``(step, HLO op names)``."""
+QV = r"self_attn/(q_proj|v_proj)$"
+
+
+def decoder_trainer(layers: int | None, vocab: int | None, batch: int, length: int, targets: str = QV,
+                    dropout: float = 0.0) -> tuple[Any, dict[str, Any]]:
+    """``(trainer, batch)`` of a LoRA (r=8 on ``targets``, q and v by default, LoRA dropout
+    ``dropout``) step of a decoder with SmolLM2-135M's shapes (random weights, float32), ``layers``
+    of its 30 and a tied LM head of ``vocab`` rows (its own 49,152 when ``None``), on a fixed
+    ``(batch, length)`` batch of random tokens."""
     import dataclasses
 
     import jax
@@ -117,42 +122,56 @@ def _decoder_step(layers: int | None, vocab: int | None, batch: int, length: int
                                  vocab_size=vocab or config.vocab_size)
     model = llama.LlamaForCausalLM(config)
     base = llama.init_params(model, jax.random.key(0))
-    trainer = Trainer(model, lora(LoraConfig(r=8, alpha=16.0, targets=r"self_attn/(q_proj|v_proj)$")), base,
+    trainer = Trainer(model, lora(LoraConfig(r=8, alpha=16.0, dropout=dropout, targets=targets)), base,
                       optim=OptimConfig(lr=1e-4, warmup_ratio=0.0, clip_norm=0.0), total_steps=10_000,
                       loss=causal_lm_loss, model_inputs=("input_ids", "attention_mask"))
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, length))
     data = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.ones((batch, length), jnp.int32),
             "loss_mask": jnp.ones((batch, length), jnp.int32), "weights": jnp.ones((batch,), jnp.float32)}
-    return _train_step(trainer, data)
+    return trainer, data
 
 
-def _minilm_step(config: str, matmul_dtype: str, batch: int, length: int) -> tuple[Any, dict[str, str]]:
-    """MiniLM's train step of ``config`` (``"inference"``: its forward pass) on the fixed batch of
-    ``benchmarks.train_step``: ``(step, HLO op names)``."""
-    import jax
+def minilm_trainer(config: str, matmul_dtype: str, batch: int, length: int) -> tuple[Any, dict[str, Any]]:
+    """``(trainer, batch)`` of MiniLM's train step of the ``benchmarks.train_step`` configuration
+    ``config`` (2-class head, AdamW) on that benchmark's fixed ``(batch, length)`` batch."""
     import jax.numpy as jnp
 
     from experiments.common import model_matmul_dtype
-    from jpeft.core.compile import jit
     from jpeft.models.bert import from_pretrained
     from jpeft.train.optim import OptimConfig
     from jpeft.train.trainer import Trainer
 
     model, base = from_pretrained(num_labels=2, matmul_dtype=model_matmul_dtype(matmul_dtype))
     ids, mask, types, labels = (jnp.asarray(x) for x in _batch_arrays(batch, length))
-    if config == "inference":  # the base model's forward pass, as in benchmarks.train_step
-        fwd = jit(lambda p, i, m, t: model.apply({"params": p}, i, m, t, deterministic=True),
-                  matmul_dtype=model.info().matmul_dtype)
-        names = _hlo_op_names(fwd.lower(base, ids, mask, types).compile().as_text())
-
-        def forward() -> None:
-            jax.block_until_ready(fwd(base, ids, mask, types))
-        return forward, names
     data = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels,
             "weights": jnp.ones((batch,), jnp.float32)}
     trainer = Trainer(model, _jpeft_method(config), base,
                       optim=OptimConfig(lr=1e-4, warmup_ratio=0.0, clip_norm=0.0), total_steps=10_000)
-    return _train_step(trainer, data)
+    return trainer, data
+
+
+def _minilm_step(config: str, matmul_dtype: str, batch: int, length: int) -> tuple[Any, dict[str, str]]:
+    """MiniLM's train step of ``config`` (``"inference"``: its forward pass) on the fixed batch of
+    ``benchmarks.train_step``: ``(step, HLO op names)``."""
+    if config != "inference":
+        return _train_step(*minilm_trainer(config, matmul_dtype, batch, length))
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.common import model_matmul_dtype
+    from jpeft.core.compile import jit
+    from jpeft.models.bert import from_pretrained
+
+    model, base = from_pretrained(num_labels=2, matmul_dtype=model_matmul_dtype(matmul_dtype))
+    ids, mask, types, _ = (jnp.asarray(x) for x in _batch_arrays(batch, length))
+    # the base model's forward pass, as in benchmarks.train_step
+    fwd = jit(lambda p, i, m, t: model.apply({"params": p}, i, m, t, deterministic=True),
+              matmul_dtype=model.info().matmul_dtype)
+    names = _hlo_op_names(fwd.lower(base, ids, mask, types).compile().as_text())
+
+    def forward() -> None:
+        jax.block_until_ready(fwd(base, ids, mask, types))
+    return forward, names
 
 
 def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int, model_name: str = "minilm",
@@ -166,7 +185,7 @@ def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int,
         if (config, matmul_dtype) != ("lora", "float32"):
             raise ValueError("the smollm2 profile is a float32 LoRA step: leave --config and --matmul-dtype "
                              f"at their defaults (got {config!r}, {matmul_dtype!r})")
-        step, names = _decoder_step(layers, vocab, batch, length)
+        step, names = _train_step(*decoder_trainer(layers, vocab, batch, length))
     elif model_name == "minilm":
         if layers is not None or vocab is not None:
             raise ValueError("--layers and --vocab apply to --model=smollm2 only")

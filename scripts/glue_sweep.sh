@@ -10,6 +10,8 @@ set -u
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-results/glue}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# compiled steps kept on disk: a cell's later seeds load what its first compiled (docs/experiments.md)
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/jpeft/jax}
 ALL=full,lora,lora@all_linear,ia3,bitfit,houlsby,pfeiffer,prefix,ptuning2,prompt,ptuning,freeze,diff_pruning
 COLA_FAILING=pfeiffer,ia3,bitfit,prefix,ptuning2,prompt,ptuning,diff_pruning
 RTE_FAILING=lora@all_linear,prefix,ia3,ptuning,prompt,diff_pruning
