@@ -77,6 +77,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_cache",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, of " + ", ".join(MODELS))
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = _table(rows)
-    (out / "compile_cache.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    (out / "compile_cache.md").write_text(
+    atomic_write_text((out / "compile_cache.json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text((out / "compile_cache.md"), 
         f"# Compilation and the persistent cache\n\n{meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
         f"{meta['date']}; `{meta['command']}`\n\n{table}\n")
     print(table)

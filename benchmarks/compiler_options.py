@@ -118,6 +118,7 @@ def _calls(config: str, variants: Mapping[str, dict[str, Any]], matmul_dtype: st
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compiler_options",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="inference,lora,full")
@@ -154,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.base_dtype != "float32":
         stem += f"_base_{args.base_dtype}"
     meta = run_meta(command_line("benchmarks.compiler_options", argv))
-    (out / f"{stem}.json").write_text(json.dumps({**meta, "batch": args.batch, "length": args.length,
+    atomic_write_text((out / f"{stem}.json"), json.dumps({**meta, "batch": args.batch, "length": args.length,
                                                   "rows": rows}, indent=2) + "\n")
-    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    atomic_write_text((out / f"{stem}.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -34,6 +34,7 @@ from jpeft.core.transform import apply
 from jpeft.generate import generate
 from jpeft.methods import build
 from jpeft.models import auto_from_pretrained
+from jpeft.checkpoint.atomic import atomic_write_text
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_meta(command_line("benchmarks.decode", argv))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(
+    atomic_write_text(out.with_suffix(".json"), json.dumps(
         {"meta": meta, "model": args.model, "method": args.method or "base", "rows": rows}, indent=2))
     lines = [f"Greedy decoding of {args.new_tokens} tokens after {args.prompt_length}-token prompts, "
              f"{args.model} ({args.method or 'base model'}), float32, on {meta['machine']['cpu']} "
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['batch']} | {r['cached']['tokens_per_s']} | {r['uncached']['tokens_per_s']} | "
                      f"{r['speedup']}× | {r['cached']['first_call_s']} / {r['uncached']['first_call_s']} | "
                      f"{100 * r['token_agreement']:.0f}% |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -179,6 +179,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dot_bound", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="lora,full,inference")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per distinct dot")
@@ -204,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "dot_bound.json").write_text(json.dumps({**meta, "call_overhead_s": overhead, "results": results},
+    atomic_write_text((out / "dot_bound.json"), json.dumps({**meta, "call_overhead_s": overhead, "results": results},
                                                    indent=2) + "\n")
-    (out / "dot_bound.md").write_text(md)
+    atomic_write_text((out / "dot_bound.md"), md)
     return 0
 
 

@@ -35,6 +35,7 @@ def shapes(tokens: int, hidden: int = 384, ffn: int = 1536) -> dict[str, tuple[i
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     import jax
     import jax.numpy as jnp
     import torch
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = run_meta(command_line("benchmarks.gemm", argv), torch=torch.__version__)
-    (out / "gemm.json").write_text(json.dumps({**meta, "tokens": args.tokens, "rows": rows}, indent=2) + "\n")
-    (out / "gemm.md").write_text("\n".join(md) + "\n")
+    atomic_write_text((out / "gemm.json"), json.dumps({**meta, "tokens": args.tokens, "rows": rows}, indent=2) + "\n")
+    atomic_write_text((out / "gemm.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -35,6 +35,7 @@ from jpeft.methods import (
     build,
 )
 from jpeft.models.bert import from_pretrained
+from jpeft.checkpoint.atomic import atomic_write_text
 from tests.helpers import perturb
 
 SPECS = {
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = run_meta(command_line("benchmarks.inference", argv))
-    (out / "inference.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    (out / "inference.md").write_text(md + "\n")
+    atomic_write_text((out / "inference.json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text((out / "inference.md"), md + "\n")
     return 0
 
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.checkpoint.atomic import atomic_write_text
 from jpeft.core import paths as P
 from jpeft.methods.lora import LoraConfig, lora
 from jpeft.models.bert import BertConfig, BertModel
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dimension, whole batch, before XLA fusion) is what remat saves on any backend.",
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(Path(args.output), json.dumps(result, indent=2) + "\n")
     return 0
 
 

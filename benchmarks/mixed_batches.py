@@ -33,6 +33,7 @@ from jpeft.core.compile import jit
 from jpeft.core.transform import ApplyContext, apply
 from jpeft.methods import build
 from jpeft.models.bert import BertConfig, BertModel, init_params
+from jpeft.checkpoint.atomic import atomic_write_text
 
 MINILM = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
           "intermediate_size": 1536, "max_position_embeddings": 512, "num_labels": 2}
@@ -119,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = run_meta(command_line("benchmarks.mixed_batches", argv))
-    (out / "mixed_batches.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    (out / "mixed_batches.md").write_text(md + "\n")
+    atomic_write_text((out / "mixed_batches.json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text((out / "mixed_batches.md"), md + "\n")
     return 0
 
 

@@ -220,6 +220,7 @@ def profile(config: str, matmul_dtype: str, steps: int, batch: int, length: int,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="lora",
                         help="a benchmarks.train_step configuration; 'inference': the base model's forward pass")
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_meta(command_line("benchmarks.profile_step", argv))
     name = (f"profile_{args.config}_{args.matmul_dtype}" if args.model == "minilm" else
             f"profile_smollm2_l{args.layers or 30}_v{args.vocab or 49152}_b{args.batch}x{args.length}")
-    (out / f"{name}.json").write_text(
+    atomic_write_text((out / f"{name}.json"), 
         json.dumps({**meta, **result}, indent=2) + "\n")
     return 0
 

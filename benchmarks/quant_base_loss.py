@@ -75,6 +75,7 @@ def kernel_errors(base: Any, fmt: str, limit: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=96, help="E2E dev pairs the loss is taken over")
     parser.add_argument("--kernels", type=int, default=8, help="kernels in the error table")
@@ -124,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = run_meta(command_line("benchmarks.quant_base_loss", argv))
-    (RESULTS / "quant_base_loss.json").write_text(json.dumps({**meta, "rows": rows, "kernel_errors": errors},
+    atomic_write_text((RESULTS / "quant_base_loss.json"), json.dumps({**meta, "rows": rows, "kernel_errors": errors},
                                                              indent=2) + "\n")
-    (RESULTS / "quant_base_loss.md").write_text("# Quantized base: loss before training\n\n" + table + "\n")
+    atomic_write_text((RESULTS / "quant_base_loss.md"), "# Quantized base: loss before training\n\n" + table + "\n")
     return 0
 
 

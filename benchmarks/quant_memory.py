@@ -40,6 +40,7 @@ from jpeft.methods.lora import LoraConfig, lora
 from jpeft.models import llama
 from jpeft.train import sharding as S
 from jpeft.train.trainer import causal_lm_loss
+from jpeft.checkpoint.atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
@@ -200,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if earlier:  # the kept rows come from these runs
         result["earlier_commands"] = earlier
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text("# Quantized base: argument bytes per device\n\n" + table + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "# Quantized base: argument bytes per device\n\n" + table + "\n")
     return 0
 
 

@@ -42,6 +42,7 @@ def read_run(folder: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories; the first is the reference")
     parser.add_argument("--name", default="quant_quality")
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(
+    atomic_write_text((RESULTS / f"{args.name}.json"), json.dumps(
         {"command": "python -m benchmarks.quant_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
          "cpu": args.cpu, "runs": runs, "table": table}, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text("# Quantized base: quality\n\n" + table + "\n")
+    atomic_write_text((RESULTS / f"{args.name}.md"), "# Quantized base: quality\n\n" + table + "\n")
     return 0
 
 

@@ -81,6 +81,7 @@ def _read(proc: subprocess.Popen) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sides", default="bfloat16,nf4")
     parser.add_argument("--rounds", type=int, default=6)
@@ -127,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    atomic_write_text(out, json.dumps({
         "command": "python -m benchmarks.quant_step_time " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu": cpu, "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg(),
         "times_s_per_step": times, "median_s_per_step": med, "compile_s": compile_s,
         "ratios": ratios, "table": table}, indent=2) + "\n")
-    out.with_suffix(".md").write_text("# Quantized base: step time\n\n" + table + "\n")
+    atomic_write_text(out.with_suffix(".md"), "# Quantized base: step time\n\n" + table + "\n")
     return 0
 
 

@@ -42,6 +42,7 @@ def _rev(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     parser = argparse.ArgumentParser(prog="python -m benchmarks.revisions",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", required=True)
@@ -86,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "revisions.json").write_text(json.dumps({**meta, "revisions": revs, "rows": rows,
+    atomic_write_text((out / "revisions.json"), json.dumps({**meta, "revisions": revs, "rows": rows,
                                                      "times": times}, indent=2) + "\n")
-    (out / "revisions.md").write_text(md + "\n")
+    atomic_write_text((out / "revisions.md"), md + "\n")
     return 0
 
 

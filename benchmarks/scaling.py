@@ -27,6 +27,7 @@ from jpeft.methods import LoraConfig, build
 from jpeft.models.bert import from_pretrained
 from jpeft.train.optim import OptimConfig
 from jpeft.train.trainer import Trainer
+from jpeft.checkpoint.atomic import atomic_write_text
 
 METHODS = {"full": ("full", {}),
            "lora": ("lora", {"lora": LoraConfig(r=8, alpha=16, targets=r"attention/self/(query|value)$")})}
@@ -104,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=100)
     meta = run_meta(command_line("benchmarks.scaling", argv))
-    (out / "scaling.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    (out / "scaling.md").write_text(md + "\n")
+    atomic_write_text((out / "scaling.json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text((out / "scaling.md"), md + "\n")
     return 0
 
 

@@ -292,6 +292,7 @@ PEAK = [1.0]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--sides", default="jpeft,peft")
@@ -346,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "train_step" if args.matmul_dtype == "float32" else "train_step_bf16"
-    (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows, "raw": raw}, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(md + "\n")
+    atomic_write_text((out / f"{stem}.json"), json.dumps({**meta, "rows": rows, "raw": raw}, indent=2) + "\n")
+    atomic_write_text((out / f"{stem}.md"), md + "\n")
     return 0
 
 

@@ -525,6 +525,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     args = parse_args(argv)
     base = QUICK if args.quick else Sizes()
     sizes = dataclasses.replace(base, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)
@@ -585,8 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"vs_pytorch-{cpu_slug(cpu_name())}" + ("-quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(md + "\n")
+    atomic_write_text((out / f"{stem}.json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text((out / f"{stem}.md"), md + "\n")
     failed = [f"{s['row']}/{side}" for s in summaries for side, v in s["sides"].items() if "error" in v]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

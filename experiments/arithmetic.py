@@ -77,6 +77,7 @@ def evaluate(model: Any, transform: Any, params: Any, delta: Any, task: Any, dev
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     parser = argparse.ArgumentParser(prog="python -m experiments.arithmetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", required=True, help="GLUE run directory (or adapter folder) of task A")
     parser.add_argument("--b", required=True, help="GLUE run directory (or adapter folder) of task B")
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     note = (f"`python -m experiments.arithmetic --a={args.a} --b={args.b}`: A = {tasks[0].name}, B = "
             f"{tasks[1].name}; each task evaluated with its own trained head; {time.perf_counter() - t0:.0f} s.")
-    (out / "results.md").write_text(note + "\n\n" + md + "\n")
-    (out / "results.json").write_text(json.dumps({"note": note, "rows": rows}, indent=2) + "\n")
+    atomic_write_text((out / "results.md"), note + "\n\n" + md + "\n")
+    atomic_write_text((out / "results.json"), json.dumps({"note": note, "rows": rows}, indent=2) + "\n")
     return 0
 
 

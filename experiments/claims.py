@@ -325,12 +325,13 @@ def write_claims(cells: Iterable[Mapping[str, Any]], out_dir: Path | str,
     """Write ``<out_dir>/claims.json`` and ``claims.md`` for the sweep's ``cells`` (``runs``: its
     per-seed runs, for the rows' ``method_stats``; ``results``: the table's name in the md);
     returns the claims' records."""
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     keyed = check_cells(cells)
     records = [verdict(c, keyed, runs) for c in claims]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "claims.json").write_text(json.dumps({"rule": RULE, "results": results, "claims": records}, indent=2))
-    (out / "claims.md").write_text(claims_markdown(claims, records, results))
+    atomic_write_text((out / "claims.json"), json.dumps({"rule": RULE, "results": results, "claims": records}, indent=2))
+    atomic_write_text((out / "claims.md"), claims_markdown(claims, records, results))
     return records
 
 

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from jpeft.config import Flat, parse, read_toml
 from jpeft.methods import REGISTRY
 from jpeft.train.optim import OptimConfig, check_number
+from jpeft.checkpoint.atomic import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BASE_DTYPES = ("float32", "bfloat16")
@@ -537,7 +538,7 @@ def checkpointing(cfg: RunConfig, out_dir: Path, trainer: Any, state: Any, base:
         start_loss = saved.get("start_loss")
         kept = [r for r in read_metrics(metrics_path) if r["step"] <= step] \
             if metrics_path.is_file() else []
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         print(f"resumed from {manager.directory}/{step} (step {int(state.step)} of {total_steps})")
     else:
         metrics_path.unlink(missing_ok=True)

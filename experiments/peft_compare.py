@@ -378,6 +378,7 @@ def side_by_side(peft_out: Path, jpeft_out: Path, seeds: list[int] | None = None
 
 
 def write_table(peft_out: Path, jpeft_out: Path, seeds: list[int] | None = None) -> None:
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     lines = side_by_side(peft_out, jpeft_out, seeds)
     note = (f"jpeft and Hugging Face PEFT (PyTorch) on the same GLUE recipe (`python -m "
             f"experiments.peft_compare`): the final dev score's mean ± sample std over the seeds, "
@@ -385,7 +386,7 @@ def write_table(peft_out: Path, jpeft_out: Path, seeds: list[int] | None = None)
             "\"recipes\": whether the two libraries' runs of a cell have the same recipe (config "
             "without seed and bookkeeping).")
     peft_out.mkdir(parents=True, exist_ok=True)
-    (peft_out / "results.md").write_text(note + "\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text((peft_out / "results.md"), note + "\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
