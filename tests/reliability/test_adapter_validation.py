@@ -57,6 +57,10 @@ def _lora_b(tensors):
 def test_a_good_adapter_loads(tmp_path, setup):
     transform, delta, _ = _load(_save(tmp_path, setup), setup)
     assert transform.config.r == 8
+    saved = setup[3]  # the delta comes back as it was saved, not merely something that fits
+    assert jax.tree_util.tree_structure(delta) == jax.tree_util.tree_structure(saved)
+    for got, want in zip(jax.tree_util.tree_leaves(delta), jax.tree_util.tree_leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("case, needles", [

@@ -123,9 +123,20 @@ def test_a_healthy_run_passes_its_starting_loss_to_the_checkpoints(tmp_path):
         L.fit(trainer, state, _batches(total), lambda t, s: {"x": 0.0},
               L.LoopConfig(total, total, log_every=3, progress=False), log, checkpoint=saver)
     assert [s for s, _ in saver.saved] == [2, 4]
-    assert saver.saved[-1][1]["start_loss"] > 0
-    train = [r["step"] for r in _records(tmp_path / "m.jsonl") if r["split"] == "train"]
-    assert train == [3, 4]  # the logged steps and the last one
+    records = [r for r in _records(tmp_path / "m.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in records] == [3, 4]  # the logged steps and the last one
+    # the same steps replayed by hand: the starting loss is the mean loss of the steps read so far
+    replay = _trainer(1e-2, total)
+    state = replay.init_state(jax.random.key(0))
+    batch = next(_batches(total)(0, 0))
+    losses = []
+    for _ in range(total):
+        state, metrics = replay.train_step(state, replay.frozen, batch)
+        losses.append(float(metrics["loss"]))
+    assert [r["loss"] for r in records] == pytest.approx(losses[2:], rel=1e-6)
+    assert len(set(losses)) == total  # the loss moves, so a wrong step's loss is told apart
+    for step, info in saver.saved:
+        assert info["start_loss"] == pytest.approx(np.mean(losses[:step]), rel=1e-6), (step, losses)
 
 
 @pytest.mark.parametrize("kwargs", [dict(log_every=0), dict(total_steps=0), dict(divergence_factor=1.0),
