@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, run_meta, run_worker
+from benchmarks.common import command_line, positive_int, run_meta, run_worker
 from benchmarks.train_step import _robust, matmul_peak_gflops
 from jpeft.checkpoint.atomic import atomic_write_text
 
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="32,16,8,4", help="block sizes; the first is the baseline")
     parser.add_argument("--configs", default="lora,full")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--steps", type=positive_int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--length", type=positive_int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     settings = [int(r) for r in args.rows.split(",")]

@@ -52,3 +52,17 @@ def run_worker(cmd: list[str], what: str, **kwargs: Any) -> dict[str, Any]:
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type for counts and sizes (steps, rounds, repeats, batch, length): an
+    integer >= 1; anything else is a usage error naming the value."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; give an integer >= 1")
+    return value

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import command_line, run_meta
+from benchmarks.common import command_line, positive_int, run_meta
 
 YNN = "xla_cpu_experimental_ynn_fusion_type"
 
@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--variants", default="",
                         help="NAME=JSON;... (default: jpeft, xla, ynn_off, ynn_dots)")
-    parser.add_argument("--reps", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--reps", type=positive_int, default=8)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--length", type=positive_int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     matmul_dtype = None if args.matmul_dtype == "float32" else args.matmul_dtype

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import command_line, run_meta
+from benchmarks.common import command_line, positive_int, run_meta
 from jpeft.core.transform import apply
 from jpeft.generate import generate
 from jpeft.methods import build
@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--method", default="", help="decode through a fresh delta of this method ('' = base)")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--prompt-length", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt-length", type=positive_int, default=32)
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--out", default=str(OUT / "decode"))
     args = parser.parse_args(argv)
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, run_meta
+from benchmarks.common import command_line, positive_int, run_meta
 
 _DEF = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\](?:\{([\d,]*)[^}]*\})?")
 _DOT = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\]\S* dot\(%([^,\s]+), %([^)\s]+)\)(.*)$")
@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dot_bound", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="lora,full,inference")
-    parser.add_argument("--reps", type=int, default=20, help="timed calls per distinct dot")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration")
+    parser.add_argument("--reps", type=positive_int, default=20, help="timed calls per distinct dot")
+    parser.add_argument("--steps", type=positive_int, default=6, help="timed steps per configuration")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import command_line, run_meta
+from benchmarks.common import command_line, positive_int, run_meta
 from benchmarks.compiler_options import time_round_robin
 
 
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from jpeft.core.compile import jit
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gemm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--reps", type=int, default=40)
+    parser.add_argument("--tokens", type=positive_int, default=4096)
+    parser.add_argument("--reps", type=positive_int, default=40)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)

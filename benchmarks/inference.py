@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import command_line, run_meta
+from benchmarks.common import command_line, positive_int, run_meta
 from jpeft.core.compile import jit
 from jpeft.core.transform import apply, merge
 from jpeft.methods import (
@@ -68,9 +68,9 @@ def build_cases(model, base):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--length", type=positive_int, default=128)
+    parser.add_argument("--reps", type=positive_int, default=20)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     model, base = from_pretrained(num_labels=2)

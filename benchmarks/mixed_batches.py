@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import command_line, run_meta
+from benchmarks.common import command_line, positive_int, run_meta
 from jpeft import bank as B
 from jpeft.core.compile import jit
 from jpeft.core.transform import ApplyContext, apply
@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mixed_batches", description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="lora,ia3,prefix")
     parser.add_argument("--k", default="1,4,16")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--length", type=positive_int, default=128)
+    parser.add_argument("--reps", type=positive_int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     rows = run(args.methods.split(","), [int(k) for k in args.k.split(",")], args.batch, args.length, args.reps)

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, run_meta
+from benchmarks.common import command_line, positive_int, run_meta
 from benchmarks.train_step import _batch_arrays, _jpeft_method
 
 TOP_OPS = 60  # the slowest operations kept in the JSON
@@ -225,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="lora",
                         help="a benchmarks.train_step configuration; 'inference': the base model's forward pass")
     parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--steps", type=positive_int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--length", type=positive_int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--model", choices=["minilm", "smollm2"], default="minilm",
                         help="smollm2: a LoRA step of a decoder with SmolLM2-135M's shapes, random weights")

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, run_meta
+from benchmarks.common import command_line, positive_int, run_meta
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ATTENTION_ONLY = r"(^|/)lm_head/|mlp|ffn"  # skip the LM head and the MLP: attention kernels quantized
@@ -77,8 +77,8 @@ def kernel_errors(base: Any, fmt: str, limit: int) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=96, help="E2E dev pairs the loss is taken over")
-    parser.add_argument("--kernels", type=int, default=8, help="kernels in the error table")
+    parser.add_argument("--pairs", type=positive_int, default=96, help="E2E dev pairs the loss is taken over")
+    parser.add_argument("--kernels", type=positive_int, default=8, help="kernels in the error table")
     parser.add_argument("--model", default=None, help="as experiments.e2e --model (default: its own)")
     args = parser.parse_args(argv)
 

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, run_meta, run_worker
+from benchmarks.common import command_line, positive_int, run_meta, run_worker
 from benchmarks.train_step import _robust
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +37,13 @@ def _worker(tree: Path, config: str, steps: int) -> dict[str, Any]:
 
 
 def _rev(name: str) -> str:
-    return subprocess.run(["git", "rev-parse", "--short", name], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout.strip()
+    """``name``'s short commit id; ``ValueError`` naming it when git does not know it."""
+    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "--short", f"{name}^{{commit}}"],
+                          cwd=ROOT, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise ValueError(f"{name!r} is not a commit of {ROOT}; give a commit id, branch or tag "
+                         "(git log --oneline lists them), e.g. HEAD~1")
+    return proc.stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,11 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", required=True)
     parser.add_argument("--after", default="HEAD")
     parser.add_argument("--configs", default="lora")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    revs = {"before": _rev(args.before), "after": _rev(args.after)}
+    revs = {}
+    for side in ("before", "after"):
+        try:
+            revs[side] = _rev(getattr(args, side))
+        except ValueError as err:
+            parser.error(f"--{side}: {err}")
     times: dict[str, dict[str, list[float]]] = {c: {"before": [], "after": []} for c in args.configs.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         trees = {side: Path(tmp) / side for side in revs}

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import command_line, cpu_name, run_meta
+from benchmarks.common import command_line, cpu_name, positive_int, run_meta
 from jpeft.methods import LoraConfig, build
 from jpeft.models.bert import from_pretrained
 from jpeft.train.optim import OptimConfig
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="8,16,32,64")
     parser.add_argument("--lengths", default="64,128,256,512")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     model, base = from_pretrained(num_labels=2)

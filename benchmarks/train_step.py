@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, run_meta, run_worker
+from benchmarks.common import command_line, positive_int, run_meta, run_worker
 
 CONFIGS = ["full", "lora", "lora_all", "ia3", "prefix", "prompt", "houlsby", "bitfit", "inference"]
 NO_PEFT = {"houlsby"}  # Hugging Face PEFT has no bottleneck adapters
@@ -296,10 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--sides", default="jpeft,peft")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--steps", type=positive_int, default=8)
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--length", type=positive_int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="bfloat16: bf16 matmuls with float32 accumulation on both sides (autocast in PyTorch)")
@@ -314,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     sides = args.sides.split(",")
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
-        raise SystemExit(f"unknown --configs {bad}; choose from {CONFIGS}")
+        parser.error(f"unknown --configs {bad}; choose from {', '.join(CONFIGS)}")
+    bad = [s for s in sides if s not in ("jpeft", "peft")]
+    if bad:
+        parser.error(f"unknown --sides {bad}; choose from jpeft, peft")
     PEAK[0] = peak = matmul_peak_gflops(dtype=args.matmul_dtype)
     print(f"{args.matmul_dtype} matmul peak (2048² GEMM): {peak:.1f} GFLOP/s", flush=True)
     raw: dict[str, dict[str, list[dict]]] = {c: {} for c in configs}

@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command_line, cpu_name, run_meta
+from benchmarks.common import command_line, cpu_name, positive_int, run_meta
 from benchmarks.train_step import _batch_arrays, _peak_rss_mb
 
 SMOLLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -511,7 +511,7 @@ def markdown(result: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.vs_pytorch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="", help=f"comma-separated rows or prefixes (default: all): {', '.join(ROWS)}")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every row")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="interleaved repeats of every row")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (checks that every row runs)")
     parser.add_argument("--out", default="benchmarks/results")
     for f in dataclasses.fields(Sizes):

@@ -26,13 +26,19 @@ def _adapter_dir(path: str) -> Path:
 
 
 def _task_of(adapter: Path) -> str:
-    summary = adapter.parent / "summary.json"
-    if summary.is_file():
-        return json.loads(summary.read_text())["task"]
-    config = adapter.parent / "config.json"
-    if config.is_file():
-        return json.loads(config.read_text())["task"]
-    raise FileNotFoundError(f"cannot tell the GLUE task of {adapter}: no summary.json or config.json beside it")
+    from experiments.common import CliError, reading
+
+    for name in ("summary.json", "config.json"):
+        path = adapter.parent / name
+        if path.is_file():
+            with reading(str(path), "Pass --a/--b the GLUE run directory experiments.glue wrote."):
+                data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("task"), str):
+                raise CliError(f"{path} names no GLUE task (no \"task\" string); pass --a/--b the GLUE "
+                               "run directory experiments.glue wrote")
+            return data["task"]
+    raise CliError(f"cannot tell the GLUE task of {adapter}: no summary.json or config.json beside it; "
+                   "pass --a/--b the GLUE run directory experiments.glue wrote")
 
 
 def combinations(cfg_a: Any, delta_a: Any, cfg_b: Any, delta_b: Any) -> dict[str, tuple[Any, Any]]:
@@ -76,16 +82,29 @@ def evaluate(model: Any, transform: Any, params: Any, delta: Any, task: Any, dev
     return glue_metrics(task, np.concatenate(outputs), np.concatenate(labels))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.arithmetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", required=True, help="GLUE run directory (or adapter folder) of task A")
     parser.add_argument("--b", required=True, help="GLUE run directory (or adapter folder) of task B")
     parser.add_argument("--data-dir", default=None, help="GLUE data folder (default: ../shared/data/glue)")
     parser.add_argument("--out", default="results/arithmetic")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out={args.out} is a file; pass a folder (it is created if missing)")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    from experiments.common import cli_main
+
+    return cli_main("experiments.arithmetic", parse_args, run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
+
+    from experiments.common import CliError
+    from jpeft.checkpoint.atomic import atomic_write_text  # here, not at the top: jpeft loads jax
 
     from jpeft.checkpoint.export import load_adapter, read_adapter_meta
     from jpeft.data import glue as G
@@ -97,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     dirs = [_adapter_dir(args.a), _adapter_dir(args.b)]
     metas = [read_adapter_meta(d) for d in dirs]
     if any(m["method_spec"] != "lora" for m in metas):
-        raise SystemExit(f"both adapters must be LoRA, got {[m['method_spec'] for m in metas]}")
+        raise CliError(f"both adapters must be LoRA, got {[m['method_spec'] for m in metas]} "
+                       f"(--a={args.a}, --b={args.b}); pass two GLUE runs of --method=lora")
     model_dir = resolve_model_dir(metas[0]["base_model"])
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     tasks = [G.get_task(_task_of(d)) for d in dirs]

@@ -162,10 +162,18 @@ def check_cells(cells: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Map
     """The cells keyed by (label, task), each checked for ``label``, ``task`` and ``metrics``."""
     keyed = {}
     for i, cell in enumerate(cells):
+        if not isinstance(cell, Mapping):
+            raise ValueError(f"cell {i} is {cell!r}, not an object: give the cells of a sweep's "
+                             "results.json (each with label, task, metrics)")
         missing = [k for k in ("label", "task", "metrics") if k not in cell]
         if missing:
             raise ValueError(f"cell {i} has no {', '.join(missing)}: give the cells of a sweep's "
                              "results.json (each with label, task, metrics)")
+        metrics = cell["metrics"]
+        if not isinstance(metrics, Mapping) or not metrics or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
+            raise ValueError(f"cell {i} ({cell['label']} on {cell['task']}): metrics {metrics!r} is not "
+                             "an object of numbers, e.g. {\"accuracy\": 0.85}")
         keyed[cell["label"], cell["task"]] = cell
     return keyed
 
@@ -347,16 +355,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--results={path}: no such file; give the results.json a sweep wrote "
                      "(python -m experiments.sweep --rebuild --out=results/glue writes one)")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         parser.error(f"--results={path}: not JSON ({err})")
     if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
         parser.error(f"--results={path}: no \"cells\" list; give a GLUE sweep's results.json")
+    runs = data.get("runs", [])
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        parser.error(f"--results={path}: \"runs\" is not a list of objects; give a GLUE sweep's results.json")
     out = Path(args.out) if args.out else path.parent
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out={out} is a file; pass a folder (it is created if missing)")
     try:
-        records = write_claims(data["cells"], out, runs=data.get("runs", []), results=str(path))
+        records = write_claims(data["cells"], out, runs=runs, results=str(path))
     except ValueError as err:
         parser.error(f"--results={path}: {err}")
+    except OSError as err:
+        parser.error(f"--out={out}: cannot write claims.json and claims.md there ({err.strerror or err}); "
+                     "choose a folder you can write to")
     print((out / "claims.md").read_text(), end="")
     if args.readme:
         readme = Path(args.readme)

@@ -573,7 +573,11 @@ def run_mesh(cfg: RunConfig):
     from jpeft.train.sharding import make_mesh
 
     mesh = cfg.compute.mesh
-    return make_mesh(mesh) if (mesh or jax.device_count() > 1) else None
+    try:
+        return make_mesh(mesh) if (mesh or jax.device_count() > 1) else None
+    except ValueError as err:
+        raise CliError(f"--mesh={mesh!r}: {err}; give axis sizes whose product is the device count "
+                       f"({jax.device_count()} here), e.g. 'data={jax.device_count()}'") from None
 
 
 def write_adapter(out_dir: Path, cfg: RunConfig, transform: Any, delta: Any, params: Any, model: Any,

@@ -141,6 +141,8 @@ def run(cfg: E2EConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     build_method(cfg)  # refuse a bad method spec or config before loading anything
     check_base_dtype(cfg.compute.base_dtype)
+    model_matmul_dtype(cfg.compute.matmul_dtype)  # these two before the run folder is touched
+    run_mesh(cfg)
     if cfg.decode.decode_split not in ("test", "dev", "validation"):
         raise ValueError(f"--decode-split={cfg.decode.decode_split!r}; choose test or dev")
     out_dir = Path(cfg.checkpoint.output_dir or f"runs/e2e-{cfg.method}-s{cfg.seed}")

@@ -159,6 +159,8 @@ def run(cfg: GlueConfig) -> dict[str, Any]:
     if cfg.regression_bias not in ("label_mean", "zero"):
         raise ValueError(f"--regression-bias={cfg.regression_bias!r}; choose 'label_mean' or 'zero'")
     check_base_dtype(cfg.compute.base_dtype)
+    model_matmul_dtype(cfg.compute.matmul_dtype)  # these two before the run folder is touched
+    run_mesh(cfg)
     out_dir = Path(cfg.checkpoint.output_dir or f"runs/{task.name}-{cfg.method}-s{cfg.seed}")
     multi = jax.process_count() > 1
     if multi and jax.process_index() > 0:

@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -50,7 +49,16 @@ from pathlib import Path
 from typing import Any
 
 from experiments.glue import GlueConfig
-from experiments.sweep import aggregate, check_name, cpu_name, same_recipe, seeded_runs
+from experiments.sweep import (
+    _parse_seeds,
+    aggregate,
+    check_grid,
+    check_name,
+    cpu_name,
+    same_recipe,
+    seeded_runs,
+    split_extra,
+)
 
 METHODS = ("lora", "full")
 
@@ -220,7 +228,6 @@ def run(cfg: GlueConfig, out_dir: Path, dynamic_padding: bool = False,
     check_recipe(cfg)
     t_start = time.perf_counter()
     task = G.get_task(cfg.task)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     train_ds = G.load_glue(task, "train", cfg.data.data_dir)
@@ -284,6 +291,7 @@ def run(cfg: GlueConfig, out_dir: Path, dynamic_padding: bool = False,
           f"trainable {trainable:,d}", flush=True)
     recipe = {**to_dict(cfg), "dynamic_padding": dynamic_padding}
     step, final, wall_before, rows = 0, {}, 0.0, []
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the data and the model have loaded
     if (out_dir / CHECKPOINT / "meta.json").is_file():
         meta = load_checkpoint(out_dir / CHECKPOINT, model, opt, sched, recipe)
         step, final, wall_before, rows = meta["step"], meta["final"], meta["wall_s"], meta["metrics"]
@@ -403,31 +411,52 @@ def main(argv: list[str] | None = None) -> int:
                         help="steps between checkpoints of a run (0: none); a stopped run resumes from its last")
     parser.add_argument("--table", action="store_true", help="run nothing: write the table only")
     args = parser.parse_args(argv)
+    tasks, methods = args.tasks.split(","), args.methods.split(",")
     try:
-        for name in args.tasks.split(",") + args.methods.split(","):
+        for name in tasks + methods:
             check_name(name, "task or method")
-        seeds = [int(s) for s in args.seeds.split(",")]
+        check_grid(methods, tasks)
+        unsupported = [m for m in methods if m not in METHODS]
+        if unsupported:
+            raise ValueError(f"--methods: {', '.join(unsupported)} not compared; this comparison runs "
+                             f"{', '.join(METHODS)}")
+        seeds = _parse_seeds(args.seeds)
+        extra = split_extra(args.extra)
     except ValueError as err:
         parser.error(str(err))
+    if args.save_every < 0:
+        parser.error(f"--save-every={args.save_every}: give the steps between checkpoints (0: none)")
     out, jpeft_out = Path(args.out), Path(args.jpeft)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out={out} is a file; pass a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--out={out} cannot be created ({err.strerror or err}); choose a folder you can write to")
     failed = []
     if not args.table:
+        from experiments.common import expected_errors, one_paragraph
         from experiments.glue import parse_args
 
         for seed in seeds:
-            for task in args.tasks.split(","):
-                for method in args.methods.split(","):
+            for task in tasks:
+                for method in methods:
                     run_dir = out / "runs" / f"{task}-{method}-s{seed}"
                     if (run_dir / "summary.json").is_file():
                         continue
-                    cfg = parse_args([f"--method={method}", f"--task={task}", f"--seed={seed}",
-                                      *shlex.split(args.extra)])
+                    cfg = parse_args([f"--method={method}", f"--task={task}", f"--seed={seed}", *extra])
                     try:
                         run(cfg, run_dir, save_every=args.save_every)
-                    except (ValueError, FileNotFoundError) as err:
-                        print(f"{task}-{method}-s{seed}: error: {err}", file=sys.stderr)
+                    except expected_errors() as err:
+                        print(f"{task}-{method}-s{seed}: error: {one_paragraph(err)}", file=sys.stderr)
                         failed.append(f"{task}-{method}-s{seed}")
-    write_table(out, jpeft_out, seeds)
+    from experiments.common import CliError
+
+    try:
+        write_table(out, jpeft_out, seeds)
+    except CliError as err:  # a damaged summary.json, named
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 

@@ -46,7 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from experiments.claims import write_claims
+from experiments.common import RANGES, CliError, check_method_spec, reading
 from jpeft.checkpoint.atomic import atomic_write_text
+from jpeft.train.optim import check_number
 
 VARIANTS = Path(__file__).resolve().parents[1] / "configs" / "variants"
 GLUE_RECIPES = (
@@ -92,17 +94,43 @@ def check_name(name: str, what: str) -> None:
                          "(they become file and folder names)")
 
 
+# What a run's summary.json must hold for the tables (experiments.glue and experiments.e2e write them).
+SUMMARY_KEYS = ("task", "metrics", "trainable_params", "trainable_percent", "wall_s")
+
+
+def _fix(path: Path) -> str:
+    return (f"Restore {path.name} or delete its run folder {path.parent} (a sweep then runs that "
+            "cell again).")
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """``path``'s JSON; unreadable or malformed: a :class:`CliError` naming the file and ``fix``."""
+    with reading(str(path), fix):
+        return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A run's ``summary.json``, refused (naming the file) when it is not a finished run's summary."""
+    data = read_json(path, _fix(path))
+    missing = [k for k in SUMMARY_KEYS if k not in data] if isinstance(data, dict) else list(SUMMARY_KEYS)
+    if missing or not isinstance(data["metrics"], dict):
+        raise CliError(f"{path}: not a finished run's summary (it lacks {', '.join(missing) or 'a metrics object'}). "
+                       f"{_fix(path)}")
+    return data
+
+
 def _summary_with_recipe(run_dir: Path) -> tuple[dict[str, Any], bool]:
     """The run's summary with its ``config.json`` as ``"config"`` and its dev evaluations
     (``metrics.jsonl``'s dev records) as ``"evals"``, and whether either was added."""
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir / "summary.json")
     config, metrics = run_dir / "config.json", run_dir / "metrics.jsonl"
     changed = False
     if "config" not in summary and config.is_file():
-        summary["config"] = json.loads(config.read_text())
+        summary["config"] = read_json(config, _fix(config))
         changed = True
     if "evals" not in summary and metrics.is_file():
-        records = (json.loads(line) for line in metrics.read_text().splitlines() if '"dev"' in line)
+        with reading(str(metrics), _fix(metrics)):
+            records = [json.loads(line) for line in metrics.read_text().splitlines() if '"dev"' in line]
         summary["evals"] = [r for r in records if r.get("split") == "dev"]
         changed = True
     return summary, changed
@@ -151,7 +179,7 @@ def run_cell(entry: str, task: str, run_dir: Path, extra: list[str], seed: int |
         cmd = [sys.executable, "-m", *experiment, f"--method={method}", f"--output-dir={run_dir}",
                "--progress=false", *seed_flag, *variant_flags, *extra]
         print("$", shlex.join(cmd), flush=True)
-        log = run_dir.with_suffix(".log")
+        log = run_dir.parent / f"{run_dir.name}.log"  # not with_suffix: a tag may hold a dot (lr1.5e-4)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         code = runner(cmd, log)
         if code != 0 or not summary.is_file():
@@ -289,7 +317,7 @@ def seeded_runs(out: Path) -> list[dict[str, Any]]:
     its label (from the folder's name); the summaries are the only source."""
     runs = []
     for summary in sorted((out / "runs").glob("*/summary.json")):
-        data = json.loads(summary.read_text())
+        data = read_summary(summary)
         prefix, suffix = f"{data.get('task')}-", f"-s{data.get('seed')}"
         name = summary.parent.name
         if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix):
@@ -303,9 +331,10 @@ def collect(src: Path, out: Path) -> list[str]:
     ``<out>/runs/<same name>/``; only the summary travels (no checkpoints, adapters or per-step
     logs). Returns the copied names."""
     copied = []
-    for summary in sorted((src / "runs").glob("*/summary.json")):
-        data, _ = _summary_with_recipe(summary.parent)
-        name = summary.parent.name
+    # every summary read (and checked) before any is written: a damaged one copies nothing
+    found = [(s.parent.name, _summary_with_recipe(s.parent)[0])
+             for s in sorted((src / "runs").glob("*/summary.json"))]
+    for name, data in found:
         if not name.endswith(f"-s{data.get('seed')}"):
             continue
         dest = out / "runs" / name
@@ -334,17 +363,29 @@ def previous_cells(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
     path = out / "results.json"
     cells = {}
     if path.is_file():
-        data = json.loads(path.read_text())
+        data = read_results(path)
         if "runs" not in data:  # a seeded sweep's table holds means, not runs
             cells = {(c["label"], c["task"]): c for c in data["cells"]}
     for summary in sorted((out / "runs").glob("*/summary.json")):
-        data = json.loads(summary.read_text())
+        data = read_summary(summary)
         prefix = f"{data['task']}-"
         name = summary.parent.name
         if name.startswith(prefix) and not name.endswith(f"-s{data.get('seed')}"):  # not seeded runs
             label = name[len(prefix):]
             cells[label, data["task"]] = {**data, "label": label}
     return cells
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """An earlier ``results.json`` (a note and cells with label and task), else a :class:`CliError`."""
+    fix = (f"Restore it, or delete it: --rebuild writes it anew from {path.parent}/runs (cells "
+           "without a run folder there are then lost).")
+    data = read_json(path, fix)
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), list) or not all(
+            isinstance(c, dict) and {"label", "task", "metrics"} <= c.keys() for c in data["cells"]):
+        raise CliError(f"{path}: not a sweep's results.json (a \"cells\" list, each cell with "
+                       f"label, task and metrics). {fix}")
+    return data
 
 
 def seeded_note(runs: list[dict[str, Any]]) -> str:
@@ -360,12 +401,46 @@ def _parse_seeds(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",")]
     except ValueError:
-        raise ValueError(f"--seeds={text!r}: give comma-separated integers, e.g. --seeds=0,1,2") from None
-    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds={text!r}: give comma-separated integers without empty entries, "
+                         "e.g. --seeds=0,1,2") from None
+    if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds={text!r}: give distinct comma-separated integers, e.g. --seeds=0,1,2")
+    low, high, low_in, high_in, integer, _ = RANGES["seed"]
+    for seed in seeds:
+        check_number("--seeds entry", seed, low, high, low_in, high_in, integer)
     return seeds
+
+
+def split_extra(text: str) -> list[str]:
+    """``--extra``'s flags, split as a shell would; an unclosed quote is a ``ValueError`` naming it."""
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise ValueError(f"--extra={text!r}: {err}; quote the flags as in a shell, e.g. "
+                         "--extra='--lr=3e-4'") from None
+
+
+def check_grid(methods: Sequence[str], tasks: Sequence[str]) -> None:
+    """Refuse unknown or repeated tasks and methods before any cell runs (each cell would fail)."""
+    from jpeft.data.glue import get_task
+
+    for what, names in (("--methods", methods), ("--tasks", tasks)):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{what} names {', '.join(repeated)} twice; give each once")
+    for task in tasks:
+        if task != "e2e":
+            try:
+                get_task(task)
+            except ValueError as err:
+                raise ValueError(f"--tasks: {err} (or e2e)") from None
+    for entry in methods:
+        try:
+            check_method_spec(entry.partition("@")[0])
+        except ValueError as err:
+            raise ValueError(f"--methods: {err}".replace("--method=", "method ")) from None
 
 
 def main(argv: list[str] | None = None, runner: Runner = _run_logged) -> int:
@@ -404,7 +479,9 @@ def main(argv: list[str] | None = None, runner: Runner = _run_logged) -> int:
             check_name(t, "task")
         seeds = _parse_seeds(args.seeds)
         if not args.rebuild:
+            check_grid(methods, tasks)
             check_variants(methods, tasks)
+            split_extra(args.extra)
         if args.tag:
             check_name(args.tag, "tag")
             if seeds is None:
@@ -414,6 +491,21 @@ def main(argv: list[str] | None = None, runner: Runner = _run_logged) -> int:
     out = Path(args.out)
     if args.collect_from is not None and not args.rebuild:
         parser.error("--collect-from goes with --rebuild")
+    if args.collect_from is not None and not (Path(args.collect_from) / "runs").is_dir():
+        parser.error(f"--collect-from={args.collect_from} has no runs/ folder; give the --out folder "
+                     "of the sweep to copy from")
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out={out} is a file; pass a folder (it is created if missing)")
+    try:
+        return _sweep(args, seeds, methods, tasks, out, runner)
+    except CliError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _sweep(args: argparse.Namespace, seeds: list[int] | None, methods: list[str], tasks: list[str],
+           out: Path, runner: Runner) -> int:
+    """Rebuild the table or run the grid (``main`` has checked the arguments)."""
     if args.rebuild:
         if args.collect_from is not None:
             names = collect(Path(args.collect_from), out)
@@ -426,7 +518,11 @@ def main(argv: list[str] | None = None, runner: Runner = _run_logged) -> int:
             write_seeded_table(runs, out, seeded_note(runs))
             return 0
         cells = list(previous_cells(out).values())
-        note = json.loads((out / "results.json").read_text())["note"] if (out / "results.json").is_file() \
+        if not cells:
+            print(f"nothing to rebuild: {out} holds no results.json cells and no runs/*/summary.json; "
+                  "pass the --out folder of a sweep", file=sys.stderr)
+            return 1
+        note = read_results(out / "results.json").get("note", "") if (out / "results.json").is_file() \
             else f"Results rebuilt from {out}/runs on {cpu_name()}."
         glue = [c for c in cells if c["task"] != "e2e"]
         e2e = [c for c in cells if c["task"] == "e2e"]
@@ -435,7 +531,12 @@ def main(argv: list[str] | None = None, runner: Runner = _run_logged) -> int:
         if glue:
             write_table(glue, out, note)
         return 0
-    extra = shlex.split(args.extra)
+    extra = split_extra(args.extra)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"--out={out} cannot be created ({err.strerror or err}); choose a folder you "
+                       "can write to") from None
     t0 = time.time()
     failed: list[str] = []
     if seeds is not None:

@@ -159,14 +159,33 @@ def test_cli_writes_next_to_the_results_or_to_out(tmp_path, capsys):
 @pytest.mark.parametrize("content, message", [
     (None, "no such file"), ("{", "not JSON"), ('{"note": "n"}', 'no "cells" list'),
     ('{"cells": [{"task": "sst2"}]}', "cell 0 has no label, metrics"),
+    (b"\xff\xfe", "not JSON"), ('{"cells": [1]}', "cell 0 is 1, not an object"),
+    ('{"cells": [{"label": "full", "task": "sst2", "metrics": {"accuracy": "x"}}]}', "not an object of numbers"),
+    ('{"cells": [{"label": "full", "task": "sst2", "metrics": []}]}', "not an object of numbers"),
+    ('{"cells": [], "runs": 5}', '"runs" is not a list of objects'),
 ])
 def test_cli_refuses_bad_results_with_a_clear_message(tmp_path, capsys, content, message):
     results = tmp_path / "results.json"
-    if content is not None:
+    if isinstance(content, bytes):
+        results.write_bytes(content)
+    elif content is not None:
         results.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
         main([f"--results={results}"])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "claims.json").exists()
+
+
+def test_cli_refuses_an_out_folder_that_is_a_file(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"cells": list(grid({"sst2": -0.5}, row="lora").values())}))
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "sub", "cannot write")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([f"--results={results}", f"--out={out}"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"--out={out}" in err and message in err
 
 
 def test_the_sweep_rewrites_the_claims_with_its_tables(tmp_path):

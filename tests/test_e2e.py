@@ -242,3 +242,16 @@ def test_short_real_run_lowers_the_dev_loss_and_scores_test_outputs(smollm2, tmp
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and all(p["references"] for p in predictions)
     assert (out / "adapter").is_dir() and (out / "curves.png").is_file()
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("--matmul-dtype=float16", "--matmul-dtype='float16'; choose one of float32, bfloat16"),
+    ("--mesh=data=64", "--mesh='data=64': mesh {'data': 64, 'fsdp': 1} needs 64 devices"),
+])
+def test_bad_matmul_dtype_and_mesh_are_refused_before_the_run_folder(tmp_path, capsys, flag, needle):
+    from experiments import e2e as E
+
+    code = E.main([flag, f"--data-dir={tmp_path / 'none'}", f"--output-dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()

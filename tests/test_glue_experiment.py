@@ -170,3 +170,15 @@ def test_bad_regression_bias_is_refused_before_loading(tmp_path, capsys):
     code = E.main(["--task=stsb", "--regression-bias=median", f"--output-dir={tmp_path / 'run'}"])
     assert code == 2 and "choose 'label_mean' or 'zero'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("--matmul-dtype=fp8", "--matmul-dtype='fp8'; choose one of float32, bfloat16"),
+    ("--mesh=foo=3", "--mesh='foo=3': mesh axis 'foo' unknown"),
+    ("--mesh=data=x", "--mesh='data=x'"), ("--mesh=data=64", "needs 64 devices"),
+])
+def test_bad_matmul_dtype_and_mesh_are_refused_before_the_run_folder(tmp_path, capsys, flag, needle):
+    code = E.main([flag, f"--data-dir={tmp_path / 'none'}", f"--output-dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()

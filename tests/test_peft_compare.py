@@ -160,3 +160,32 @@ def test_a_stopped_run_resumes_with_the_same_steps(tmp_path, monkeypatch):
                         "--batch-size=8", "--eval-batch-size=8", "--lr=1e-2"])
     with pytest.raises(ValueError, match="another recipe.*lr.*delete the run's folder"):
         C.run(other, tmp_path / "other", save_every=2)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--seeds=0,,1"], "without empty entries"), (["--seeds=-1"], "--seeds entry=-1 is out of range"),
+    (["--seeds=a"], "give comma-separated integers"), (["--tasks=foo"], "unknown GLUE task 'foo'"),
+    (["--methods=lorax"], "unknown method(s) ['lorax']"), (["--methods=bitfit"], "this comparison runs lora, full"),
+    (["--methods=lora,lora"], "names lora twice"), (["--save-every=-1"], "--save-every=-1"),
+    (["--extra=--lr=\"3"], "No closing quotation"), ("file", "is a file; pass a folder"),
+])
+def test_bad_arguments_are_refused_before_any_run(tmp_path, capsys, monkeypatch, flags, needle):
+    out = tmp_path / "out"
+    if flags == "file":
+        out.write_text("x")
+        flags = []
+    monkeypatch.setattr(C, "run", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as exc:
+        C.main(["--tasks=sst2", "--methods=lora", "--seeds=0", f"--out={out}", f"--jpeft={tmp_path}", *flags])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and needle in err and "Traceback" not in err
+    assert not out.is_dir()
+
+
+def test_a_failed_run_leaves_no_run_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = C.main(["--tasks=sst2", "--methods=lora", "--seeds=0", f"--out={out}", f"--jpeft={tmp_path}",
+                   f"--extra=--data-dir={tmp_path / 'none'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "sst2-lora-s0: error: GLUE file missing" in err and "Traceback" not in err
+    assert not (out / "runs" / "sst2-lora-s0").exists()

@@ -211,14 +211,16 @@ def test_legacy_cells_ignore_seeded_runs(tmp_path):
 
 def test_tagged_search_runs_get_their_own_folders_and_rows(tmp_path):
     calls = []
-    for tag, lr in (("lr3e-3", "3e-3"), ("lr3e-4", "3e-4")):
+    for tag, lr in (("lr1.5e-3", "1.5e-3"), ("lr1.5e-4", "1.5e-4")):  # tags with a dot
         argv = [f"--out={tmp_path}", "--methods=lora", "--tasks=sst2", "--seeds=42", f"--tag={tag}",
                 f"--extra=--lr={lr}"]
         assert main(argv, runner=_fake_runner({("lora", "sst2", 42): 0.8}, calls)) == 0
     assert len(calls) == 2  # the second tag is not taken for a finished run of the first
-    assert (tmp_path / "runs" / "sst2-lora~lr3e-3-s42" / "summary.json").is_file()
+    assert (tmp_path / "runs" / "sst2-lora~lr1.5e-3-s42" / "summary.json").is_file()
+    logs = sorted(p.name for p in (tmp_path / "runs").glob("*.log"))  # one log per run, none shared
+    assert logs == ["sst2-lora~lr1.5e-3-s42.log", "sst2-lora~lr1.5e-4-s42.log"]
     md = (tmp_path / "results.md").read_text()
-    assert "| lora~lr3e-3 | " in md and "| lora~lr3e-4 | " in md
+    assert "| lora~lr1.5e-3 | " in md and "| lora~lr1.5e-4 | " in md
     with pytest.raises(SystemExit):
         main([f"--out={tmp_path}", "--tag=../x", "--seeds=0"], runner=_fake_runner(SCORES, []))
 
@@ -241,3 +243,68 @@ def test_collect_copies_finished_summaries_only_and_rebuilds(tmp_path):
     assert "evals" in json.loads((dst / "runs" / "sst2-lora-s0" / "summary.json").read_text())
     assert first.read_text() == before  # the sweep's own folder is only read
     assert "| lora | 100 (1.00%) | 85.5 ± 0.7 (n=2, 1 min) |" in (dst / "results.md").read_text()
+
+
+# Bad input a user may type: refused before any cell runs (exit 2, one line naming the fix).
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--seeds=0,,1"], "without empty entries"), (["--seeds=-1"], "--seeds entry=-1 is out of range"),
+    (["--tasks=foo"], "unknown GLUE task 'foo'"), (["--methods=lorax"], "unknown method(s) ['lorax']"),
+    (["--methods=lora,lora"], "--methods names lora twice"), (["--tasks=sst2,sst2"], "--tasks names sst2 twice"),
+    (["--extra=--lr=\"3"], "No closing quotation"),
+])
+def test_bad_grids_are_refused_before_any_cell_runs(tmp_path, capsys, flags, needle):
+    calls = []
+    argv = [f"--out={tmp_path / 'out'}", "--methods=lora", "--tasks=sst2", "--seeds=0", *flags]
+    with pytest.raises(SystemExit) as exc:
+        main(argv, runner=_fake_runner(SCORES, calls))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and calls == [] and needle in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_folder_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main([f"--out={tmp_path / 'file'}", "--methods=lora", "--tasks=sst2"], runner=_fake_runner(SCORES, []))
+    assert exc.value.code == 2 and "is a file; pass a folder" in capsys.readouterr().err
+    assert main([f"--out={tmp_path / 'file' / 'sub'}", "--methods=lora", "--tasks=sst2", "--seeds=0"],
+                runner=_fake_runner(SCORES, [])) == 2
+    assert "cannot be created" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+@pytest.mark.parametrize("damage, needle", [
+    ('{"task": "sst2", "seed"', "JSONDecodeError"), ("{}", "not a finished run's summary"),
+    ('{"task": "sst2", "seed": 0}', "lacks metrics"),
+])
+def test_rebuild_names_a_damaged_summary_and_writes_nothing(tmp_path, capsys, seeded, damage, needle):
+    seeds = ["--seeds=0,1"] if seeded else []
+    runner = _fake_runner(SCORES, []) if seeded else (
+        lambda cmd, log: _fake_runner(SCORES, [])(cmd + ["--seed=0"], log))
+    assert main([f"--out={tmp_path}", "--methods=lora,bitfit", "--tasks=sst2", *seeds], runner=runner) == 0
+    summary = tmp_path / "runs" / ("sst2-lora-s0" if seeded else "sst2-lora") / "summary.json"
+    summary.write_text(damage)
+    before = (tmp_path / "results.md").read_text()
+    assert main(["--rebuild", f"--out={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert str(summary) in err and needle in err and "delete its run folder" in err and "Traceback" not in err
+    assert (tmp_path / "results.md").read_text() == before
+    if seeded:  # nothing is copied from a folder holding a damaged summary
+        assert main(["--rebuild", f"--collect-from={tmp_path}", f"--out={tmp_path / 'copy'}"]) == 2
+        assert str(summary) in capsys.readouterr().err and not (tmp_path / "copy").exists()
+
+
+def test_rebuild_names_a_damaged_results_json_and_an_empty_folder(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("[1, 2")
+    assert main(["--rebuild", f"--out={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'results.json'}: JSONDecodeError" in err and "Restore it, or delete it" in err
+    (tmp_path / "results.json").write_text('{"cells": [{"task": "sst2"}]}')
+    assert main(["--rebuild", f"--out={tmp_path}"]) == 2
+    assert "not a sweep's results.json" in capsys.readouterr().err
+    assert main(["--rebuild", f"--out={tmp_path / 'empty'}"]) == 1
+    assert "nothing to rebuild" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--rebuild", f"--collect-from={tmp_path / 'none'}", f"--out={tmp_path / 'x'}"])
+    assert exc.value.code == 2 and "has no runs/ folder" in capsys.readouterr().err

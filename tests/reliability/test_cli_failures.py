@@ -351,3 +351,50 @@ def test_e2e_bad_data_files_name_the_file(capsys, tmp_path, content, needle):
     code = e2e.main([f"--output-dir={tmp_path / 'run'}", f"--data-dir={data}", "--progress=false"])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and "trainset.csv" in err and "Traceback" not in err, err
+
+
+# -- experiments.arithmetic: bad run directories are one line (exit 2), before any model loads ----
+
+def _fake_run(tmp_path: Path, name: str, method: str = "lora", summary: str | None = '{"task": "sst2"}') -> Path:
+    """A run directory holding an ``adapter/adapter.json`` (no tensors) and ``summary``."""
+    run = tmp_path / name
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter.json").write_text(json.dumps({
+        "format": "jpeft.adapter", "format_version": 1, "method_spec": method, "base_fingerprint": "x",
+        "base_model": "sentence-transformers/all-MiniLM-L6-v2", "method_configs": {}, "params": [],
+        "delta": {}}))
+    if summary is not None:
+        (run / "summary.json").write_text(summary)
+    return run
+
+
+@pytest.mark.parametrize("make_a, needles", [
+    (lambda t: t / "nowhere", ["nowhere has no adapter.json"]),
+    (lambda t: _fake_run(t, "prefix", method="prefix"), ["both adapters must be LoRA", "'prefix'"]),
+    (lambda t: _fake_run(t, "damaged", summary='{"task":'), ["damaged/summary.json: JSONDecodeError"]),
+    (lambda t: _fake_run(t, "notask", summary='{"seed": 0}'), ["notask/summary.json names no GLUE task"]),
+    (lambda t: _fake_run(t, "bare", summary=None), ["cannot tell the GLUE task", "bare/adapter"]),
+    ("file", ["--out=", "is a file"]),
+])
+def test_arithmetic_refuses_bad_run_directories(capsys, tmp_path, monkeypatch, make_a, needles):
+    from experiments import arithmetic as A
+    from jpeft.models import hub
+
+    monkeypatch.setattr(hub, "resolve_model_dir", lambda name: tmp_path)
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
+    out = tmp_path / "out"
+    if make_a == "file":
+        out.write_text("x")
+        a = _fake_run(tmp_path, "a")
+    else:
+        a = make_a(tmp_path)
+    b = _fake_run(tmp_path, "b")
+    try:
+        code = A.main([f"--a={a}", f"--b={b}", f"--out={out}"])
+    except SystemExit as exit_:  # refused while parsing
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not out.is_dir()
