@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +58,14 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
             raise ValueError(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, numbers.Real) \
+                or not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        for field in ("eos_token_id", "pad_token_id"):
+            value = getattr(self, field)
+            if (value is not None or field == "pad_token_id") and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
+                raise ValueError(f"{field} must be a token id (an integer >= 0), got {value!r}")
 
 
 def _repeat_rows(tree: Any, batch: int, n: int) -> Any:
@@ -155,6 +165,8 @@ def generate(model: Any, transform: Transform, params: Params, delta: Delta, inp
     again with new prompts (same shape) or another delta of the same shapes does not recompile.
     """
     cfg = GenerationConfig(max_new_tokens, num_beams, length_penalty, eos_token_id, pad_token_id)
+    if not jnp.issubdtype(jnp.result_type(input_ids), jnp.integer):
+        raise TypeError(f"generate: input_ids must be integer token ids, got {jnp.result_type(input_ids)}")
     input_ids = jnp.asarray(input_ids, jnp.int32)
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
     chex.assert_rank([input_ids, attention_mask], 2)
@@ -162,6 +174,9 @@ def generate(model: Any, transform: Transform, params: Params, delta: Delta, inp
     if not hasattr(model, "init_cache"):
         raise TypeError(f"{type(model).__name__} has no KV cache (init_cache); generate needs a decoder LM "
                         "(jpeft.models.llama, jpeft.models.gpt2)")
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"generate: the prompts are empty (input_ids {input_ids.shape}); give every row "
+                         "at least one token (e.g. BOS)")
     first = attention_mask[:, -1]
     if is_concrete(first) and bool(jnp.any(first == 0)):
         raise ValueError("generate: the prompts must be left-padded (the last column of attention_mask "
@@ -169,6 +184,16 @@ def generate(model: Any, transform: Transform, params: Params, delta: Delta, inp
     b, t = input_ids.shape
     shape = jax.eval_shape(functools.partial(apply, model, transform), params, delta, input_ids, attention_mask)
     extra = shape.shape[1] - t  # tokens the transform prepends (prompt family)
+    vocab = shape.shape[-1]
+    for field, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if value is not None and value >= vocab:
+            raise ValueError(f"generate: {field}={value} is not in the model's vocabulary of {vocab} "
+                             "tokens; use the tokenizer of this model")
+    if is_concrete(input_ids):
+        low, high = int(jnp.min(input_ids)), int(jnp.max(input_ids))
+        if low < 0 or high >= vocab:
+            raise ValueError(f"generate: input_ids run from {low} to {high}, outside the model's vocabulary "
+                             f"of {vocab} tokens (0..{vocab - 1}); use the tokenizer of this model")
     key = (id(model), id(transform), cfg, b, t)
     hit = _COMPILED.get(key)
     if hit is None or hit[0] is not model or hit[1] is not transform:

@@ -166,6 +166,41 @@ def test_bad_inputs_are_refused():
         generate(bert, t, bparams, delta, ids, mask, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_inputs_and_token_ids_that_do_not_fit_are_refused(family):
+    """Empty prompts used to fail with an IndexError, float ids were truncated, ids and an EOS
+    outside the vocabulary gave NaN logits or never stopped, a NaN length penalty was taken."""
+    model, params = tiny(family)
+    t, delta = _method("lora", model, params)
+    ids, mask = left_padded()
+    gen = functools.partial(generate, model, t, params, delta)
+    with pytest.raises(ValueError, match="prompts are empty"):
+        gen(ids[:, :0], mask[:, :0], max_new_tokens=2)
+    with pytest.raises(TypeError, match="integer token ids"):
+        gen(ids.astype(jnp.float32), mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match=f"outside the model's vocabulary of {VOCAB}"):
+        gen(ids + VOCAB, mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match=f"eos_token_id={VOCAB} is not in the model's vocabulary"):
+        gen(ids, mask, max_new_tokens=2, eos_token_id=VOCAB)
+    with pytest.raises(ValueError, match="pad_token_id must be a token id"):
+        gen(ids, mask, max_new_tokens=2, pad_token_id=-1)
+    with pytest.raises(ValueError, match="length_penalty"):
+        gen(ids, mask, max_new_tokens=2, num_beams=2, length_penalty=float("nan"))
+
+
+def test_gpt2_positions_past_n_positions_are_refused():
+    """GPT-2's learned positions (n_positions=64 here) used to be indexed out of range: NaN
+    logits in a forward pass, garbage tokens in generation."""
+    model, params = tiny("gpt2")
+    t, delta = _method("lora", model, params)
+    ids, mask = left_padded(t=6)
+    with pytest.raises(ValueError, match="KV cache has 66 slots"):
+        generate(model, t, params, delta, ids, mask, max_new_tokens=60)
+    long = jnp.ones((1, 65), jnp.int32)
+    with pytest.raises(ValueError, match="n_positions=64.*65 tokens"):
+        model.apply({"params": params}, long, jnp.ones_like(long))
+
+
 def test_causal_lm_loss_counts_only_masked_targets():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(2, 7, VOCAB)), jnp.float32)  # 2 prepended positions

@@ -211,6 +211,9 @@ def save_adapter(path: str | os.PathLike[str], transform: Transform, delta: Any,
     configs = _method_configs(transform, method_spec, method_configs)
     if finalize:
         delta = transform.finalize(delta)
+    if model is not None:  # what load_adapter would refuse is not written (another rank, method, base)
+        _check_delta(str(path), delta, _expected_deltas(transform, model, params),
+                     ", ".join(f"{n}: {to_dict(c)}" for n, c in configs.items()))
     tensors: dict[str, Any] = {}
     skeleton = _skeleton(delta, "delta", tensors)
     flat = P.flatten(params)

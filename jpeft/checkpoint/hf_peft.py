@@ -364,10 +364,15 @@ def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta:
     Refuses (``ValueError``) what PEFT cannot represent: a composition, a prefix over a subset of
     layers, LoRA/(IA)³ target sets PEFT's rules cannot select, other methods.
     """
+    from jpeft.checkpoint.export import _check_delta, _check_finite, _expected_deltas
+
     _single(transform)
     if task_type not in ("SEQ_CLS", "FEATURE_EXTRACTION"):
         raise ValueError(f"save_peft_adapter: task_type must be 'SEQ_CLS' or 'FEATURE_EXTRACTION', got {task_type!r}")
     converter = _converter_for(transform)
+    if model is not None:  # a delta of another rank, method or model is not written
+        _check_delta(str(path), delta, _expected_deltas(transform, model, params),
+                     f"{transform.name}: {transform.config}")
     roberta = _is_roberta(params, model)
     head, other = _trained_paths(transform, params, model)
     if task_type == "SEQ_CLS" and not head:
@@ -397,6 +402,7 @@ def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta:
         tensors.update(_head_entries(params, head, "base_model.", ""))
         modules_to_save = ["classifier"]
     adapter_cfg = {**common, **fields, "modules_to_save": modules_to_save}
+    _check_finite(str(path), tensors, saving=True)
 
     def write(tmp: Path) -> None:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True) + "\n")

@@ -273,6 +273,14 @@ def _merge_chain(parts: Sequence[Transform], reverse: bool) -> MergeFn:
     return run
 
 
+def _require_transform(where: str, value: Any) -> None:
+    """Refuse what is not a :class:`Transform` (e.g. a method's config) with the fix."""
+    if not isinstance(value, Transform):
+        raise TypeError(f"{where}: expected a jpeft Transform, got a {type(value).__name__}; make one "
+                        "from a config with the method's factory (e.g. jpeft.lora(LoraConfig(...)), "
+                        "jpeft.ia3(IA3Config(...))) or jpeft.build(...)")
+
+
 def compose(*transforms: Transform, name: str | None = None) -> Transform:
     """Compose transforms into one; the delta is ``{part.name: part_delta}``.
 
@@ -281,6 +289,7 @@ def compose(*transforms: Transform, name: str | None = None) -> Transform:
     """
     flat: list[Transform] = []
     for t in transforms:
+        _require_transform("compose", t)
         flat.extend(t.parts if t.parts else (t,))
     if not flat:
         raise ValueError("compose() needs at least one transform")
@@ -390,6 +399,7 @@ def apply(
     """
     from jpeft.core import model as M
 
+    _require_transform("jpeft.apply", transform)
     own_forward = transform.capability(ReplacesForward)
     if own_forward is not None:
         return own_forward.forward(model, base, delta, args, kwargs, ctx, method)
@@ -410,6 +420,7 @@ def apply(
 def merge(transform: Transform, base: Params, delta: Delta, info: ModelInfo | None = None) -> Params:
     """Fold a weight-space delta into plain weights (zero inference overhead). ``info`` (a
     model's :meth:`info`) is needed only for layers whose kernel is not 2-D."""
+    _require_transform("jpeft.merge", transform)
     if transform.merge is None:
         parts = transform.parts or (transform,)
         bad = [t.name for t in parts if not t.mergeable]
@@ -423,6 +434,7 @@ def merge(transform: Transform, base: Params, delta: Delta, info: ModelInfo | No
 def unmerge(transform: Transform, params: Params, delta: Delta,
             info: ModelInfo | None = None) -> Params:
     """Inverse of :func:`merge`: take the delta back out of merged weights."""
+    _require_transform("jpeft.unmerge", transform)
     if transform.unmerge is None:
         raise NotMergeableError(f"cannot unmerge '{transform.name}': it has no weight-space form")
     return transform.unmerge(params, delta, info)

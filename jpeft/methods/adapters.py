@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import chex
@@ -89,8 +89,8 @@ class AdapterConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ValueError(f"adapter.size must be >= 1, got {self.size}")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"adapter.size must be an integer >= 1, got {self.size!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"adapter.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
@@ -117,7 +117,13 @@ def tap_key(kind: str) -> str:
 def adapter_forward(h: jax.Array, params: dict[str, Any], activation: str) -> jax.Array:
     """``h + f(h W_down + b_down) W_up + b_up`` for ``h (..., d)``."""
     down, up = params["down"], params["up"]
-    chex.assert_axis_dimension(h, -1, down["kernel"].shape[-2])
+    d, m = h.shape[-1], (jnp.shape(down["kernel"]) or (-1,))[-1]
+    got = {f"{a}/{b}": jnp.shape(params[a][b]) for a in ("down", "up") for b in ("kernel", "bias")}
+    want = {"down/kernel": (d, m), "down/bias": (m,), "up/kernel": (m, d), "up/bias": (d,)}
+    if got != want:
+        raise ValueError(f"adapter: the delta's bottleneck shapes {got} do not fit the model's hidden size {d}: "
+                         f"expected {want} (size m = down/kernel's last axis). Was the delta made for "
+                         "another model? Init it with this transform on this model's parameters")
     dtype = h.dtype
     z = linear(h, down["kernel"].astype(dtype)) + down["bias"].astype(dtype)
     z = ACTIVATIONS[activation](z)
@@ -163,6 +169,15 @@ def adapters(config: AdapterConfig, *, placement: tuple[str, ...], name: str) ->
         return delta
 
     def interceptors(delta: Any, ctx: ApplyContext) -> list[Any]:
+        keys = {tap_key(k) for k in kinds}
+        bad = [k for k, v in delta.items() if not re.fullmatch(r"layer_\d+", str(k))
+               or not isinstance(v, Mapping) or not set(v) <= keys]
+        if bad:
+            raise KeyError(f"{name}: the delta has entries {sorted(map(str, bad))[:5]}; an adapter delta is "
+                           f"{{'layer_<i>': {{{' or '.join(sorted(keys))}: {{'down', 'up'}}}}}}. Was it made by "
+                           "another method (or with another placement)? Apply a delta with the transform "
+                           "that made it")
+
         def intercept(next_fun, args, kwargs, context):
             kind = next((k for k in kinds if is_tap(context, k)), None)
             if kind is None or context.module.layer is None:

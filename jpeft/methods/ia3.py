@@ -129,6 +129,27 @@ def _group(config: IA3Config, path: str) -> str:
     return "features" if is_feedforward(config, path) else "out"
 
 
+def _vector(name: str, config: IA3Config, path: str, spec: L.LayerSpec, leaves: Mapping[str, Any]) -> jax.Array:
+    """A layer's (IA)³ vector, refused (at trace time) unless it has the shape of the group it
+    scales (``spec``, with its stack axes) and a floating-point dtype."""
+    if LEAF not in leaves:
+        raise KeyError(f"{name}: the delta holds {sorted(leaves)} for '{path}', not (IA)³'s {LEAF}; was it "
+                       "made by another method? Apply a delta with the transform that made it")
+    scale, group = leaves[LEAF], _group(config, path)
+    want = (*spec.stack, *spec.group_shape(group))
+    if jnp.shape(scale) != want:
+        raise ValueError(
+            f"{name}: the delta's {LEAF} for '{path}' has shape {jnp.shape(scale)}, but it scales the "
+            f"{'input features' if group == 'features' else 'outputs'} of the kernel "
+            f"{(*spec.stack, *spec.kernel_shape)}: expected {want}. Was the delta made for another "
+            "model or another (IA)³ config (feedforward)? Init it with this transform on this "
+            "model's parameters")
+    if not jnp.issubdtype(jnp.result_type(scale), jnp.floating):
+        raise TypeError(f"{name}: the delta's {LEAF} for '{path}' is {jnp.result_type(scale)}; (IA)³ "
+                        "vectors must be floating-point arrays")
+    return scale
+
+
 def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
     """(IA)³ as a :class:`~jpeft.core.transform.Transform` (see the module docstring)."""
 
@@ -145,7 +166,7 @@ def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
 
     def layer_hook(ctx: ApplyContext):
         def adapt(call, x, layer, leaves):
-            scale = leaves[LEAF]
+            scale = _vector(name, config, layer.path, layer.spec, leaves)
             if is_feedforward(config, layer.path):
                 return call(L.scale_input(layer.spec, x, scale))
             return L.scale_output(layer.spec, call(x), scale)
@@ -167,6 +188,7 @@ def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
             key = L.kernel_path(path, layers, flat)
             kernel = flat[key]
             spec = L.kernel_spec(path, kernel.shape, layers, "ia3 merge")
+            _vector(name, config, path, spec, {LEAF: scale})
             group = _group(config, path)
             factor = L.broadcast_group(spec, scale, group)
             flat[key] = (kernel / factor if inverse else kernel * factor).astype(kernel.dtype)

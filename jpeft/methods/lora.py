@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -91,8 +92,29 @@ class LoraConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not _is_rank(self.r):
+            raise ValueError(f"lora.r must be an integer >= 1, got {self.r!r}")
+        if not _is_scale(self.alpha):
+            raise ValueError(f"lora.alpha must be a finite number > 0 (the update is scaled by "
+                             f"alpha / r), got {self.alpha!r}")
+        for field in ("targets", "rank_pattern", "alpha_pattern"):
+            patterns = getattr(self, field)
+            for pattern in ([patterns] if isinstance(patterns, str) else patterns):
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as err:
+                    raise ValueError(f"lora.{field}: {pattern!r} is not a valid regex ({err})") from None
+        bad = {k: v for k, v in self.rank_pattern.items() if not _is_rank(v)}
+        if bad:
+            raise ValueError(f"lora.rank_pattern ranks must be integers >= 1, got {bad}")
+        bad = {k: v for k, v in self.alpha_pattern.items() if not _is_scale(v)}
+        if bad:
+            raise ValueError(f"lora.alpha_pattern alphas must be finite numbers > 0, got {bad}")
+        layers = self.layers
+        if isinstance(layers, (str, numbers.Number)) or \
+                any(not _is_index(i) for i in layers) or len(set(layers)) != len(tuple(layers)):
+            raise ValueError(f"lora.layers must be a tuple of distinct non-negative layer indices, "
+                             f"got {layers!r}")
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"lora.init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -103,6 +125,19 @@ class LoraConfig:
                 and self.lr_ratio > 0):
             raise ValueError(f"lora.lr_ratio must be a finite number > 0 (16 in the LoRA+ paper), "
                              f"got {self.lr_ratio!r}")
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _is_scale(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and value > 0
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
@@ -160,6 +195,29 @@ def _stack_mask(config: LoraConfig, spec: L.LayerSpec) -> jax.Array | None:
     return wanted.reshape((spec.stack[0],) + (1,) * (len(spec.stack) + len(spec.in_shape)))
 
 
+def _factors(name: str, path: str, spec: L.LayerSpec, leaves: Mapping[str, Any], r: int
+             ) -> tuple[jax.Array, jax.Array]:
+    """A layer's ``(lora_A, lora_B)``, refused (at trace time) unless they fit its kernel
+    (``spec``, with its stack axes) and the config's rank ``r``."""
+    if "lora_A" not in leaves or "lora_B" not in leaves:
+        raise KeyError(f"{name}: the delta holds {sorted(leaves)} for '{path}', not LoRA's lora_A and "
+                       "lora_B; was it made by another method? Apply a delta with the transform that "
+                       "made it")
+    a, b = leaves["lora_A"], leaves["lora_B"]
+    want = ((*spec.stack, *spec.in_shape, r), (*spec.stack, r, *spec.out_shape))
+    if (jnp.shape(a), jnp.shape(b)) != want:
+        raise ValueError(
+            f"{name}: the delta's lora_A {jnp.shape(a)} / lora_B {jnp.shape(b)} for '{path}' do not fit "
+            f"its kernel {(*spec.stack, *spec.kernel_shape)} and r={r}; expected {want[0]} / {want[1]}. "
+            "Was the delta made for another model or another LoRA config? Init it with this "
+            "transform on this model's parameters")
+    for leaf, value in (("lora_A", a), ("lora_B", b)):
+        if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+            raise TypeError(f"{name}: the delta's {leaf} for '{path}' is {jnp.result_type(value)}; "
+                            "LoRA factors must be floating-point arrays")
+    return a, b
+
+
 # LoRA+ trains B, and DoRA's magnitude (a 1-D parameter, as PEFT's create_loraplus_optimizer
 # groups it), at lr_ratio times A's learning rate.
 _GROUP_B = ("lora_B", dora.MAGNITUDE)
@@ -200,8 +258,8 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
 
     def layer_hook(ctx: ApplyContext):
         def adapt(call, x, layer, leaves):
-            a, b = leaves["lora_A"], leaves["lora_B"]
-            _, scale = rank_and_scale(config, layer.path)
+            r, scale = rank_and_scale(config, layer.path)
+            a, b = _factors(name, layer.path, layer.spec, leaves, r)
             if config.use_dora:
                 return _dora_adapt(call, x, layer, leaves, scale)
             y = call(x)
@@ -232,10 +290,11 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
         flat = P.flatten(params)
         layers = resolve_info(info).layers
         for path, leaves in group_by_module(delta).items():
-            _, scale = rank_and_scale(config, path)
+            r, scale = rank_and_scale(config, path)
             key = L.kernel_path(path, layers, flat)
             kernel = flat[key]
             spec = L.kernel_spec(path, kernel.shape, layers, "lora merge")
+            _factors(name, path, spec, leaves, r)
             if config.use_dora:
                 if sign < 0:
                     raise dora.unmerge_error()

@@ -119,6 +119,13 @@ class Embeddings(nn.Module):
             words, attention_mask, token_type_ids
         )
         seq_len = words.shape[1]
+        limit = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.is_roberta else 0)
+        if seq_len > limit:  # a static shape: checked once at trace time
+            raise ValueError(
+                f"the input has {seq_len} tokens (with any virtual tokens a method prepends) but "
+                f"max_position_embeddings={cfg.max_position_embeddings} numbers at most {limit}"
+                f"{' (RoBERTa numbers positions from pad_token_id + 1)' if cfg.is_roberta else ''}; "
+                "truncate the inputs (tokenizer max_length) or use fewer virtual tokens")
         if cfg.is_roberta:
             # RoBERTa numbers real tokens from padding_idx + 1 and gives padding padding_idx.
             real = (attention_mask > 0).astype(jnp.int32)  # masks may come as bool/float

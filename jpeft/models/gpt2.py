@@ -182,6 +182,16 @@ class GPT2Model(nn.Module):
         embeds = self.wte(input_ids)
         embeds, attention_mask, _ = self.inputs_tap(embeds, attention_mask, jnp.zeros_like(input_ids))
         mask = (attention_mask > 0).astype(jnp.int32)
+        # static shapes, checked once at trace time: positions past n_positions would index wpe
+        # out of range (NaN embeddings)
+        length = mask.shape[1] if cache is None else cache["mask"].shape[1]
+        if length > self.config.n_positions:
+            raise ValueError(
+                f"GPT-2 numbers at most n_positions={self.config.n_positions} positions, but "
+                + (f"the input has {length} tokens (with any virtual tokens a method prepends); "
+                   "truncate the inputs" if cache is None else
+                   f"the KV cache has {length} slots (prompt length + prepended virtual tokens + "
+                   "max_new_tokens in generation); shorten the prompts or max_new_tokens"))
         if positions is None:
             positions = positions_from_mask(mask, None if cache is None else cache["positions"])
         elif positions.shape != mask.shape:

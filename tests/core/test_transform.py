@@ -84,3 +84,15 @@ def test_context_keys_are_distinct_and_stable():
     assert jnp.array_equal(jax.random.key_data(a1), jax.random.key_data(a2))
     assert not jnp.array_equal(jax.random.key_data(a1), jax.random.key_data(b))
     assert ApplyContext().key("x") is None
+
+
+def test_a_config_in_place_of_a_transform_is_refused():
+    from jpeft.methods.lora import LoraConfig
+
+    t = lora(LoraConfig(r=2))
+    with pytest.raises(TypeError, match="expected a jpeft Transform, got a LoraConfig"):
+        apply(nn.Dense(2), LoraConfig(), {}, {}, jnp.ones((1, 2)))
+    with pytest.raises(TypeError, match="compose: expected a jpeft Transform"):
+        compose(t, LoraConfig())
+    with pytest.raises(TypeError, match="merge: expected a jpeft Transform"):
+        merge(LoraConfig(), {}, {})

@@ -229,3 +229,24 @@ def test_minilm_counts(minilm_dir, kind, adapters):
     counts = trainer.counts(trainer.init_state(jax.random.key(0)))
     assert counts.trainable == adapters * (2 * 384 * 64 + 384 + 64) + 770
     assert counts.trainable == {"houlsby": 595_970, "pfeiffer": 298_370}[kind]
+
+
+def test_a_delta_that_does_not_fit_is_refused():
+    """Another method's delta used to run as no adapter at all; a bias of the wrong size
+    broadcast silently; a fractional size reached jnp as a shape."""
+    model, params = tiny_bert()
+    batch = tiny_batch()
+    run = lambda t, d: apply(model, t, params, d, batch["input_ids"], batch["attention_mask"],
+                             batch["token_type_ids"])
+    t = houlsby(AdapterConfig(size=4))
+    with pytest.raises(KeyError, match="an adapter delta is"):
+        run(t, lora(LoraConfig(r=2)).init(jax.random.key(0), params, model.info()))
+    with pytest.raises(KeyError, match="an adapter delta is"):  # Houlsby's attn_out under Pfeiffer
+        run(pfeiffer(AdapterConfig(size=4)), t.init(jax.random.key(0), params, model.info()))
+    delta = P.flatten(t.init(jax.random.key(0), params, model.info()))
+    key = next(k for k in sorted(delta) if k.endswith("down/bias"))
+    delta[key] = delta[key][:1]
+    with pytest.raises(ValueError, match="bottleneck shapes"):
+        run(t, P.unflatten(delta))
+    with pytest.raises(ValueError, match="adapter.size must be an integer"):
+        AdapterConfig(size=2.5)

@@ -270,3 +270,18 @@ def test_minilm_count_equals_hf_peft(minilm_dir):
     hf = peft.get_peft_model(hf, peft.IA3Config(task_type="SEQ_CLS"))
     peft_trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
     assert counts.trainable == peft_trainable
+
+
+def test_a_vector_of_another_shape_is_refused():
+    """A (1,)-shaped or other model's vector used to broadcast silently (or fail in a broadcast)."""
+    model, params = tiny_bert()
+    t = ia3(IA3Config())
+    delta = P.flatten(t.init(jax.random.key(0), params, model.info()))
+    key = sorted(delta)[0]
+    delta[key] = delta[key][:1]
+    batch = tiny_batch()
+    with pytest.raises(ValueError, match=r"ia3_l .* has shape \(1,\).*expected \(16,\)"):
+        apply(model, t, params, P.unflatten(delta), batch["input_ids"], batch["attention_mask"],
+              batch["token_type_ids"])
+    with pytest.raises(ValueError, match="another model"):
+        merge(t, params, P.unflatten(delta))

@@ -118,6 +118,47 @@ def test_bad_config_values():
         LoraConfig(bias="some")
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("r", 2.5, "lora.r must be an integer"),  # was silently int(2.5) = 2 with scale alpha / 2.5
+    ("alpha", 0.0, "lora.alpha"),
+    ("alpha", float("nan"), "lora.alpha"),
+    ("targets", "(query", "lora.targets: '\\(query' is not a valid regex"),
+    ("rank_pattern", {"query": 0}, "lora.rank_pattern ranks"),  # was a ZeroDivisionError in init
+    ("rank_pattern", {"(q": 2}, "lora.rank_pattern"),
+    ("alpha_pattern", {"query": -1.0}, "lora.alpha_pattern"),
+    ("layers", (-1,), "lora.layers"),
+    ("layers", 1, "lora.layers"),
+])
+def test_bad_config_values_name_the_field(field, value, needle):
+    with pytest.raises(ValueError, match=needle):
+        LoraConfig(**{field: value})
+
+
+def test_a_delta_that_does_not_fit_is_refused_by_apply_and_merge():
+    """A delta of another rank, model or method (or with integer factors) is refused, naming the
+    layer and the expected shapes, instead of running with the config's scale (another rank),
+    failing in dot_general (another model) or with a bare KeyError (another method)."""
+    from jpeft.methods.ia3 import IA3Config, ia3
+
+    model, params = tiny_bert()
+    batch = tiny_batch()
+    t = lora(LoraConfig(r=4))
+    rank8 = lora(LoraConfig(r=8)).init(jax.random.key(0), params, model.info())
+    with pytest.raises(ValueError, match=r"lora_A \(16, 8\).*r=4; expected \(16, 4\) / \(4, 16\)"):
+        _adapted(model, t, params, rank8, batch)
+    big, big_params = tiny_bert(hidden=32)
+    other = t.init(jax.random.key(0), big_params, big.info())
+    with pytest.raises(ValueError, match="another model"):
+        merge(t, params, other)
+    with pytest.raises(ValueError, match="another model"):
+        _adapted(model, t, params, other, batch)
+    ints = jax.tree_util.tree_map(lambda x: x.astype(jnp.int32), t.init(jax.random.key(0), params, model.info()))
+    with pytest.raises(TypeError, match="floating-point"):
+        _adapted(model, t, params, ints, batch)
+    with pytest.raises(KeyError, match="not LoRA's lora_A and lora_B"):
+        _adapted(model, t, params, ia3(IA3Config()).init(jax.random.key(0), params, model.info()), batch)
+
+
 def test_bias_options_select_base_leaves():
     model, params = tiny_bert(layers=1)
     assert lora(LoraConfig()).trainable_base(params) == []
@@ -168,8 +209,6 @@ def test_minilm_count_equals_hf_peft(minilm_dir):
 def test_lora_plus_trains_b_at_lr_ratio_times_a():
     """LoRA+: with Adam's first step (update = lr · sign(g)), |ΔB| = lr_ratio · |ΔA|; the plain
     config keeps one group."""
-    import optax
-
     from jpeft.train.optim import OptimConfig, make_optimizer
 
     delta = {"q": {"lora_A": jnp.ones((4, 2)), "lora_B": jnp.ones((2, 3))}}

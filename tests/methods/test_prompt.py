@@ -432,3 +432,18 @@ def test_minilm_text_init_equals_hf_peft(minilm, hf_minilm, minilm_dir):
         prompt_tuning_init_text=text, tokenizer_name_or_path=str(minilm_dir)))
     theirs = pm.prompt_encoder["default"].embedding.weight.detach().numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_inputs_past_the_position_embeddings_are_refused(model_type):
+    """k virtual tokens + T inputs past max_position_embeddings (40) used to index the position
+    table out of range: NaN logits, no error."""
+    model, params = tiny_bert(model_type=model_type)
+    t = prompt(PromptConfig(num_virtual_tokens=35, init="random"))
+    delta = t.init(jax.random.key(0), params, model.info())
+    batch = tiny_batch(length=7)
+    with pytest.raises(ValueError, match="max_position_embeddings=40"):
+        apply(model, t, params, delta, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    long = tiny_batch(length=41)
+    with pytest.raises(ValueError, match="the input has 41 tokens"):
+        model.apply({"params": params}, long["input_ids"], long["attention_mask"], long["token_type_ids"])

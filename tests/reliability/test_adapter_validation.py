@@ -155,6 +155,32 @@ def test_a_non_finite_adapter_is_not_written(tmp_path, setup):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("which", ["other_rank", "other_model"])
+def test_a_delta_that_does_not_fit_is_not_written(tmp_path, setup, which):
+    """save_adapter and save_peft_adapter used to write a delta of another rank or model, which
+    load_adapter then refuses (or PEFT misreads); they now refuse it and write nothing."""
+    model, base, transform, _ = setup
+    if which == "other_rank":
+        bad = build("lora", {"lora": LoraConfig(r=4)}).init(jax.random.key(0), base, model.info())
+    else:
+        big, big_base = tiny_bert(hidden=32)
+        bad = transform.init(jax.random.key(0), big_base, big.info())
+    with pytest.raises(CheckpointError, match="does not fit its method on this base"):
+        save_adapter(tmp_path / "a", transform, bad, base, base_model="tiny", model=model,
+                     base_fingerprint=base_fingerprint(model, base), method_spec="lora")
+    with pytest.raises(CheckpointError, match="does not fit its method on this base"):
+        save_peft_adapter(tmp_path / "p", transform, bad, base, base_model_name_or_path="tiny", model=model)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "p").exists()
+
+
+def test_a_non_finite_peft_adapter_is_not_written(tmp_path, setup):
+    model, base, transform, delta = setup
+    bad = jax.tree_util.tree_map(lambda x: x * np.nan, delta)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        save_peft_adapter(tmp_path / "p", transform, bad, base, base_model_name_or_path="tiny", model=model)
+    assert not (tmp_path / "p").exists()
+
+
 def test_adapter_folders_get_normal_permissions(tmp_path, setup):
     import os
 
