@@ -7,6 +7,7 @@ Methods select their targets with regular expressions searched in those strings.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -27,6 +28,15 @@ def layer_index(path: str) -> int | None:
     ``layers/3/...`` -> 3), if any."""
     m = _LAYER.search(path)
     return int(m.group(1)) if m else None
+
+
+def check_layer_indices(where: str, layers: Any) -> None:
+    """Refuse a config's ``layers`` (``where`` names the config) unless it is a sequence of
+    distinct integer layer indices >= 0."""
+    if isinstance(layers, (str, bytes, numbers.Number)) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in layers) \
+            or len(set(layers)) != len(tuple(layers)):
+        raise ValueError(f"{where}.layers must be distinct non-negative layer indices, got {layers!r}")
 
 
 def flatten(tree: Params) -> dict[str, Any]:

@@ -97,10 +97,7 @@ class AdapterConfig:
             )
         if not self.init_scale > 0.0:
             raise ValueError(f"adapter.init_scale must be > 0, got {self.init_scale}")
-        if any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
-            raise ValueError(
-                f"adapter.layers must be distinct non-negative layer indices, got {list(self.layers)}"
-            )
+        P.check_layer_indices("adapter", self.layers)
         bad = [p for p in self.placement if p not in PLACEMENTS]
         if bad or len(set(self.placement)) != len(self.placement):
             raise ValueError(

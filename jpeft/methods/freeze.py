@@ -67,9 +67,7 @@ class FreezeConfig:
     )
 
     def __post_init__(self) -> None:
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers) or \
-                len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"freeze.layers must be distinct layer indices >= 0, got {list(self.layers)}")
+        P.check_layer_indices("freeze", self.layers)
         if isinstance(self.top, bool) or not isinstance(self.top, int) or self.top < 0:
             raise ValueError(
                 f"freeze.top must be an integer between 0 and the number of layers, got {self.top!r}"

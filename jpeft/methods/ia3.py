@@ -87,10 +87,7 @@ class IA3Config:
                 raise ValueError(f"ia3.{field} is not a valid regex: {getattr(self, field)!r} ({err})")
         if not self.targets:
             raise ValueError("ia3.targets must be a non-empty regex (it would select every Dense)")
-        if any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
-            raise ValueError(
-                f"ia3.layers must be distinct non-negative layer indices, got {list(self.layers)}"
-            )
+        P.check_layer_indices("ia3", self.layers)
 
 
 def is_feedforward(config: IA3Config, path: str) -> bool:

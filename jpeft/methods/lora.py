@@ -110,11 +110,7 @@ class LoraConfig:
         bad = {k: v for k, v in self.alpha_pattern.items() if not _is_scale(v)}
         if bad:
             raise ValueError(f"lora.alpha_pattern alphas must be finite numbers > 0, got {bad}")
-        layers = self.layers
-        if isinstance(layers, (str, numbers.Number)) or \
-                any(not _is_index(i) for i in layers) or len(set(layers)) != len(tuple(layers)):
-            raise ValueError(f"lora.layers must be a tuple of distinct non-negative layer indices, "
-                             f"got {layers!r}")
+        P.check_layer_indices("lora", self.layers)
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"lora.init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -134,10 +130,6 @@ def _is_rank(value: Any) -> bool:
 def _is_scale(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
         and value > 0
-
-
-def _is_index(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:

@@ -86,8 +86,7 @@ def validate_prompt_fields(where: str, num_virtual_tokens: int, init: str, init_
         raise ValueError(f"{where}.init must be one of {list(INITS)}, got {init!r}")
     if not (math.isfinite(init_scale) and init_scale > 0.0):
         raise ValueError(f"{where}.init_scale must be a finite number > 0, got {init_scale}")
-    if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
-        raise ValueError(f"{where}.layers must be distinct non-negative layer indices, got {list(layers)}")
+    P.check_layer_indices(where, layers)
 
 
 @dataclasses.dataclass(frozen=True)
