@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
               "times": {c: {str(r): t for r, t in ts.items()} for c, ts in times.items()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text((out / "attention_blocks.json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "attention_blocks.json", json.dumps(result, indent=2) + "\n")
     cpu = meta["machine"]["cpu"]
     lines = [f"`{meta['command']}`, {meta['date']}: {cpu}, {meta['machine']['cores']} cores; jax "
              f"{meta['versions']['jax']}. MiniLM train step, batch {args.batch} × {args.length}, float32, "
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['rows']}{' (one block)' if r['rows'] >= args.batch else ''} | "
               f"{r['step_s']:.3f} | {r['ratio']:.3f} | {100 * r['peak_fraction']:.0f}% |" for r in table]
-    atomic_write_text((out / "attention_blocks.md"), "\n".join(lines) + "\n")
+    atomic_write_text(out / "attention_blocks.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = _table(rows)
-    atomic_write_text((out / "compile_cache.json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text((out / "compile_cache.md"), 
+    atomic_write_text(out / "compile_cache.json", json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "compile_cache.md", 
         f"# Compilation and the persistent cache\n\n{meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
         f"{meta['date']}; `{meta['command']}`\n\n{table}\n")
     print(table)

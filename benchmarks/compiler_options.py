@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.base_dtype != "float32":
         stem += f"_base_{args.base_dtype}"
     meta = run_meta(command_line("benchmarks.compiler_options", argv))
-    atomic_write_text((out / f"{stem}.json"), json.dumps({**meta, "batch": args.batch, "length": args.length,
+    atomic_write_text(out / f"{stem}.json", json.dumps({**meta, "batch": args.batch, "length": args.length,
                                                   "rows": rows}, indent=2) + "\n")
-    atomic_write_text((out / f"{stem}.md"), "\n".join(md) + "\n")
+    atomic_write_text(out / f"{stem}.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text((out / "dot_bound.json"), json.dumps({**meta, "call_overhead_s": overhead, "results": results},
+    atomic_write_text(out / "dot_bound.json", json.dumps({**meta, "call_overhead_s": overhead, "results": results},
                                                    indent=2) + "\n")
-    atomic_write_text((out / "dot_bound.md"), md)
+    atomic_write_text(out / "dot_bound.md", md)
     return 0
 
 

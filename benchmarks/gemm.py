@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = run_meta(command_line("benchmarks.gemm", argv), torch=torch.__version__)
-    atomic_write_text((out / "gemm.json"), json.dumps({**meta, "tokens": args.tokens, "rows": rows}, indent=2) + "\n")
-    atomic_write_text((out / "gemm.md"), "\n".join(md) + "\n")
+    atomic_write_text(out / "gemm.json", json.dumps({**meta, "tokens": args.tokens, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "gemm.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = run_meta(command_line("benchmarks.inference", argv))
-    atomic_write_text((out / "inference.json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text((out / "inference.md"), md + "\n")
+    atomic_write_text(out / "inference.json", json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "inference.md", md + "\n")
     return 0
 
 

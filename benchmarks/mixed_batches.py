@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = run_meta(command_line("benchmarks.mixed_batches", argv))
-    atomic_write_text((out / "mixed_batches.json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text((out / "mixed_batches.md"), md + "\n")
+    atomic_write_text(out / "mixed_batches.json", json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "mixed_batches.md", md + "\n")
     return 0
 
 

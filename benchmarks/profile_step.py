@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_meta(command_line("benchmarks.profile_step", argv))
     name = (f"profile_{args.config}_{args.matmul_dtype}" if args.model == "minilm" else
             f"profile_smollm2_l{args.layers or 30}_v{args.vocab or 49152}_b{args.batch}x{args.length}")
-    atomic_write_text((out / f"{name}.json"), 
+    atomic_write_text(out / f"{name}.json", 
         json.dumps({**meta, **result}, indent=2) + "\n")
     return 0
 

@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = run_meta(command_line("benchmarks.quant_base_loss", argv))
-    atomic_write_text((RESULTS / "quant_base_loss.json"), json.dumps({**meta, "rows": rows, "kernel_errors": errors},
+    atomic_write_text(RESULTS / "quant_base_loss.json", json.dumps({**meta, "rows": rows, "kernel_errors": errors},
                                                              indent=2) + "\n")
-    atomic_write_text((RESULTS / "quant_base_loss.md"), "# Quantized base: loss before training\n\n" + table + "\n")
+    atomic_write_text(RESULTS / "quant_base_loss.md", "# Quantized base: loss before training\n\n" + table + "\n")
     return 0
 
 

@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text((RESULTS / f"{args.name}.json"), json.dumps(
+    atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(
         {"command": "python -m benchmarks.quant_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
          "cpu": args.cpu, "runs": runs, "table": table}, indent=2) + "\n")
-    atomic_write_text((RESULTS / f"{args.name}.md"), "# Quantized base: quality\n\n" + table + "\n")
+    atomic_write_text(RESULTS / f"{args.name}.md", "# Quantized base: quality\n\n" + table + "\n")
     return 0
 
 

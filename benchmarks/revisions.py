@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text((out / "revisions.json"), json.dumps({**meta, "revisions": revs, "rows": rows,
+    atomic_write_text(out / "revisions.json", json.dumps({**meta, "revisions": revs, "rows": rows,
                                                      "times": times}, indent=2) + "\n")
-    atomic_write_text((out / "revisions.md"), md + "\n")
+    atomic_write_text(out / "revisions.md", md + "\n")
     return 0
 
 

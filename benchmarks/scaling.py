@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=100)
     meta = run_meta(command_line("benchmarks.scaling", argv))
-    atomic_write_text((out / "scaling.json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text((out / "scaling.md"), md + "\n")
+    atomic_write_text(out / "scaling.json", json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "scaling.md", md + "\n")
     return 0
 
 

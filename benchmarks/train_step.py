@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "train_step" if args.matmul_dtype == "float32" else "train_step_bf16"
-    atomic_write_text((out / f"{stem}.json"), json.dumps({**meta, "rows": rows, "raw": raw}, indent=2) + "\n")
-    atomic_write_text((out / f"{stem}.md"), md + "\n")
+    atomic_write_text(out / f"{stem}.json", json.dumps({**meta, "rows": rows, "raw": raw}, indent=2) + "\n")
+    atomic_write_text(out / f"{stem}.md", md + "\n")
     return 0
 
 

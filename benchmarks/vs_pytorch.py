@@ -586,8 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"vs_pytorch-{cpu_slug(cpu_name())}" + ("-quick" if args.quick else "")
-    atomic_write_text((out / f"{stem}.json"), json.dumps(result, indent=2) + "\n")
-    atomic_write_text((out / f"{stem}.md"), md + "\n")
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / f"{stem}.md", md + "\n")
     failed = [f"{s['row']}/{side}" for s in summaries for side, v in s["sides"].items() if "error" in v]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

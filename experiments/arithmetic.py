@@ -150,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     note = (f"`python -m experiments.arithmetic --a={args.a} --b={args.b}`: A = {tasks[0].name}, B = "
             f"{tasks[1].name}; each task evaluated with its own trained head; {time.perf_counter() - t0:.0f} s.")
-    atomic_write_text((out / "results.md"), note + "\n\n" + md + "\n")
-    atomic_write_text((out / "results.json"), json.dumps({"note": note, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "results.md", note + "\n\n" + md + "\n")
+    atomic_write_text(out / "results.json", json.dumps({"note": note, "rows": rows}, indent=2) + "\n")
     return 0
 
 

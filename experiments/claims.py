@@ -338,8 +338,8 @@ def write_claims(cells: Iterable[Mapping[str, Any]], out_dir: Path | str,
     records = [verdict(c, keyed, runs) for c in claims]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text((out / "claims.json"), json.dumps({"rule": RULE, "results": results, "claims": records}, indent=2))
-    atomic_write_text((out / "claims.md"), claims_markdown(claims, records, results))
+    atomic_write_text(out / "claims.json", json.dumps({"rule": RULE, "results": results, "claims": records}, indent=2))
+    atomic_write_text(out / "claims.md", claims_markdown(claims, records, results))
     return records
 
 

@@ -147,7 +147,7 @@ def run(cfg: E2EConfig) -> dict[str, Any]:
         raise ValueError(f"--decode-split={cfg.decode.decode_split!r}; choose test or dev")
     out_dir = Path(cfg.checkpoint.output_dir or f"runs/e2e-{cfg.method}-s{cfg.seed}")
     with run_directory(cfg, out_dir, "e2e"):
-        atomic_write_text((out_dir / "config.json"), json.dumps(to_dict(cfg), indent=2))
+        atomic_write_text(out_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
         return _run(cfg, out_dir, t_start)
 
 
@@ -327,7 +327,7 @@ def _run(cfg: E2EConfig, out_dir: Path, t_start: float) -> dict[str, Any]:
         "jax_backend": jax.default_backend(),
     }
     write_adapter(out_dir, cfg, transform, kept, params, model, base)
-    atomic_write_text((out_dir / "summary.json"), json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     print(f"[summary] e2e {cfg.method}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items())
           + f" | dev_loss {final['dev_loss']:.4f} | trainable {counts.trainable:,d} ({counts.percent:.2f}%)"
           f" | {summary['steps']} steps | decode {summary['decode']['tokens_per_s']} tok/s | wall "

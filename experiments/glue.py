@@ -166,7 +166,7 @@ def run(cfg: GlueConfig) -> dict[str, Any]:
     if multi and jax.process_index() > 0:
         out_dir = out_dir / f"process-{jax.process_index()}"  # process 0 owns the run directory
     with run_directory(cfg, out_dir, cfg.task):
-        atomic_write_text((out_dir / "config.json"), json.dumps(to_dict(cfg), indent=2))
+        atomic_write_text(out_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
         return _run(cfg, task, out_dir, multi, t_start)
 
 
@@ -337,7 +337,7 @@ def _run(cfg: GlueConfig, task: Any, out_dir: Path, multi: bool, t_start: float)
     }
     if not multi:  # the inference export: finalized delta + trained head, loadable in one call
         write_adapter(out_dir, cfg, transform, kept, trainer.params(state), model, base)
-    atomic_write_text((out_dir / "summary.json"), json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     metric_text = ", ".join(f"{k}={v:.4f}" for k, v in final.items())
     print(f"[summary] {task.name} {cfg.method}: {metric_text} | trainable {counts.trainable:,d} "
           f"({counts.percent:.2f}%) of {counts.total:,d} | {summary['steps']} steps | "

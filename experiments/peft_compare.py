@@ -394,7 +394,7 @@ def write_table(peft_out: Path, jpeft_out: Path, seeds: list[int] | None = None)
             "\"recipes\": whether the two libraries' runs of a cell have the same recipe (config "
             "without seed and bookkeeping).")
     peft_out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text((peft_out / "results.md"), note + "\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(peft_out / "results.md", note + "\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -140,7 +140,7 @@ def _with_recipe(run_dir: Path) -> dict[str, Any]:
     """The run's summary, its recipe and dev evaluations stored in its ``summary.json`` (once)."""
     summary, changed = _summary_with_recipe(run_dir)
     if changed:
-        atomic_write_text((run_dir / "summary.json"), json.dumps(summary, indent=2))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -215,11 +215,11 @@ def _table_rows(by: dict[tuple[str, str], dict[str, Any]], fmt: Callable[[dict[s
 
 def write_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text((out / "results.json"), json.dumps({"note": note, "cells": cells}, indent=2))
+    atomic_write_text(out / "results.json", json.dumps({"note": note, "cells": cells}, indent=2))
     lines = _table_rows({(c["label"], c["task"]): c for c in cells},
                         lambda c: f"{_fmt_metrics(c['metrics'])} ({c['wall_s'] / 60:.1f} min)")
     body = "\n".join(lines)
-    atomic_write_text((out / "results.md"), f"{note}\n\n{body}\n\n{GLUE_RECIPES}\n")
+    atomic_write_text(out / "results.md", f"{note}\n\n{body}\n\n{GLUE_RECIPES}\n")
     write_claims(cells, out)
     print("\n".join(lines))
 
@@ -280,14 +280,14 @@ def write_seeded_table(runs: list[dict[str, Any]], out: Path, note: str) -> dict
     number of seeds, and how many cells' mean main metric is above the majority class."""
     cells = aggregate(runs)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text((out / "results.json"), json.dumps(
+    atomic_write_text(out / "results.json", json.dumps(
         {"note": note, "cells": list(cells.values()), "runs": runs}, indent=2))
     lines = _table_rows(cells, _fmt_seeded)
     above = sum(c["above_majority"] for c in cells.values())
     mains = ", ".join(sorted({f"{c['task']}: {c['main_metric']}" for c in cells.values()}))
     count = f"Cells whose mean main metric ({mains}) is above the majority class: {above} of {len(cells)}."
     body = "\n".join(lines)
-    atomic_write_text((out / "results.md"), f"{note}\n\n{body}\n\n{count}\n\n{SEEDED_RECIPES}\n")
+    atomic_write_text(out / "results.md", f"{note}\n\n{body}\n\n{count}\n\n{SEEDED_RECIPES}\n")
     write_claims(list(cells.values()), out, runs=runs)
     print("\n".join(lines) + "\n" + count)
     return cells
@@ -297,7 +297,7 @@ def write_e2e_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
     """The E2E table: the five metrics (BLEU on 0–100, the others as the scorers return them),
     dev loss before → after, parameters trained and stored (the adapter after finalize), wall time."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text((out / "results.json"), json.dumps({"note": note, "cells": cells}, indent=2))
+    atomic_write_text(out / "results.json", json.dumps({"note": note, "cells": cells}, indent=2))
     lines = ["| method | trained params (%) | stored params | BLEU | NIST | METEOR | ROUGE-L | CIDEr | dev loss | wall |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
@@ -308,7 +308,7 @@ def write_e2e_table(cells: list[dict[str, Any]], out: Path, note: str) -> None:
                      f"{m['CIDEr']:.2f} | {c['dev_loss_start']:.3f} → {c['dev_loss']:.3f} | "
                      f"{c['wall_s'] / 60:.1f} min |")
     body = "\n".join(lines)
-    atomic_write_text((out / "results.md"), f"{note}\n\n{body}\n")
+    atomic_write_text(out / "results.md", f"{note}\n\n{body}\n")
     print("\n".join(lines))
 
 
@@ -339,7 +339,7 @@ def collect(src: Path, out: Path) -> list[str]:
             continue
         dest = out / "runs" / name
         dest.mkdir(parents=True, exist_ok=True)
-        atomic_write_text((dest / "summary.json"), json.dumps(data, indent=2))
+        atomic_write_text(dest / "summary.json", json.dumps(data, indent=2))
         copied.append(name)
     return copied
 
