@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +47,7 @@ RANGES: dict[str, tuple[float, float, bool, bool, bool, str]] = {
     "eval_every": (1, math.inf, True, False, INT, "none: 4 times per run"),
     "log_every": (1, math.inf, True, False, INT, ""),
     "save_every": (1, math.inf, True, False, INT, "none: at each evaluation; -1: never"),
+    "save_minutes": (0, math.inf, False, False, REAL, "none: by steps only"),
     "keep_checkpoints": (1, math.inf, True, False, INT, ""),
     "divergence_factor": (1, math.inf, False, False, REAL, "none: only non-finite values stop"),
     "num_processes": (1, math.inf, True, False, INT, "none: single process"),
@@ -128,6 +130,7 @@ class CheckpointSettings:
 
     output_dir: str | None = setting(None, "run directory (default runs/<task>-<method>-s<seed>)")
     save_every: int | None = setting(None, "checkpoint every N steps (none: at each evaluation and at the end; -1: never)")
+    save_minutes: float | None = setting(15.0, "also checkpoint when this many minutes have passed since the run started or last checkpointed, so a run killed on a shared or preemptible machine loses at most that much (none: by steps only; --save-every=-1 turns all checkpoints off)")
     keep_checkpoints: int = setting(2, "how many recent checkpoints to keep (>= 1)")
     resume: bool = setting(True, "continue from the run directory's latest checkpoint if there is one; false: start afresh (an earlier run's files are moved into superseded-<time>/, never deleted)")
     allow_base_mismatch: bool = setting(False, "restore a checkpoint made on another base model")
@@ -479,18 +482,24 @@ def run_directory(cfg: RunConfig, out_dir: Path, task: str):
 class Saver:
     """Checkpoints on the configured schedule (:class:`jpeft.train.loop.Checkpointer`)."""
 
-    def __init__(self, cfg: RunConfig, manager: Any, meta: dict[str, Any], steps_per_epoch: int) -> None:
+    def __init__(self, cfg: RunConfig, manager: Any, meta: dict[str, Any], steps_per_epoch: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg, self.manager, self.meta, self.steps_per_epoch = cfg, manager, meta, steps_per_epoch
+        self.clock = clock
+        self.last_saved = clock()
 
     def due(self, step: int, evaluated: bool) -> bool:
-        every = self.cfg.checkpoint.save_every
-        return (every is not None and every > 0 and step % every == 0) or (every is None and evaluated)
+        """At every ``--save-every`` steps (or evaluation), or once ``--save-minutes`` have passed."""
+        every, minutes = self.cfg.checkpoint.save_every, self.cfg.checkpoint.save_minutes
+        return ((every is not None and every > 0 and step % every == 0) or (every is None and evaluated)
+                or (minutes is not None and self.clock() - self.last_saved >= 60.0 * minutes))
 
     def save(self, state: Any, info: dict[str, Any]) -> None:
         step = int(state.step)
         epoch, batch = divmod(step, self.steps_per_epoch)
         self.manager.save(step, state, {**self.meta, **info, "step": step,
                                         "data_position": {"epoch": epoch, "batch": batch}})
+        self.last_saved = self.clock()
 
     def describe(self, step: int | None) -> str:
         if step is None:

@@ -61,6 +61,7 @@ def refused(capsys, argv, *needles, code=2) -> str:
     ("--max-length=0", "--max-length"), ("--max-length=1", "--max-length"),
     ("--keep-checkpoints=0", "--keep-checkpoints=0"), ("--save-every=0", "--save-every=0"),
     ("--save-every=-2", "--save-every"), ("--eval-every=0", "--eval-every=0"),
+    ("--save-minutes=0", "--save-minutes=0"), ("--save-minutes=-5", "--save-minutes"),
     ("--log-every=0", "--log-every=0"), ("--warmup-ratio=1.5", "warmup_ratio"),
     ("--weight-decay=-1", "weight_decay"), ("--clip-norm=-1", "clip_norm"),
     ("--lora.dropout=1.5", "lora.dropout"), ("--lora.dropout=nan", "lora.dropout"),
@@ -313,6 +314,44 @@ def test_flipped_bytes_in_the_newest_checkpoint_fall_back_and_the_run_completes(
     assert "resumed from" in text and "/2 (step 2 of 6)" in text
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
     assert any((out / "checkpoints" / "_corrupt").iterdir())
+
+
+@pytest.mark.parametrize("minutes, kept", [("none", [4]), ("1e-9", [3, 4])])
+def test_save_minutes_checkpoints_between_evaluations(world, tmp_path, minutes, kept):
+    """With evaluations only at the end, ``--save-minutes`` alone decides the checkpoints before
+    it: an interval shorter than a step saves every step (the newest two kept), none saves none."""
+    from jpeft.checkpoint import CheckpointManager
+
+    out = tmp_path / "timed"
+    assert E.main(glue_args(world["model"], world["data"], out, "--eval-every=100",
+                            f"--save-minutes={minutes}")) == 0
+    assert sorted(CheckpointManager(out / "checkpoints").all_steps()) == kept
+
+
+def test_saver_is_due_once_the_interval_has_passed_since_the_last_save():
+    from experiments.common import RunConfig, Saver
+
+    class Manager:
+        directory, saved = "checkpoints", []
+
+        def save(self, step, state, meta):
+            self.saved.append(step)
+
+    class State:
+        step = 7
+
+    now = [100.0]
+    cfg = E.parse_args(["--method=lora", "--task=sst2", "--save-minutes=2"])
+    assert isinstance(cfg, RunConfig)
+    saver = Saver(cfg, Manager(), {}, steps_per_epoch=5, clock=lambda: now[0])
+    assert not saver.due(7, evaluated=False)
+    now[0] += 119.0
+    assert not saver.due(7, evaluated=False)
+    now[0] += 1.0
+    assert saver.due(7, evaluated=False) and saver.due(8, evaluated=True)
+    saver.save(State(), {})
+    assert not saver.due(8, evaluated=False)  # the interval counts from the save
+    assert saver.due(8, evaluated=True)  # evaluations still checkpoint (--save-every unset)
 
 
 # -- the E2E CLI shares the boundary --------------------------------------------------------------
