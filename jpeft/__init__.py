@@ -43,7 +43,8 @@ from jpeft.methods import (
     ptuning,
     ptuning2,
 )
-from jpeft.models.bert import BertConfig, BertModel, from_pretrained
+from jpeft.models import from_pretrained
+from jpeft.models.bert import BertConfig, BertModel
 from jpeft.models.taps import NnxTap, Tap
 from jpeft.quant import QuantizedArray, QuantizedBaseError, dequantize_base, quantize_base
 

@@ -34,6 +34,7 @@ from jpeft.checkpoint.hf_peft import read_json_object
 from jpeft.checkpoint.orbax_ckpt import CheckpointError, fingerprint
 from jpeft.core import paths as P
 from jpeft.core.transform import Transform, merge
+from jpeft.models.bert import hf_config_dict
 
 ADAPTER_JSON = "adapter.json"
 ADAPTER_TENSORS = "adapter.safetensors"
@@ -50,64 +51,29 @@ TOKENIZER_FILES = (
 # ----------------------------------------------------------------------------------------------
 # Merged Hugging Face folder
 
-def hf_config_dict(config: Any) -> dict[str, Any]:
-    """A ``transformers`` ``config.json`` for a jpeft :class:`~jpeft.models.bert.BertConfig`."""
-    roberta = config.is_roberta
-    family = "Roberta" if roberta else "Bert"
-    if config.model_type == "xlm-roberta":
-        family = "XLMRoberta"
-    elif config.model_type == "camembert":
-        family = "Camembert"
-    head = config.head == "classification"
-    out: dict[str, Any] = {
-        "architectures": [f"{family}ForSequenceClassification" if head else f"{family}Model"],
-        "model_type": config.model_type,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "intermediate_size": config.intermediate_size,
-        "hidden_act": config.hidden_act,
-        "hidden_dropout_prob": config.hidden_dropout_prob,
-        "attention_probs_dropout_prob": config.attention_probs_dropout_prob,
-        "max_position_embeddings": config.max_position_embeddings,
-        "type_vocab_size": config.type_vocab_size,
-        "layer_norm_eps": config.layer_norm_eps,
-        "pad_token_id": config.pad_token_id,
-        "position_embedding_type": "absolute",
-        "classifier_dropout": config.classifier_dropout,
-        "initializer_range": 0.02,
-        "dtype": "float32",
-    }
-    if roberta:
-        out.update(bos_token_id=0, eos_token_id=2)
-    if head:
-        n = config.num_labels
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(n)}
-        if n == 1:
-            out["problem_type"] = "regression"
-    return out
-
-
 def export_merged_hf(path: str | os.PathLike[str], model: Any, transform: Transform,
                      params: P.Params, delta: Any, tokenizer_dir: str | os.PathLike[str] | None = None,
                      *, overwrite: bool = False) -> Path:
     """Merge ``delta`` into ``params`` and write a Hugging Face model folder at ``path``.
 
-    ``model`` is the jpeft BERT-family model (its config becomes ``config.json``), ``params`` the
-    parameters including the trained head. Raises :class:`~jpeft.core.transform.NotMergeableError`
-    for activation-space methods (prompts, prefixes, adapters). ``tokenizer_dir``: a folder whose
-    tokenizer files are copied alongside (so the export is self-contained).
+    ``model`` is one of jpeft's own models (BERT/RoBERTa/MiniLM, Llama, GPT-2; its config becomes
+    ``config.json``), ``params`` the parameters including the trained head. Raises
+    :class:`~jpeft.core.transform.NotMergeableError` for activation-space methods (prompts,
+    prefixes, adapters). ``tokenizer_dir``: a folder whose tokenizer files are copied alongside
+    (so the export is self-contained).
     """
-    from jpeft.models.bert import state_dict_from_params
+    import importlib
 
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "is_roberta"):
-        raise TypeError(f"export_merged_hf expects a jpeft BERT-family model, got {model!r}")
+    from jpeft.checkpoint.peft_naming import model_family
+
+    try:
+        family, config = model_family(model)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"export_merged_hf: {err}") from None
+    family_module = importlib.import_module(f"jpeft.models.{family.name}")
     merged = jax.device_get(merge(transform, params, delta))
-    state = state_dict_from_params(merged, config)
-    hf_config = hf_config_dict(config)
+    state = family_module.state_dict_from_params(merged, config)
+    hf_config = family_module.hf_config_dict(config)
     tok_files: list[Path] = []
     if tokenizer_dir is not None:
         tok = Path(tokenizer_dir)

@@ -1,4 +1,4 @@
-"""Hugging Face PEFT adapter folders <-> jpeft transforms, for BERT-family models.
+"""Hugging Face PEFT adapter folders <-> jpeft transforms, for jpeft's own model families.
 
 A PEFT adapter folder (``PeftModel.save_pretrained``) holds
 
@@ -14,14 +14,20 @@ A PEFT adapter folder (``PeftModel.save_pretrained``) holds
   tuning's projection MLP are evaluated once at save time) — and the head as
   ``base_model.classifier.weight``.
 
+On the decoders (Llama, GPT-2; ``task_type="CAUSAL_LM"``) the keys name the modules of
+``LlamaForCausalLM`` / ``GPT2LMHeadModel``, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; GPT-2's ``Conv1D`` layers
+(``c_attn``, ``c_proj``, ``c_fc``) take LoRA and (IA)³ like Dense layers (PEFT's
+``fan_in_fan_out`` only says how PEFT merges into them; jpeft writes it as PEFT would).
+
 :func:`load_peft_adapter` turns such a folder into ``(transform, delta, params)`` — LoRA, (IA)³,
 prompt tuning, prefix tuning (with or without projection) and P-tuning — and
 :func:`save_peft_adapter` writes one from a jpeft transform, so that
 ``peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), path)``
-computes the same logits. LoRA adapters with ``use_dora`` (DoRA) go both ways: PEFT's
+(``AutoModelForCausalLM`` for a decoder) computes the same logits. LoRA adapters with ``use_dora`` (DoRA) go both ways: PEFT's
 ``....lora_magnitude_vector`` ``(d_out,)`` is jpeft's ``lora_magnitude`` leaf. Anything jpeft
 cannot represent exactly (another ``peft_type``,
-``fan_in_fan_out``, a target that is not a Dense layer, a base-rewriting LoRA init, ...) is refused
+a target that is not a Dense layer, a base-rewriting LoRA init, ...) is refused
 with a ``ValueError`` naming the field and its value: an adapter is never loaded approximately.
 
 Each method's converter lives in the method's own file and is registered with it
@@ -67,13 +73,15 @@ from jpeft.checkpoint.atomic import atomic_dir
 from jpeft.checkpoint.peft_convert import ADAPTER_WEIGHTS, MODULE_KEY, PeftContext, PeftConverter
 from jpeft.checkpoint.peft_fields import ADAPTER_CONFIG, _refuse
 from jpeft.checkpoint.peft_naming import (
+    BERT,
+    Family,
     _encoder_prefix,
     _head_entries,
     _is_roberta,
-    _model_config,
     _Modules,
     _modules,
     _split_head_delta,
+    model_family,
     torch_module_name,
 )
 from jpeft.checkpoint.peft_targets import peft_target_matches  # noqa: F401  (part of this module's API)
@@ -81,9 +89,6 @@ from jpeft.core import paths as P
 from jpeft.core.transform import Transform
 
 PICKLE_WEIGHTS = "adapter_model.bin"
-
-# task types whose PEFT model wraps the architecture jpeft's BertModel mirrors
-ENCODER_TASKS = ("SEQ_CLS", "FEATURE_EXTRACTION", None)
 
 # ----------------------------------------------------------------------------------------------
 # Reading
@@ -227,14 +232,14 @@ def _put_base_tensors(tensors: dict[str, np.ndarray], key_prefix: str, mods: _Mo
         if path is None or path == "":
             raise ValueError(
                 f"{label}: tensor {key!r} belongs to module {module!r}, which this model does not "
-                "have; is the base the architecture the adapter was trained on (bert/roberta, "
-                "a classification head)?")
+                f"have; is the base the architecture the adapter was trained on ({mods.family.name}"
+                f"{', a classification head' if mods.head else ''})?")
         if leaf == "weight":
             jleaf = _weight_leaf(base_flat, path)
             if jleaf is None:
                 raise ValueError(f"{label}: {key!r}: module {path!r} has no weight in this model")
             target = f"{path}/{jleaf}"
-            if jleaf == "kernel":
+            if jleaf == "kernel" and not mods.is_conv1d(path):
                 value = value.T
         elif leaf == "bias":
             target = f"{path}/bias"
@@ -274,11 +279,11 @@ def _converter_for(transform: Transform) -> PeftConverter:
         "weights (export_merged_hf) or a jpeft adapter (save_adapter) instead.")
 
 
-def _head_check(task_type: Any, config: Any) -> None:
-    if task_type not in ENCODER_TASKS:
-        raise _refuse("task_type", task_type,
-                      "jpeft's BERT-family models are encoders with a sequence-classification head "
-                      "(SEQ_CLS) or none (FEATURE_EXTRACTION)")
+def _head_check(task_type: Any, config: Any, family: Family) -> None:
+    if task_type not in family.tasks:
+        kinds = ("encoders with a sequence-classification head (SEQ_CLS) or none (FEATURE_EXTRACTION)"
+                 if family is BERT else "decoders with their LM head (CAUSAL_LM)")
+        raise _refuse("task_type", task_type, f"jpeft's {family.name} models are {kinds}")
     if task_type == "SEQ_CLS" and config.head != "classification":
         raise ValueError(f"{ADAPTER_CONFIG}: task_type='SEQ_CLS' needs a model with a classification "
                          f"head, but this model has head={config.head!r}")
@@ -286,7 +291,7 @@ def _head_check(task_type: Any, config: Any) -> None:
 
 def load_peft_adapter(path: str | os.PathLike[str], model: Any, base: P.Params, *,
                       revision: str | None = None) -> tuple[Transform, Any, dict[str, Any]]:
-    """Load a PEFT adapter folder (or Hub id) for a jpeft BERT-family ``model``.
+    """Load a PEFT adapter folder (or Hub id) for a jpeft ``model`` (BERT/RoBERTa, Llama, GPT-2).
 
     Returns ``(transform, delta, params)``: ``jpeft.apply(model, transform, params, delta, ...)``
     computes what ``PeftModel.from_pretrained(hf_base, path)`` computes. ``params`` is ``base``
@@ -295,7 +300,7 @@ def load_peft_adapter(path: str | os.PathLike[str], model: Any, base: P.Params, 
     exactly (naming the field and value), for ``adapter_model.bin`` and for tensors that do not
     fit the base.
     """
-    config = _model_config(model)
+    family, config = model_family(model)
     folder = resolve_adapter_dir(path, revision=revision)
     cfg, tensors = read_adapter(folder)
     peft_type = cfg.get("peft_type")
@@ -304,12 +309,14 @@ def load_peft_adapter(path: str | os.PathLike[str], model: Any, base: P.Params, 
         raise _refuse("peft_type", peft_type, f"jpeft loads {', '.join(sorted(readers))} adapters")
     converter = readers[peft_type]
     task_type = cfg.get("task_type")
-    if converter.layout == "prompt" and task_type != "SEQ_CLS":
-        raise _refuse("task_type", task_type, "jpeft loads prompt-learning adapters for SEQ_CLS only "
-                      "(PEFT's other task types run the prompts differently)")
-    _head_check(task_type, config)
+    if converter.layout == "prompt" and task_type not in family.prompt_tasks:
+        raise _refuse("task_type", task_type,
+                      f"jpeft loads prompt-learning adapters for {list(family.prompt_tasks) or 'no task type'} "
+                      f"on {family.name} models (PEFT's other task types run the prompts differently)")
+    _head_check(task_type, config, family)
     with_head = converter.layout == "prompt" or task_type == "SEQ_CLS"
-    mods = _modules(base, _encoder_prefix(config.is_roberta, task_type), with_head=with_head)
+    mods = _modules(base, family.prefix(config, task_type), with_head=with_head, family=family,
+                    head=family.head_modules(task_type))
     ctx = PeftContext(label=str(folder), mods=mods if converter.layout == "modules" else None,
                       params=base, model=model)
     transform, delta = converter.load(cfg, tensors, ctx)
@@ -351,7 +358,7 @@ def _trained_paths(transform: Transform, params: P.Params, model: Any) -> tuple[
 
 def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta: Any,
                       params: P.Params, *, base_model_name_or_path: str | None,
-                      task_type: str = "SEQ_CLS", model: Any = None,
+                      task_type: str | None = None, model: Any = None,
                       overwrite: bool = False) -> Path:
     """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -359,21 +366,26 @@ def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta:
     without DoRA, (IA)³, prompt tuning, P-tuning, prefix tuning and P-tuning v2 trained with
     ``peft_positions``, see the module docstring); ``delta`` its delta; ``params``
     the model's parameters with the trained head (and LoRA's trained biases). ``model`` (the jpeft
-    model) is optional: it gives the head patterns, RoBERTa vs BERT naming and the attention
-    head count; without it the head is ``head/...`` and RoBERTa is recognised by its head.
+    model) gives the family (BERT/RoBERTa, Llama, GPT-2), the head patterns and the attention head
+    count; without it the model is taken for a BERT-family encoder whose head is ``head/...``
+    (RoBERTa recognised by its head). ``task_type``: ``"SEQ_CLS"`` or ``"FEATURE_EXTRACTION"`` on
+    an encoder (default ``"SEQ_CLS"``), ``"CAUSAL_LM"`` on a decoder (the default there).
     Refuses (``ValueError``) what PEFT cannot represent: a composition, a prefix over a subset of
-    layers, LoRA/(IA)³ target sets PEFT's rules cannot select, other methods.
+    layers, LoRA/(IA)³ target sets PEFT's rules cannot select, prompt learning on a decoder,
+    other methods.
     """
     from jpeft.checkpoint.export import _check_delta, _check_finite, _expected_deltas
 
     _single(transform)
-    if task_type not in ("SEQ_CLS", "FEATURE_EXTRACTION"):
-        raise ValueError(f"save_peft_adapter: task_type must be 'SEQ_CLS' or 'FEATURE_EXTRACTION', got {task_type!r}")
+    family, config = model_family(model) if model is not None else (BERT, None)
+    task_type = family.default_task if task_type is None else task_type
+    if task_type not in family.tasks:
+        raise ValueError(f"save_peft_adapter: task_type must be one of "
+                         f"{[t for t in family.tasks if t]} for a {family.name} model, got {task_type!r}")
     converter = _converter_for(transform)
     if model is not None:  # a delta of another rank, method or model is not written
         _check_delta(str(path), delta, _expected_deltas(transform, model, params),
                      f"{transform.name}: {transform.config}")
-    roberta = _is_roberta(params, model)
     head, other = _trained_paths(transform, params, model)
     if task_type == "SEQ_CLS" and not head:
         raise ValueError("save_peft_adapter: task_type='SEQ_CLS' but params have no classification head")
@@ -382,18 +394,23 @@ def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta:
     if task_type != "SEQ_CLS":
         head = []
     if converter.layout == "modules":
-        prefix = _encoder_prefix(roberta, task_type)
+        prefix = (family.prefix(config, task_type) if config is not None
+                  else _encoder_prefix(_is_roberta(params, None), task_type))
         head_delta, body = _split_head_delta(delta)
         if head_delta:  # PEFT trains the head whole: fold the method's head part into it
             params = transform.merge(params, P.unflatten(head_delta))
         ctx = PeftContext(label="save_peft_adapter", params=params, model=model, trained_base=other,
-                          mods=_modules(params, prefix, with_head=task_type == "SEQ_CLS"))
+                          mods=_modules(params, prefix, with_head=task_type == "SEQ_CLS", family=family,
+                                        head=family.head_modules(task_type)))
         fields, tensors, params = converter.save(transform, P.unflatten(body), ctx)
         tensors.update(_head_entries(params, head, MODULE_KEY, prefix))
-        modules_to_save = ["classifier"] if task_type == "SEQ_CLS" else None
+        modules_to_save = family.head_modules(task_type) or None
     else:
-        if task_type != "SEQ_CLS":
-            raise ValueError("save_peft_adapter: prompt-learning adapters are exported for SEQ_CLS only")
+        if task_type not in family.prompt_tasks:
+            raise ValueError(f"save_peft_adapter: prompt-learning adapters are exported for "
+                             f"{list(family.prompt_tasks) or 'no task type'} on {family.name} models "
+                             "(PEFT runs the prompts of other task types differently); save a jpeft "
+                             "adapter (save_adapter) instead")
         if other:
             raise ValueError(f"save_peft_adapter: {transform.name!r} trains base leaves {other[:5]} "
                              "besides the head; PEFT's prompt learning cannot hold them")

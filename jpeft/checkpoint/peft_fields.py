@@ -39,7 +39,6 @@ _PTUNING_HANDLED = _PROMPT_COMMON | {"encoder_reparameterization_type", "encoder
 _SAFE_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 _REASONS = {
-    "fan_in_fan_out": "jpeft's Dense kernels are (d_in, d_out); fan_in_fan_out is for GPT-2 Conv1D layers",
     "lora_bias": "LoRA with a bias on lora_B is not implemented in jpeft",
     "layer_replication": "layer replication changes the model's depth",
     "megatron_config": "Megatron parallel layers are not jpeft Dense layers",

@@ -84,8 +84,7 @@ def _resolve_targets(cfg: Mapping[str, Any], mods: _Modules, what: str) -> list[
     if targets is None:
         raise _refuse("target_modules", None, "the saved config must name its target modules")
     if targets == "all-linear":
-        cfg = dict(cfg, target_modules=[n for n, p in mods.by_name.items()
-                                        if p in mods.dense and not p.startswith("head")])
+        cfg = dict(cfg, target_modules=mods.all_linear())
     hits = [name for name in mods.by_name if peft_target_matches(cfg, name)]
     bad = [n for n in hits if mods.by_name[n] not in mods.dense]
     if bad:
@@ -108,7 +107,7 @@ def _name_to_path_regex(entry: str) -> str:
     """A PEFT list entry (a module-name suffix) as an escaped jpeft path fragment."""
     for prefix in ("bert.", "roberta."):
         entry = entry.removeprefix(prefix)
-    entry = _LAYER_NAME.sub(r"\1layer_\2", entry)
+    entry = _LAYER_NAME.sub(r"\1\2_\3", entry)
     return "/".join(re.escape(part) for part in entry.split("."))
 
 

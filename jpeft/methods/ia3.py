@@ -215,8 +215,6 @@ def ia3(config: IA3Config = IA3Config(), *, name: str = "ia3") -> Transform:
 
 def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext) -> tuple[Transform, Any]:
     """A PEFT ``IA3`` adapter as ``(ia3(config), delta)`` with exactly PEFT's (feed-forward) targets."""
-    if cfg.get("fan_in_fan_out"):
-        raise F._refuse("fan_in_fan_out", cfg["fan_in_fan_out"])
     F._check_fields(cfg, F._IA3_HANDLED)
     label, mods = ctx.label, ctx.mods
     assert mods is not None
@@ -277,7 +275,7 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dic
     want = set(names.values())
     chosen = None
     for suffixes in T._suffix_candidates(list(want)):
-        selection = {"target_modules": suffixes, "modules_to_save": ["classifier"] if mods.prefix else []}
+        selection = {"target_modules": suffixes, "modules_to_save": list(mods.head)}
         if {n for n in universe if T.peft_target_matches(selection, n)} != want:
             continue
         ff_entries = sorted({s for s in suffixes if any(n.endswith(s) for n in ff)})
@@ -292,7 +290,7 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dic
         v = PC.to_numpy(body[f"{m}/{LEAF}"])
         tensors[f"{PC.MODULE_KEY}{names[m]}.{LEAF}"] = v.reshape((1, -1) if names[m] in ff else (-1, 1))
     fields = {"peft_type": "IA3", "target_modules": chosen[0], "feedforward_modules": chosen[1],
-              "fan_in_fan_out": False, "init_ia3_weights": True}
+              "fan_in_fan_out": any(mods.is_conv1d(m) for m in modules), "init_ia3_weights": True}
     return fields, tensors, ctx.params
 
 

@@ -327,9 +327,8 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
 def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext) -> tuple[Transform, Any]:
     """A PEFT ``LORA`` adapter as ``(lora(config), delta)``; the config selects exactly PEFT's
     targets with PEFT's per-module rank and alpha."""
-    for field in ("fan_in_fan_out", "lora_bias"):
-        if cfg.get(field):
-            raise F._refuse(field, cfg[field])
+    if cfg.get("lora_bias"):  # (fan_in_fan_out only says how PEFT merges into Conv1D weights)
+        raise F._refuse("lora_bias", cfg["lora_bias"])
     init = cfg.get("init_lora_weights", True)
     if not any(init is ok or (isinstance(init, str) and init == ok) for ok in F._SAFE_LORA_INITS):
         raise F._refuse("init_lora_weights", init,
@@ -405,7 +404,7 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dic
     if not modules:
         raise ValueError("save_peft_adapter: the LoRA delta adapts no encoder module")
     names = [mods.name(m) for m in modules]
-    selection = T._peft_targets_for(names, list(mods.by_name), ["classifier"] if mods.prefix else [])
+    selection = T._peft_targets_for(names, list(mods.by_name), list(mods.head))
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -426,7 +425,8 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dic
         tensors[f"{PC.MODULE_KEY}{mods.name(module)}{inner}.bias"] = PC.to_numpy(flat[path])
     fields = {
         "peft_type": "LORA", "r": int(config.r), "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-        "use_rslora": bool(config.use_rslora), "bias": config.bias, "fan_in_fan_out": False,
+        "use_rslora": bool(config.use_rslora), "bias": config.bias,
+        "fan_in_fan_out": any(mods.is_conv1d(m) for m in modules),
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
         "use_dora": bool(config.use_dora),
         "rank_pattern": PC.pattern_groups(ranks, config.r, PC.torch_names_regex),

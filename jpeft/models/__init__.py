@@ -12,7 +12,19 @@ from pathlib import Path
 from typing import Any
 
 FAMILIES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert",
-            "llama": "llama", "gpt2": "gpt2"}
+            "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2"}
+
+
+def from_pretrained(name_or_path: str | os.PathLike[str] | None = None, **kwargs: Any
+                    ) -> tuple[Any, dict[str, Any]]:
+    """``(model, params)`` of a Hugging Face checkpoint (folder or Hub id) or a GGUF file; the
+    family comes from its ``config.json`` (``jpeft.from_pretrained``). ``kwargs`` go to the
+    family's loader: ``num_labels``, ``head``, ``seed`` for BERT/RoBERTa
+    (:func:`jpeft.models.bert.from_pretrained`), config overrides for the decoders. Without a
+    name: all-MiniLM-L6-v2."""
+    from jpeft.models import hub
+
+    return auto_from_pretrained(hub.DEFAULT_MODEL if name_or_path is None else name_or_path, **kwargs)
 
 
 def auto_from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> tuple[Any, dict[str, Any]]:

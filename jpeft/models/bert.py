@@ -406,6 +406,46 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.nd
     return flat
 
 
+def hf_config_dict(config: BertConfig) -> dict[str, Any]:
+    """A ``transformers`` ``config.json`` for a jpeft :class:`~jpeft.models.bert.BertConfig`."""
+    roberta = config.is_roberta
+    family = "Roberta" if roberta else "Bert"
+    if config.model_type == "xlm-roberta":
+        family = "XLMRoberta"
+    elif config.model_type == "camembert":
+        family = "Camembert"
+    head = config.head == "classification"
+    out: dict[str, Any] = {
+        "architectures": [f"{family}ForSequenceClassification" if head else f"{family}Model"],
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": config.hidden_act,
+        "hidden_dropout_prob": config.hidden_dropout_prob,
+        "attention_probs_dropout_prob": config.attention_probs_dropout_prob,
+        "max_position_embeddings": config.max_position_embeddings,
+        "type_vocab_size": config.type_vocab_size,
+        "layer_norm_eps": config.layer_norm_eps,
+        "pad_token_id": config.pad_token_id,
+        "position_embedding_type": "absolute",
+        "classifier_dropout": config.classifier_dropout,
+        "initializer_range": 0.02,
+        "dtype": "float32",
+    }
+    if roberta:
+        out.update(bos_token_id=0, eos_token_id=2)
+    if head:
+        n = config.num_labels
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(n)}
+        if n == 1:
+            out["problem_type"] = "regression"
+    return out
+
+
 def state_dict_from_params(params: dict[str, Any], config: BertConfig) -> dict[str, np.ndarray]:
     """The inverse of :func:`params_from_state_dict`, with the ``transformers`` key prefix."""
     from jpeft.core.paths import flatten

@@ -50,6 +50,20 @@ def config_from_hf(cls: type, hf: dict[str, Any], overrides: dict[str, Any]) -> 
     return cls(**kwargs)
 
 
+# config fields that are jpeft's compute settings, not part of a Hugging Face config.json
+JPEFT_ONLY_FIELDS = frozenset({"dtype", "matmul_dtype", "remat"})
+
+
+def config_to_hf(config: Any, architecture: str, renamed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ``transformers`` ``config.json`` for a decoder config whose fields carry Hugging Face's
+    names (the inverse of :func:`config_from_hf`): every field but jpeft's compute settings,
+    ``architectures``, float32 weights, and ``renamed`` (fields spelt otherwise there) on top."""
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+           if f.name not in JPEFT_ONLY_FIELDS}
+    out.update(architectures=[architecture], dtype="float32", **(renamed or {}))
+    return out
+
+
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x (…, K) · w (K, N) -> (…, N)`` as one 2-D GEMM ``(M, K)·(K, N)`` with ``M = ∏…``.
 

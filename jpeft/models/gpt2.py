@@ -35,7 +35,7 @@ import numpy as np
 from jpeft.core.dropout import Dropout
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
-from jpeft.models.common import activation, check_matmul_dtype, config_from_hf, dense_dot_general
+from jpeft.models.common import activation, check_matmul_dtype, config_from_hf, config_to_hf, dense_dot_general
 from jpeft.models.llama import (
     Cache,
     advance_cache,
@@ -324,6 +324,11 @@ def state_dict_from_params(params: dict[str, Any], config: GPT2Config | None = N
         name = module.replace("/h_", "/h/").replace("/", ".")
         out[f"{name}.{leaf}"] = np.ascontiguousarray(value)
     return out
+
+
+def hf_config_dict(config: GPT2Config) -> dict[str, Any]:
+    """A ``transformers`` ``config.json`` for ``config`` (``GPT2LMHeadModel``)."""
+    return config_to_hf(config, "GPT2LMHeadModel")
 
 
 def from_pretrained(name_or_path: str | os.PathLike[str], **config_overrides: Any

@@ -55,13 +55,21 @@ from jax import lax
 from jpeft.core.dropout import Dropout
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
-from jpeft.models.common import activation, check_matmul_dtype, dense_dot_general, matmul_einsum
+from jpeft.models.common import activation, check_matmul_dtype, config_to_hf, dense_dot_general, matmul_einsum
 from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, FFN_HIDDEN, FFN_OUT, Tap
 
 Array = jax.Array
 Cache = dict[str, Any]
 
 ROPE_TYPES = ("default", "llama3")
+# model types read as this family: the PyTorch class and the config fields the type implies
+ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaForCausalLM", {}),
+    "mistral": ("MistralForCausalLM", {}),
+    "qwen2": ("Qwen2ForCausalLM", {"qkv_bias": True}),
+    "qwen3": ("Qwen3ForCausalLM", {"qk_norm": True}),
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +95,10 @@ class LlamaConfig:
     rope_original_max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on q_proj, k_proj and v_proj only
+    qk_norm: bool = False  # Qwen3: RMSNorm of every query and key head (over head_dim) before RoPE
+    sliding_window: int | None = None  # a query sees only the last sliding_window positions
+    layer_types: tuple[str, ...] | None = None  # per layer: "full_attention" / "sliding_attention"
     attention_dropout: float = 0.0
     mlp_bias: bool = False
     initializer_range: float = 0.02
@@ -105,6 +117,27 @@ class LlamaConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.kv_heads}"
             )
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {self.model_type!r} is not of the Llama family; "
+                             f"supported: {sorted(ARCHITECTURES)}")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
+                                                or not isinstance(self.sliding_window, int)
+                                                or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be an integer >= 1 or None, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if (len(self.layer_types) != self.num_hidden_layers
+                    or any(t not in LAYER_TYPES for t in self.layer_types)):
+                raise ValueError(f"layer_types must name {self.num_hidden_layers} layers, each one of "
+                                 f"{LAYER_TYPES}, got {self.layer_types!r}")
+
+    def window(self, layer: int) -> int | None:
+        """Layer ``layer``'s attention window (``None``: the whole causal context)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def kv_heads(self) -> int:
@@ -116,12 +149,24 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
+        """The config of a ``config.json`` of model type llama, mistral, qwen2 or qwen3."""
         model_type = hf.get("model_type", "llama")
-        if model_type != "llama":
-            raise ValueError(f"jpeft.models.llama handles Llama checkpoints, got model_type={model_type!r}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype"} - {
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"jpeft.models.llama handles {sorted(ARCHITECTURES)} checkpoints, got "
+                             f"model_type={model_type!r}")
+        derived = {"sliding_window", "layer_types", *ARCHITECTURES["qwen2"][1], *ARCHITECTURES["qwen3"][1]}
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype"} - derived - {
             f.name for f in dataclasses.fields(cls) if f.name.startswith("rope_")}
         kwargs = {k: v for k, v in hf.items() if k in names}
+        kwargs.update(ARCHITECTURES[model_type][1])
+        if model_type == "mistral":  # every layer slides when the config has a window
+            kwargs["sliding_window"] = hf.get("sliding_window")
+        elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+            window, layers = hf.get("sliding_window"), int(hf.get("num_hidden_layers", 32))
+            kwargs["sliding_window"] = window
+            kwargs["layer_types"] = tuple(hf.get("layer_types") or (
+                "sliding_attention" if window is not None and i >= int(hf.get("max_window_layers", 0))
+                else "full_attention" for i in range(layers)))
         # transformers >= 5: rope_parameters = {"rope_type", "rope_theta", ...}; 4.x: rope_theta
         # at the top level and rope_scaling = None | {"rope_type" (or "type"), "factor", ...}.
         rope = dict(hf.get("rope_scaling") or {})
@@ -237,14 +282,16 @@ def advance_cache(cache: Cache, layers: list[dict[str, Array]], key_mask: Array,
 
 
 def causal_attention(q: Array, k: Array, v: Array, key_mask: Array, start: Array | int, s_real: int,
-                     scale: float, dropout=None, matmul_dtype: str | None = None) -> Array:
+                     scale: float, dropout=None, matmul_dtype: str | None = None,
+                     window: int | None = None) -> Array:
     """Grouped-query causal attention.
 
     ``q (B,T,H,Dh)``, ``k, v (B,S,Hkv,Dh)`` with ``H`` a multiple of ``Hkv`` (query head ``h``
     uses key head ``h // (H/Hkv)``), ``key_mask (B,S)``. The last ``s_real`` keys sit in slots
-    ``0 … s_real-1``; query ``t`` sits in slot ``start + t`` and sees the slots ``≤`` its own. The
-    first ``S - s_real`` keys (prepended by a tap) are visible to every query. Softmax in float32.
-    Returns ``(B,T,H·Dh)``.
+    ``0 … s_real-1``; query ``t`` sits in slot ``start + t`` and sees the slots ``≤`` its own
+    (with a ``window``: only the slots ``> start + t - window``, as ``transformers``' sliding
+    window). The first ``S - s_real`` keys (prepended by a tap) are visible to every query.
+    Softmax in float32. Returns ``(B,T,H·Dh)``.
     """
     b, t, h, dh = q.shape
     s, hkv = k.shape[1], k.shape[2]
@@ -254,6 +301,8 @@ def causal_attention(q: Array, k: Array, v: Array, key_mask: Array, start: Array
         raise ValueError(f"a tap removed keys: {s} keys, expected at least {s_real}")
     q_slots = start + jnp.arange(t)
     causal = jnp.arange(s_real)[None, :] <= q_slots[:, None]  # (T, S_real)
+    if window is not None:
+        causal = causal & (jnp.arange(s_real)[None, :] > q_slots[:, None] - window)
     if extra:
         causal = jnp.concatenate([jnp.ones((t, extra), bool), causal], axis=1)
     allowed = causal[None, :, :] & (key_mask[:, None, :] > 0)  # (B,T,S)
@@ -296,11 +345,15 @@ class LlamaAttention(nn.Module):
         b, t, _ = h.shape
         heads, kv, dh = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
         init = nn.initializers.normal(cfg.initializer_range)
-        dense = lambda n, name: nn.Dense(n, use_bias=cfg.attention_bias, kernel_init=init,
-                                         dot_general=dense_dot_general(cfg.matmul_dtype), name=name)
-        q = dense(heads * dh, "q_proj")(h).reshape(b, t, heads, dh)
-        k = dense(kv * dh, "k_proj")(h).reshape(b, t, kv, dh)
-        v = dense(kv * dh, "v_proj")(h).reshape(b, t, kv, dh)
+        dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, kernel_init=init,
+                                               dot_general=dense_dot_general(cfg.matmul_dtype), name=name)
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        q = dense(heads * dh, "q_proj", qkv_bias)(h).reshape(b, t, heads, dh)
+        k = dense(kv * dh, "k_proj", qkv_bias)(h).reshape(b, t, kv, dh)
+        v = dense(kv * dh, "v_proj", qkv_bias)(h).reshape(b, t, kv, dh)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v, layer_cache = write_cache(layer_cache, k, v, start)
         s_real = k.shape[1]
@@ -308,8 +361,9 @@ class LlamaAttention(nn.Module):
         drop = None
         if cfg.attention_dropout > 0.0 and not deterministic:
             drop = lambda p: Dropout(cfg.attention_dropout)(p, deterministic=False)
-        ctx = causal_attention(q, k, v, mask, start, s_real, 1.0 / math.sqrt(dh), drop, cfg.matmul_dtype)
-        out = dense(cfg.hidden_size, "o_proj")(ctx)
+        ctx = causal_attention(q, k, v, mask, start, s_real, 1.0 / math.sqrt(dh), drop, cfg.matmul_dtype,
+                               cfg.window(self.layer))
+        out = dense(cfg.hidden_size, "o_proj", cfg.attention_bias)(ctx)
         return Tap(ATTN_OUT, self.layer, name="out_tap")(out), layer_cache
 
 
@@ -431,7 +485,7 @@ class LlamaForCausalLM(nn.Module):
             num_kv_heads=cfg.kv_heads,
             embedding_path="model/embed_tokens/embedding",
             head_patterns=(),
-            has_bias=cfg.attention_bias or cfg.mlp_bias,
+            has_bias=cfg.attention_bias or cfg.qkv_bias or cfg.mlp_bias,
             matmul_dtype=cfg.matmul_dtype,
         )
 
@@ -525,9 +579,46 @@ def assemble_params(model: nn.Module, loaded: dict[str, np.ndarray], dtype: str,
     return unflatten(params)
 
 
+def hf_config_dict(config: LlamaConfig) -> dict[str, Any]:
+    """A ``transformers`` ``config.json`` for ``config`` (``LlamaForCausalLM``); RoPE as
+    ``rope_theta`` and ``rope_scaling`` (what :meth:`LlamaConfig.from_hf` reads back)."""
+    architecture, implied = ARCHITECTURES[config.model_type]
+    for field in ("qkv_bias", "qk_norm"):
+        if getattr(config, field) != implied.get(field, False):
+            raise ValueError(f"a {config.model_type} checkpoint cannot hold {field}="
+                             f"{getattr(config, field)} (model types: {ARCHITECTURES})")
+    if config.model_type == "llama" and config.sliding_window is not None:
+        raise ValueError("a llama checkpoint has no sliding window; use model_type='mistral'")
+    if config.model_type == "mistral" and config.layer_types is not None:
+        raise ValueError("a mistral checkpoint slides in every layer; layer_types needs qwen2/qwen3")
+    out = config_to_hf(config, architecture)
+    for field in ("qkv_bias", "qk_norm", "layer_types", "sliding_window"):
+        out.pop(field)
+    if out["head_dim"] is None:  # transformers' Qwen2 reads a null head_dim as given
+        out.pop("head_dim")
+    if config.model_type == "mistral":
+        out["sliding_window"] = config.sliding_window
+    elif config.model_type in ("qwen2", "qwen3"):
+        sliding = config.sliding_window is not None
+        out.update(use_sliding_window=sliding, sliding_window=config.sliding_window,
+                   max_window_layers=config.num_hidden_layers,
+                   layer_types=list(config.layer_types or
+                                    ("sliding_attention" if sliding else "full_attention",) * config.num_hidden_layers))
+    rope = {k: out.pop(k) for k in list(out) if k.startswith("rope_")}
+    scaling = None
+    if rope["rope_type"] == "llama3":
+        scaling = {"rope_type": "llama3", "factor": rope["rope_factor"],
+                   "low_freq_factor": rope["rope_low_freq_factor"],
+                   "high_freq_factor": rope["rope_high_freq_factor"],
+                   "original_max_position_embeddings": rope["rope_original_max_position_embeddings"]}
+    out.update(rope_theta=rope["rope_theta"], rope_scaling=scaling)
+    return out
+
+
 def from_pretrained(name_or_path: str | os.PathLike[str], **config_overrides: Any
                     ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
-    """Load a Llama checkpoint folder (``config.json`` + ``*.safetensors``) as ``(model, params)``."""
+    """Load a Llama, Mistral, Qwen2 or Qwen3 checkpoint folder (``config.json`` +
+    ``*.safetensors``) as ``(model, params)``."""
     model_dir = hub.resolve_model_dir(name_or_path)
     config = LlamaConfig.from_hf(hub.read_config(model_dir), **config_overrides)
     model = LlamaForCausalLM(config)

@@ -318,7 +318,6 @@ def _edit_config(folder, **changes):
 
 @pytest.mark.parametrize("field,value,message", [
     ("use_dora", True, "lora_magnitude_vector"),  # a DoRA config without its magnitudes
-    ("fan_in_fan_out", True, "fan_in_fan_out=True"),
     ("init_lora_weights", "pissa", "init_lora_weights='pissa'"),
     ("layer_replication", [[0, 1]], "layer_replication"),
     ("lora_bias", True, "lora_bias=True"),
@@ -332,6 +331,17 @@ def test_unrepresentable_configs_are_refused(tmp_path, field, value, message):
     _edit_config(folder, **{field: value})
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_peft_adapter(folder, model, base)
+
+
+def test_fan_in_fan_out_on_linear_layers_loads_as_peft_runs_it(tmp_path):
+    """PEFT resets fan_in_fan_out per layer (False on Linear, True on Conv1D): it never changes
+    the forward pass, so jpeft reads an adapter that has it set and computes PEFT's logits."""
+    pm, model, base, folder = _plain_lora_folder(tmp_path)
+    _edit_config(folder, fan_in_fan_out=True)
+    data = batch()
+    transform, delta, params = load_peft_adapter(folder, model, base)
+    compare("import/lora/fan_in_fan_out", our_logits(model, transform, params, delta, data),
+            hf_logits(pm, data), base_logits(model, base, data))
 
 
 def test_other_method_refused(tmp_path):

@@ -1,0 +1,215 @@
+"""Hugging Face PEFT adapters on the decoders (Llama, GPT-2, ``task_type="CAUSAL_LM"``), both ways.
+
+Each case builds a tiny random ``transformers`` decoder, saves it as a Hugging Face folder that
+``jpeft.from_pretrained`` reads, wraps it with ``peft.get_peft_model``, refills every trainable
+tensor with random values (so a transposed or misnamed tensor changes the logits) and compares the
+logits of PEFT in PyTorch with jpeft's on the same adapter, read (PEFT -> jpeft) or written
+(jpeft -> PEFT).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import jpeft
+from jpeft.checkpoint.hf_peft import load_peft_adapter, save_peft_adapter
+from jpeft.core import paths as P
+from tests.checkpoint.test_hf_peft import randomize_trainable
+from tests.helpers import perturb
+
+TOL = 1e-4
+
+
+def hf_decoder(family: str, seed: int = 0):
+    """A tiny random ``transformers`` decoder with non-trivial norms and biases."""
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=64, tie_word_embeddings=False)
+        hf = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      initializer_range=0.2)  # logits that move with the adapter
+        hf = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return hf.eval()
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    """``decoders(family) -> (folder of the HF model, jpeft model, jpeft params)``, made once."""
+    made: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in made:
+            folder = tmp_path_factory.mktemp(family) / "base"
+            hf_decoder(family).save_pretrained(str(folder))
+            made[family] = (folder, *jpeft.from_pretrained(str(folder)))
+        return made[family]
+
+    return get
+
+
+def fresh_hf(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+
+
+IDS = np.array([[5, 9, 17, 33, 2, 41, 7, 12], [3, 8, 60, 21, 14, 11, 0, 0]])
+MASK = np.array([[1] * 8, [1] * 6 + [0] * 2])
+
+
+def hf_logits(pm) -> np.ndarray:
+    with torch.no_grad():
+        return pm(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+
+
+def our_logits(model, transform, params, delta) -> np.ndarray:
+    return np.asarray(jpeft.apply(model, transform, params, delta, jnp.asarray(IDS), jnp.asarray(MASK)))
+
+
+def compare(ours, theirs, base):
+    real = MASK > 0  # padded positions are not compared
+    diff = float(np.abs(ours - theirs)[real].max())
+    assert diff <= TOL, f"max |Δlogit| = {diff}"
+    assert float(np.abs(theirs - base)[real].max()) > 1e-2, "the adapter changes nothing"
+
+
+CASES = {
+    "llama": {
+        "lora": lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                        target_modules=["q_proj", "v_proj"]),
+        "lora_all_linear_rslora": lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=3,
+                                                          use_rslora=True, target_modules="all-linear"),
+        "dora_patterns_layers": lambda: peft.LoraConfig(
+            task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True,
+            target_modules=["q_proj", "k_proj", "down_proj"], rank_pattern={"k_proj": 2},
+            alpha_pattern={"down_proj": 3.0}, layers_to_transform=[1], layers_pattern="layers"),
+        "ia3": lambda: peft.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                                      feedforward_modules=["down_proj"]),
+    },
+    "gpt2": {
+        "lora": lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["c_attn"],
+                                        fan_in_fan_out=True),
+        "lora_all_linear_dora": lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4,
+                                                        use_dora=True, target_modules="all-linear",
+                                                        fan_in_fan_out=True),
+        "ia3": lambda: peft.IA3Config(task_type="CAUSAL_LM", target_modules=["c_attn", "mlp.c_proj"],
+                                      feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True),
+    },
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("family_case", [(f, c) for f in CASES for c in CASES[f]], ids="-".join)
+def test_peft_adapters_import_with_peft_logits(tmp_path, decoders, family_case):
+    family, case = family_case
+    folder, model, params = decoders(family)
+    pm = peft.get_peft_model(fresh_hf(folder), CASES[family][case]())
+    randomize_trainable(pm)
+    pm.eval()
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    transform, delta, loaded = load_peft_adapter(tmp_path / "adapter", model, params)
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(MASK)))
+    compare(our_logits(model, transform, loaded, delta), hf_logits(pm), base)
+    saved = sum(1 for n, _ in pm.named_parameters() if "lora_A" in n or "ia3_l" in n)
+    assert len([p for p in P.paths(delta) if p.endswith(("lora_A", "ia3_l"))]) == saved
+
+
+JPEFT_METHODS = {
+    "llama": {
+        "lora": lambda: jpeft.lora(jpeft.LoraConfig(r=2, alpha=4, targets=r"(q_proj|v_proj)$")),
+        "dora_layer1": lambda: jpeft.lora(jpeft.LoraConfig(r=2, alpha=4, targets=r"(o_proj|up_proj)$",
+                                                           layers=(1,), use_dora=True)),
+        "ia3": lambda: jpeft.ia3(jpeft.IA3Config(targets=r"(k_proj|v_proj|down_proj)$",
+                                                 feedforward=r"down_proj$")),
+    },
+    "gpt2": {
+        "lora": lambda: jpeft.lora(jpeft.LoraConfig(r=2, alpha=4, targets=r"(c_attn|c_fc)$")),
+        "ia3": lambda: jpeft.ia3(jpeft.IA3Config(targets=r"(c_attn|mlp/c_proj)$", feedforward=r"mlp/c_proj$")),
+    },
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("family_case", [(f, c) for f in JPEFT_METHODS for c in JPEFT_METHODS[f]],
+                         ids="-".join)
+def test_jpeft_adapters_export_and_peft_computes_the_same_logits(tmp_path, decoders, family_case):
+    family, case = family_case
+    folder, model, params = decoders(family)
+    transform = JPEFT_METHODS[family][case]()
+    delta = perturb(transform.init(jax.random.key(0), params, model.info()), scale=0.3)
+    ours = our_logits(model, transform, params, delta)
+    out = save_peft_adapter(tmp_path / "exported", transform, delta, params,
+                            base_model_name_or_path=str(folder), model=model)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM" and cfg["fan_in_fan_out"] is (family == "gpt2")
+    pm = peft.PeftModel.from_pretrained(fresh_hf(folder), str(out)).eval()
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(MASK)))
+    compare(ours, hf_logits(pm), base)
+    # and back: the folder reads into the same delta
+    again, delta2, _ = load_peft_adapter(out, model, params)
+    np.testing.assert_allclose(our_logits(model, again, params, delta2), ours, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_decoder_refusals_name_the_task_type(tmp_path, decoders, family):
+    folder, model, params = decoders(family)
+    pm = peft.get_peft_model(fresh_hf(folder), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                      num_virtual_tokens=3))
+    pm.save_pretrained(str(tmp_path / "prompt"))
+    with pytest.raises(ValueError, match="task_type='CAUSAL_LM'.*prompt-learning"):
+        load_peft_adapter(tmp_path / "prompt", model, params)
+    lora = jpeft.lora(jpeft.LoraConfig(r=2, alpha=4, targets=r"(q_proj|c_attn)$"))
+    delta = lora.init(jax.random.key(0), params, model.info())
+    with pytest.raises(ValueError, match="task_type must be one of \\['CAUSAL_LM'\\]"):
+        save_peft_adapter(tmp_path / "x", lora, delta, params, base_model_name_or_path="b",
+                          model=model, task_type="SEQ_CLS")
+    prompt = jpeft.prompt(jpeft.PromptConfig(num_virtual_tokens=3))
+    with pytest.raises(ValueError, match="prompt-learning adapters are exported for"):
+        save_peft_adapter(tmp_path / "y", prompt, prompt.init(jax.random.key(0), params, model.info()),
+                          params, base_model_name_or_path="b", model=model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merged_export_loads_in_transformers_with_the_adapted_logits(tmp_path, decoders, family):
+    from jpeft.checkpoint import export_merged_hf
+
+    folder, model, params = decoders(family)
+    transform = JPEFT_METHODS[family]["lora"]()
+    delta = perturb(transform.init(jax.random.key(0), params, model.info()), scale=0.3)
+    out = export_merged_hf(tmp_path / "merged", model, transform, params, delta)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(MASK)))
+    compare(our_logits(model, transform, params, delta), hf_logits(hf), base)
+    # the written config reads back into the same jpeft config
+    again, _ = jpeft.from_pretrained(str(out))
+    assert again.config == model.config
+
+
+def test_llama3_rope_and_gqa_configs_round_trip_through_config_json():
+    from jpeft.models.llama import LlamaConfig, hf_config_dict
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=5e5,
+                         rope_type="llama3", rope_factor=4.0, rope_original_max_position_embeddings=64,
+                         tie_word_embeddings=True, mlp_bias=True, matmul_dtype="bfloat16")
+    written = hf_config_dict(config)
+    assert "matmul_dtype" not in written and written["rope_scaling"]["factor"] == 4.0
+    assert LlamaConfig.from_hf(written, matmul_dtype="bfloat16") == config
+    hf = transformers.LlamaConfig(**written)  # transformers reads it as the same model
+    assert (hf.num_key_value_heads, hf.head_dim, hf.tie_word_embeddings) == (2, 16, True)
