@@ -268,7 +268,7 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dic
     assert mods is not None
     modules = sorted(k[: -len(f"/{LEAF}")] for k in body if k.endswith(f"/{LEAF}"))
     if not modules:
-        raise ValueError("save_peft_adapter: the (IA)³ delta scales no encoder module")
+        raise ValueError("save_peft_adapter: the (IA)³ delta scales no module of the model")
     names = {m: mods.name(m) for m in modules}
     ff = {names[m] for m in modules if is_feedforward(transform.config, m)}
     universe = list(mods.by_name)

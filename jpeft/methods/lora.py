@@ -402,7 +402,7 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dic
     assert mods is not None
     modules = sorted(k[: -len("/lora_A")] for k in body if k.endswith("/lora_A"))
     if not modules:
-        raise ValueError("save_peft_adapter: the LoRA delta adapts no encoder module")
+        raise ValueError("save_peft_adapter: the LoRA delta adapts no module of the model")
     names = [mods.name(m) for m in modules]
     selection = T._peft_targets_for(names, list(mods.by_name), list(mods.head))
     tensors: dict[str, np.ndarray] = {}

@@ -213,3 +213,42 @@ def test_llama3_rope_and_gqa_configs_round_trip_through_config_json():
     assert LlamaConfig.from_hf(written, matmul_dtype="bfloat16") == config
     hf = transformers.LlamaConfig(**written)  # transformers reads it as the same model
     assert (hf.num_key_value_heads, hf.head_dim, hf.tie_word_embeddings) == (2, 16, True)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_smollm2_lora_adapters_both_ways_with_peft_on_the_real_model(tmp_path):
+    """SmolLM2-135M (30 layers, 9 query and 3 key/value heads, tied embeddings): a jpeft LoRA on
+    every attention and MLP projection, exported, gives PEFT's logits on transformers' model of
+    the same GGUF file; a PEFT LoRA read into jpeft gives jpeft the same logits as PEFT."""
+    pytest.importorskip("gguf", reason="GGUF loading needs the gguf package")
+    from tests.models.test_gguf import smollm2_gguf
+
+    path = smollm2_gguf()
+    model, params = jpeft.from_pretrained(str(path))
+    ids = jnp.asarray([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2]])
+    hf_base = lambda: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+    def torch_logits(pm):
+        with torch.no_grad():
+            return pm(torch.from_numpy(np.asarray(ids))).logits.numpy()
+
+    method = jpeft.lora(jpeft.LoraConfig(r=4, alpha=8, targets=r"(q|k|v|o|gate|up|down)_proj$"))
+    delta = perturb(method.init(jax.random.key(0), params, model.info()), scale=0.05)
+    ours = np.asarray(jpeft.apply(model, method, params, delta, ids))
+    base = np.asarray(model.apply({"params": params}, ids))
+    save_peft_adapter(tmp_path / "ours", method, delta, params,
+                      base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct", model=model)
+    theirs = torch_logits(peft.PeftModel.from_pretrained(hf_base(), str(tmp_path / "ours")).eval())
+    assert float(np.abs(theirs - base).max()) > 0.5  # the adapter moves the logits
+    assert float(np.abs(ours - theirs).max()) <= 1e-3  # the base's own agreement (test_gguf)
+
+    pm = peft.get_peft_model(hf_base(), peft.LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4,
+                                                        target_modules=["q_proj", "v_proj", "up_proj"]))
+    randomize_trainable(pm, scale=0.05)
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    expected = torch_logits(pm.eval())
+    transform, loaded, _ = load_peft_adapter(tmp_path / "theirs", model, params)
+    assert len(P.paths(loaded)) == 2 * 3 * 30
+    assert float(np.abs(np.asarray(jpeft.apply(model, transform, params, loaded, ids)) - expected).max()) <= 1e-3
