@@ -18,7 +18,9 @@ On the decoders (Llama, GPT-2; ``task_type="CAUSAL_LM"``) the keys name the modu
 ``LlamaForCausalLM`` / ``GPT2LMHeadModel``, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; GPT-2's ``Conv1D`` layers
 (``c_attn``, ``c_proj``, ``c_fc``) take LoRA and (IA)³ like Dense layers (PEFT's
-``fan_in_fan_out`` only says how PEFT merges into them; jpeft writes it as PEFT would).
+``fan_in_fan_out`` only says how PEFT merges into them; jpeft writes it as PEFT would). Prompt
+tuning and P-tuning go both ways on decoders too; prefix tuning only on the encoders
+(:func:`~jpeft.checkpoint.peft_convert.require_encoder`).
 
 :func:`load_peft_adapter` turns such a folder into ``(transform, delta, params)`` — LoRA, (IA)³,
 prompt tuning, prefix tuning (with or without projection) and P-tuning — and
@@ -417,7 +419,7 @@ def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta:
         ctx = PeftContext(label="save_peft_adapter", mods=None, params=params, model=model)
         fields, tensors, params = converter.save(transform, delta, ctx)
         tensors.update(_head_entries(params, head, "base_model.", ""))
-        modules_to_save = ["classifier"]
+        modules_to_save = family.head_modules(task_type) or None
     adapter_cfg = {**common, **fields, "modules_to_save": modules_to_save}
     _check_finite(str(path), tensors, saving=True)
 

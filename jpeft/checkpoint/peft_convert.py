@@ -143,12 +143,29 @@ def read_prompts(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PeftC
 
 
 def prompt_fields(num_virtual_tokens: int, ctx: PeftContext) -> dict[str, Any]:
-    """The config fields every prompt-learning adapter writes, read off the parameters."""
+    """The config fields every prompt-learning adapter writes: from the model's
+    :class:`~jpeft.core.transform.ModelInfo`, or read off a BERT-family tree without a model."""
+    fields = {"num_virtual_tokens": num_virtual_tokens, "num_transformer_submodules": 1}
+    if ctx.model is not None:
+        info = ctx.model.info()
+        return {**fields, "token_dim": info.hidden_size, "num_layers": info.num_layers,
+                "num_attention_heads": info.num_heads}
     flat = P.flatten(ctx.params)
     layers = {m.group(1) for p in flat for m in [re.match(r"encoder/layer_(\d+)/", p)] if m}
-    return {"num_virtual_tokens": num_virtual_tokens, "token_dim": encoder_width(ctx.params),
-            "num_layers": len(layers), "num_transformer_submodules": 1,
-            "num_attention_heads": int(ctx.model.config.num_attention_heads) if ctx.model is not None else None}
+    return {**fields, "token_dim": encoder_width(ctx.params), "num_layers": len(layers),
+            "num_attention_heads": None}
+
+
+def require_encoder(ctx: PeftContext, what: str) -> None:
+    """Refuse a prompt-learning format that jpeft reproduces on BERT-family encoders only."""
+    from jpeft.checkpoint.peft_naming import BERT, model_family
+
+    if ctx.model is not None and model_family(ctx.model)[0] is not BERT:
+        raise ValueError(
+            f"{ctx.label}: {what} on a decoder: PEFT passes the prefix as past_key_values, and "
+            "transformers then numbers the input positions from num_virtual_tokens, which jpeft's "
+            "prefix reproduces on BERT-family encoders only (peft_positions); keep the delta as a "
+            "jpeft adapter (save_adapter)")
 
 
 def encoder_width(params: P.Params) -> int:
@@ -166,4 +183,4 @@ def prompt_tensors(table: Any, num_virtual_tokens: int) -> dict[str, np.ndarray]
 
 __all__ = ["ADAPTER_WEIGHTS", "MODULE_KEY", "PeftContext", "PeftConverter", "encoder_width",
            "list_targets_regex", "pattern_groups", "prompt_fields", "prompt_tensors", "read_prompts",
-           "refuse_leftover", "take", "to_numpy", "torch_names_regex"]
+           "refuse_leftover", "require_encoder", "take", "to_numpy", "torch_names_regex"]

@@ -57,9 +57,10 @@ BERT = Family("bert", ("SEQ_CLS", "FEATURE_EXTRACTION", None), "SEQ_CLS", prompt
               prefix=lambda config, task_type: _encoder_prefix(bool(config.is_roberta), task_type),
               head_modules=lambda task_type: ["classifier"] if task_type == "SEQ_CLS" else [])
 # decoders: PEFT wraps the *ForCausalLM / LMHeadModel, whose module names jpeft's trees mirror
-LLAMA = Family("llama", ("CAUSAL_LM", None), "CAUSAL_LM", output_layer="lm_head")
+LLAMA = Family("llama", ("CAUSAL_LM", None), "CAUSAL_LM", output_layer="lm_head",
+               prompt_tasks=("CAUSAL_LM",))
 GPT2 = Family("gpt2", ("CAUSAL_LM", None), "CAUSAL_LM", conv1d=r"^transformer/h_\d+/(attn|mlp)/c_\w+$",
-              output_layer="lm_head")
+              output_layer="lm_head", prompt_tasks=("CAUSAL_LM",))
 FAMILIES = {**{t: BERT for t in BERT_TYPES}, **{t: LLAMA for t in ("llama", "mistral", "qwen2", "qwen3")},
             "gpt2": GPT2}
 

@@ -327,6 +327,7 @@ def prefix(config: PrefixConfig = PrefixConfig(), *, name: str = "prefix") -> Tr
 
 def _from_peft(cfg: dict[str, Any], tensors: dict[str, Any], ctx: PC.PeftContext) -> tuple[Transform, Any]:
     """A PEFT ``PREFIX_TUNING`` adapter as a prefix with ``peft_positions=True``."""
+    PC.require_encoder(ctx, "PREFIX_TUNING")
     info = ctx.model.info()
     table = PC.read_prompts(cfg, tensors, ctx, _PREFIX_HANDLED, info.num_layers * 2 * info.hidden_size,
                             "layers·2·hidden")
@@ -342,6 +343,7 @@ def to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dict
     only a prefix on every layer trained with ``peft_positions=True`` computes PEFT's logits."""
     config = transform.config
     config = config if isinstance(config, PrefixConfig) else config.to_prefix()
+    PC.require_encoder(ctx, "a prefix in PEFT's PREFIX_TUNING format")
     k = config.num_virtual_tokens
     if config.layers:
         raise ValueError(f"save_peft_adapter: a prefix on layers {list(config.layers)} only cannot be "

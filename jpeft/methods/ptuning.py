@@ -269,10 +269,11 @@ def _from_peft(cfg: dict[str, Any], tensors: dict[str, Any], ctx: PC.PeftContext
 
 def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dict[str, Any], dict[str, Any], P.Params]:
     config = transform.config
+    shared = PC.prompt_fields(config.num_virtual_tokens, ctx)
     fields = {"peft_type": "P_TUNING", "encoder_reparameterization_type": config.encoder.upper(),
-              "encoder_hidden_size": config.encoder_hidden or PC.encoder_width(ctx.params),
+              "encoder_hidden_size": config.encoder_hidden or shared["token_dim"],
               "encoder_num_layers": config.encoder_num_layers, "encoder_dropout": config.encoder_dropout,
-              **PC.prompt_fields(config.num_virtual_tokens, ctx)}
+              **shared}
     return fields, PC.prompt_tensors(encode(delta), config.num_virtual_tokens), ctx.params
 
 

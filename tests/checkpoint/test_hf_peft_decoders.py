@@ -166,22 +166,63 @@ def test_jpeft_adapters_export_and_peft_computes_the_same_logits(tmp_path, decod
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_decoder_refusals_name_the_task_type(tmp_path, decoders, family):
+def test_decoder_refusals_name_the_task_type_and_the_prefix(tmp_path, decoders, family):
     folder, model, params = decoders(family)
-    pm = peft.get_peft_model(fresh_hf(folder), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+    pm = peft.get_peft_model(fresh_hf(folder), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
                                                                       num_virtual_tokens=3))
-    pm.save_pretrained(str(tmp_path / "prompt"))
-    with pytest.raises(ValueError, match="task_type='CAUSAL_LM'.*prompt-learning"):
-        load_peft_adapter(tmp_path / "prompt", model, params)
+    pm.save_pretrained(str(tmp_path / "prefix"))
+    with pytest.raises(ValueError, match="PREFIX_TUNING on a decoder.*past_key_values"):
+        load_peft_adapter(tmp_path / "prefix", model, params)
     lora = jpeft.lora(jpeft.LoraConfig(r=2, alpha=4, targets=r"(q_proj|c_attn)$"))
     delta = lora.init(jax.random.key(0), params, model.info())
     with pytest.raises(ValueError, match="task_type must be one of \\['CAUSAL_LM'\\]"):
         save_peft_adapter(tmp_path / "x", lora, delta, params, base_model_name_or_path="b",
                           model=model, task_type="SEQ_CLS")
-    prompt = jpeft.prompt(jpeft.PromptConfig(num_virtual_tokens=3))
-    with pytest.raises(ValueError, match="prompt-learning adapters are exported for"):
-        save_peft_adapter(tmp_path / "y", prompt, prompt.init(jax.random.key(0), params, model.info()),
+    prefix = jpeft.prefix(jpeft.PrefixConfig(num_virtual_tokens=3, peft_positions=True))
+    with pytest.raises(ValueError, match="PREFIX_TUNING format on a decoder"):
+        save_peft_adapter(tmp_path / "y", prefix, prefix.init(jax.random.key(0), params, model.info()),
                           params, base_model_name_or_path="b", model=model)
+
+
+PROMPT_CASES = {
+    "prompt": (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+               lambda: jpeft.prompt(jpeft.PromptConfig(num_virtual_tokens=3))),
+    "ptuning_mlp": (lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                     encoder_hidden_size=12),
+                    lambda: jpeft.ptuning(jpeft.PTuningConfig(num_virtual_tokens=3, encoder_hidden=12))),
+}
+ONES = np.ones_like(IDS)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("case", list(PROMPT_CASES))
+def test_prompt_learning_adapters_both_ways(tmp_path, decoders, family, case):
+    """PEFT prepends the prompts to the input embeddings and returns P + T logits; positions run
+    0 … P+T-1 (unpadded rows: transformers numbers positions by slot when PEFT drops position_ids)."""
+    folder, model, params = decoders(family)
+    peft_config, jpeft_method = PROMPT_CASES[case]
+    pm = peft.get_peft_model(fresh_hf(folder), peft_config())
+    randomize_trainable(pm, scale=1.0)
+    pm.eval()
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(ONES)).logits.numpy()
+    transform, delta, loaded = load_peft_adapter(tmp_path / "theirs", model, params)
+    ours = np.asarray(jpeft.apply(model, transform, loaded, delta, jnp.asarray(IDS), jnp.asarray(ONES)))
+    assert ours.shape == theirs.shape == (2, 3 + IDS.shape[1], 64)
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(ONES)))
+    assert float(np.abs(theirs[:, 3:] - base).max()) > 1e-2  # the prompts matter
+    assert float(np.abs(ours - theirs).max()) <= TOL
+
+    method = jpeft_method()
+    fresh = perturb(method.init(jax.random.key(0), params, model.info()), scale=1.0)
+    ours = np.asarray(jpeft.apply(model, method, params, fresh, jnp.asarray(IDS), jnp.asarray(ONES)))
+    out = save_peft_adapter(tmp_path / "ours", method, fresh, params, base_model_name_or_path=str(folder),
+                            model=model)
+    pm = peft.PeftModel.from_pretrained(fresh_hf(folder), str(out)).eval()
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(ONES)).logits.numpy()
+    assert float(np.abs(ours - theirs).max()) <= TOL
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
