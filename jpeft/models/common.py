@@ -38,12 +38,30 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+def check_overrides(cls: type, overrides: dict[str, Any]) -> None:
+    """Refuse config overrides ``cls`` has no field for, naming the fields it has."""
+    import difflib
+
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(overrides) - set(names))
+    if not unknown:
+        return
+    hint = ""
+    if {"num_labels", "head"} & set(unknown):
+        hint = " (num_labels and head apply to BERT-family encoders; this is a decoder with its LM head)"
+    close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+    close_text = "; ".join(f"{k!r}: did you mean {v[0]!r}?" for k, v in close.items() if v)
+    raise TypeError(f"{cls.__name__} has no field {', '.join(map(repr, unknown))}{hint}"
+                    f"{'; ' + close_text if close_text else ''}; its fields: {', '.join(names)}")
+
+
 def config_from_hf(cls: type, hf: dict[str, Any], overrides: dict[str, Any]) -> Any:
     """``cls(**fields of hf that cls has, **overrides)``.
 
     ``dtype`` in a Hugging Face config is the storage dtype of the weights (``None`` in
     ``PretrainedConfig.to_dict()``): not inherited; the caller chooses jpeft's ``dtype``.
     """
+    check_overrides(cls, overrides)
     names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
     kwargs = {k: v for k, v in hf.items() if k in names}
     kwargs.update(overrides)

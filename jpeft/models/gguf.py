@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from jpeft.models.common import check_overrides
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM, assemble_params
 
 
@@ -90,6 +91,7 @@ def config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
         rope_theta=float(get("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in names,
     )
+    check_overrides(LlamaConfig, overrides)
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
 

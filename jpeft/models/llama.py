@@ -55,7 +55,7 @@ from jax import lax
 from jpeft.core.dropout import Dropout
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
-from jpeft.models.common import activation, check_matmul_dtype, config_to_hf, dense_dot_general, matmul_einsum
+from jpeft.models.common import activation, check_matmul_dtype, check_overrides, config_to_hf, dense_dot_general, matmul_einsum
 from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, FFN_HIDDEN, FFN_OUT, Tap
 
 Array = jax.Array
@@ -183,6 +183,7 @@ class LlamaConfig:
                 rope_high_freq_factor=float(rope["high_freq_factor"]),
                 rope_original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
             )
+        check_overrides(cls, overrides)
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -113,3 +113,14 @@ def test_configs_a_checkpoint_cannot_hold_are_refused():
         LlamaConfig(**base, sliding_window=0)
     with pytest.raises(ValueError, match="gemma"):
         LlamaConfig.from_hf({**base, "model_type": "gemma"})
+
+
+def test_unknown_config_overrides_name_the_field_and_the_fix(tmp_path):
+    hf = hf_model("qwen2")
+    hf.save_pretrained(str(tmp_path / "base"))
+    with pytest.raises(TypeError, match="no field 'num_labels' .num_labels and head apply to BERT"):
+        jpeft.from_pretrained(str(tmp_path / "base"), num_labels=2)
+    with pytest.raises(TypeError, match="did you mean 'sliding_window'"):
+        jpeft.from_pretrained(str(tmp_path / "base"), sliding_windw=4)
+    model, _ = jpeft.from_pretrained(str(tmp_path / "base"), matmul_dtype="bfloat16")
+    assert model.config.matmul_dtype == "bfloat16"
