@@ -268,7 +268,9 @@ def test_smollm2_lora_adapters_both_ways_with_peft_on_the_real_model(tmp_path):
     path = smollm2_gguf()
     model, params = jpeft.from_pretrained(str(path))
     ids = jnp.asarray([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2]])
-    hf_base = lambda: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+    import copy
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(  # dequantised once (slow): copied below
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
     def torch_logits(pm):
@@ -281,11 +283,11 @@ def test_smollm2_lora_adapters_both_ways_with_peft_on_the_real_model(tmp_path):
     base = np.asarray(model.apply({"params": params}, ids))
     save_peft_adapter(tmp_path / "ours", method, delta, params,
                       base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct", model=model)
-    theirs = torch_logits(peft.PeftModel.from_pretrained(hf_base(), str(tmp_path / "ours")).eval())
+    theirs = torch_logits(peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "ours")).eval())
     assert float(np.abs(theirs - base).max()) > 0.5  # the adapter moves the logits
     assert float(np.abs(ours - theirs).max()) <= 1e-3  # the base's own agreement (test_gguf)
 
-    pm = peft.get_peft_model(hf_base(), peft.LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4,
+    pm = peft.get_peft_model(hf, peft.LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4,
                                                         target_modules=["q_proj", "v_proj", "up_proj"]))
     randomize_trainable(pm, scale=0.05)
     pm.save_pretrained(str(tmp_path / "theirs"))
