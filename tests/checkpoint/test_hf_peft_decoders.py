@@ -37,6 +37,11 @@ def hf_decoder(family: str, seed: int = 0):
                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                        max_position_embeddings=64, tie_word_embeddings=False)
         hf = transformers.LlamaForCausalLM(cfg)
+    elif family == "qwen2":  # q/k/v biases: trained biases travel as ....base_layer.bias
+        cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=64, tie_word_embeddings=True)
+        hf = transformers.Qwen2ForCausalLM(cfg)
     else:
         cfg = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64,
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -101,6 +106,10 @@ CASES = {
         "ia3": lambda: peft.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
                                       feedforward_modules=["down_proj"]),
     },
+    "qwen2": {
+        "lora_bias_all": lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, bias="all",
+                                                 target_modules=["q_proj", "v_proj", "o_proj"]),
+    },
     "gpt2": {
         "lora": lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["c_attn"],
                                         fan_in_fan_out=True),
@@ -137,6 +146,10 @@ JPEFT_METHODS = {
         "ia3": lambda: jpeft.ia3(jpeft.IA3Config(targets=r"(k_proj|v_proj|down_proj)$",
                                                  feedforward=r"down_proj$")),
     },
+    "qwen2": {
+        "lora_bias_all": lambda: jpeft.lora(jpeft.LoraConfig(r=2, alpha=4, targets=r"(k_proj|down_proj)$",
+                                                             bias="all")),
+    },
     "gpt2": {
         "lora": lambda: jpeft.lora(jpeft.LoraConfig(r=2, alpha=4, targets=r"(c_attn|c_fc)$")),
         "ia3": lambda: jpeft.ia3(jpeft.IA3Config(targets=r"(c_attn|mlp/c_proj)$", feedforward=r"mlp/c_proj$")),
@@ -149,20 +162,24 @@ JPEFT_METHODS = {
                          ids="-".join)
 def test_jpeft_adapters_export_and_peft_computes_the_same_logits(tmp_path, decoders, family_case):
     family, case = family_case
-    folder, model, params = decoders(family)
+    folder, model, base_params = decoders(family)
     transform = JPEFT_METHODS[family][case]()
-    delta = perturb(transform.init(jax.random.key(0), params, model.info()), scale=0.3)
+    delta = perturb(transform.init(jax.random.key(0), base_params, model.info()), scale=0.3)
+    params = base_params
+    if getattr(transform.config, "bias", "none") != "none":  # trained biases travel in the adapter
+        params = P.unflatten({k: v + 0.3 if k.endswith("/bias") else v
+                              for k, v in P.flatten(base_params).items()})
     ours = our_logits(model, transform, params, delta)
     out = save_peft_adapter(tmp_path / "exported", transform, delta, params,
                             base_model_name_or_path=str(folder), model=model)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["task_type"] == "CAUSAL_LM" and cfg["fan_in_fan_out"] is (family == "gpt2")
     pm = peft.PeftModel.from_pretrained(fresh_hf(folder), str(out)).eval()
-    base = np.asarray(model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(MASK)))
+    base = np.asarray(model.apply({"params": base_params}, jnp.asarray(IDS), jnp.asarray(MASK)))
     compare(ours, hf_logits(pm), base)
-    # and back: the folder reads into the same delta
-    again, delta2, _ = load_peft_adapter(out, model, params)
-    np.testing.assert_allclose(our_logits(model, again, params, delta2), ours, rtol=1e-6, atol=1e-6)
+    # and back: the folder reads into the same delta and biases
+    again, delta2, params2 = load_peft_adapter(out, model, base_params)
+    np.testing.assert_allclose(our_logits(model, again, params2, delta2), ours, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
