@@ -79,10 +79,6 @@ def model_family(model: Any) -> tuple[Family, Any]:
     return family, config
 
 
-def _model_config(model: Any) -> Any:
-    return model_family(model)[1]
-
-
 def torch_module_name(path: str, prefix: str) -> str:
     """``encoder/layer_0/attention/self/query`` -> ``bert.encoder.layer.0.attention.self.query``;
     the head ``head/classifier`` -> ``classifier``, ``head/dense`` -> ``classifier.dense``."""
@@ -146,7 +142,7 @@ def _modules(params: P.Params, prefix: str, with_head: bool, family: Family = BE
 
 def _is_roberta(params: P.Params, model: Any) -> bool:
     if model is not None:
-        return bool(_model_config(model).is_roberta)
+        return bool(model_family(model)[1].is_roberta)
     return "head/out_proj/kernel" in P.flatten(params)
 
 

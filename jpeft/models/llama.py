@@ -154,7 +154,7 @@ class LlamaConfig:
         if model_type not in ARCHITECTURES:
             raise ValueError(f"jpeft.models.llama handles {sorted(ARCHITECTURES)} checkpoints, got "
                              f"model_type={model_type!r}")
-        derived = {"sliding_window", "layer_types", *ARCHITECTURES["qwen2"][1], *ARCHITECTURES["qwen3"][1]}
+        derived = {"sliding_window", "layer_types", "qkv_bias", "qk_norm"}  # set by model type below
         names = {f.name for f in dataclasses.fields(cls)} - {"dtype"} - derived - {
             f.name for f in dataclasses.fields(cls) if f.name.startswith("rope_")}
         kwargs = {k: v for k, v in hf.items() if k in names}
