@@ -19,8 +19,8 @@ On the decoders (Llama, GPT-2; ``task_type="CAUSAL_LM"``) the keys name the modu
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; GPT-2's ``Conv1D`` layers
 (``c_attn``, ``c_proj``, ``c_fc``) take LoRA and (IA)³ like Dense layers (PEFT's
 ``fan_in_fan_out`` only says how PEFT merges into them; jpeft writes it as PEFT would). Prompt
-tuning and P-tuning go both ways on decoders too; prefix tuning only on the encoders
-(:func:`~jpeft.checkpoint.peft_convert.require_encoder`).
+tuning, P-tuning and prefix tuning go both ways on decoders too (prefixes not on models with a
+sliding window: :func:`~jpeft.checkpoint.peft_convert.require_full_attention`).
 
 :func:`load_peft_adapter` turns such a folder into ``(transform, delta, params)`` — LoRA, (IA)³,
 prompt tuning, prefix tuning (with or without projection) and P-tuning — and
@@ -41,10 +41,9 @@ module whose name equals it or ends with ``"." + entry``, a string is ``re.fullm
 module names of the jpeft model. The jpeft config gets a compact regex when one selects exactly
 the same modules, else an explicit alternation of the module paths.
 
-Prefix tuning: PEFT hands the prefix to the model as ``past_key_values``, and ``transformers``'
-BERT/RoBERTa then number the real tokens' positions from ``P = num_virtual_tokens`` (the cache
-length) instead of 0. jpeft's :mod:`~jpeft.methods.prefix` numbers them from 0 unless its config
-says ``peft_positions=True``: imported prefixes get that flag, and only a prefix (or P-tuning v2)
+Prefix tuning: PEFT hands the prefix to the model as ``past_key_values``, and ``transformers``
+then numbers the real tokens' positions from ``P = num_virtual_tokens`` (the cache length)
+instead of 0. jpeft's :mod:`~jpeft.methods.prefix` numbers them from 0 unless its config says ``peft_positions=True``: imported prefixes get that flag, and only a prefix (or P-tuning v2)
 trained with it can be exported to PEFT.
 
 The concerns live apart: which config fields are read, ignored or refused

@@ -117,24 +117,23 @@ def torch_names_regex(names: Sequence[str]) -> str:
 
 
 def read_prompts(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PeftContext,
-                 handled: Iterable[str], width: int, what: str) -> np.ndarray:
+                 handled: Iterable[str], width: int, what: str, key_value: bool = False) -> np.ndarray:
     """The checks every prompt-learning adapter shares, then its ``prompt_embeddings``
-    ``(num_virtual_tokens, width)`` (``what`` names the width in the error)."""
+    ``(num_virtual_tokens, width)`` (``what`` names the width in the error; ``key_value``: the
+    fields of a prefix, see :func:`prompt_fields`)."""
     from jpeft.checkpoint.peft_fields import _check_fields, _refuse
 
     _check_fields(cfg, handled)
     subs = cfg.get("num_transformer_submodules") or 1
     if subs != 1:
-        raise _refuse("num_transformer_submodules", subs, "an encoder has one transformer stack")
-    info = ctx.model.info()
-    expect = {"token_dim": info.hidden_size, "num_layers": info.num_layers,
-              "num_attention_heads": info.num_heads}
-    for field, want in expect.items():
-        got = cfg.get(field)
-        if got is not None and int(got) != want:
+        raise _refuse("num_transformer_submodules", subs, "the model has one transformer stack")
+    k = int(cfg["num_virtual_tokens"])
+    expect = prompt_fields(k, ctx, key_value)
+    for field in ("token_dim", "num_layers", "num_attention_heads"):
+        got, want = cfg.get(field), expect[field]
+        if got is not None and want is not None and int(got) != want:
             raise ValueError(f"{ctx.label}: {ADAPTER_CONFIG} has {field}={got} but the model has {want}; "
                              "is the base the architecture the adapter was trained on?")
-    k = int(cfg["num_virtual_tokens"])
     prompts = take(tensors, "prompt_embeddings", ctx.label, "the prompts")
     if prompts.shape != (k, width):
         raise ValueError(f"{ctx.label}: prompt_embeddings has shape {prompts.shape}, expected "
@@ -142,12 +141,19 @@ def read_prompts(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PeftC
     return prompts
 
 
-def prompt_fields(num_virtual_tokens: int, ctx: PeftContext) -> dict[str, Any]:
+def prompt_fields(num_virtual_tokens: int, ctx: PeftContext, key_value: bool = False) -> dict[str, Any]:
     """The config fields every prompt-learning adapter writes: from the model's
-    :class:`~jpeft.core.transform.ModelInfo`, or read off a BERT-family tree without a model."""
+    :class:`~jpeft.core.transform.ModelInfo`, or read off a BERT-family tree without a model.
+
+    ``key_value`` (prefix tuning): PEFT sizes a prefix by the key/value heads, ``token_dim =
+    kv_heads · head_dim`` and ``num_attention_heads = kv_heads`` (the hidden size and the query
+    heads unless the model groups its queries)."""
     fields = {"num_virtual_tokens": num_virtual_tokens, "num_transformer_submodules": 1}
     if ctx.model is not None:
         info = ctx.model.info()
+        if key_value:
+            return {**fields, "token_dim": info.kv_heads * info.head_dim, "num_layers": info.num_layers,
+                    "num_attention_heads": info.kv_heads}
         return {**fields, "token_dim": info.hidden_size, "num_layers": info.num_layers,
                 "num_attention_heads": info.num_heads}
     flat = P.flatten(ctx.params)
@@ -156,16 +162,20 @@ def prompt_fields(num_virtual_tokens: int, ctx: PeftContext) -> dict[str, Any]:
             "num_attention_heads": None}
 
 
-def require_encoder(ctx: PeftContext, what: str) -> None:
-    """Refuse a prompt-learning format that jpeft reproduces on BERT-family encoders only."""
-    from jpeft.checkpoint.peft_naming import BERT, model_family
-
-    if ctx.model is not None and model_family(ctx.model)[0] is not BERT:
+def require_full_attention(ctx: PeftContext, what: str) -> None:
+    """Refuse a prefix in PEFT's format on a model with a sliding attention window: PEFT's prefix
+    sits in the KV cache at positions ``0 … P-1``, so ``transformers``' window drops it from the
+    later queries' view, while jpeft's prefix stays visible to every query."""
+    config = getattr(ctx.model, "config", None)
+    window = getattr(config, "window", None)
+    layers = getattr(config, "num_hidden_layers", 0)
+    windowed = [i for i in range(layers) if window(i) is not None] if callable(window) else []
+    if windowed:
         raise ValueError(
-            f"{ctx.label}: {what} on a decoder: PEFT passes the prefix as past_key_values, and "
-            "transformers then numbers the input positions from num_virtual_tokens, which jpeft's "
-            "prefix reproduces on BERT-family encoders only (peft_positions); keep the delta as a "
-            "jpeft adapter (save_adapter)")
+            f"{ctx.label}: {what} on a model with a sliding attention window (layers {windowed}): "
+            "PEFT keeps the prefix in the KV cache, where the window hides it from later tokens, "
+            "and jpeft's prefix is seen by every token, so the logits would differ on long "
+            "inputs; keep the delta as a jpeft adapter (save_adapter)")
 
 
 def encoder_width(params: P.Params) -> int:
@@ -183,4 +193,4 @@ def prompt_tensors(table: Any, num_virtual_tokens: int) -> dict[str, np.ndarray]
 
 __all__ = ["ADAPTER_WEIGHTS", "MODULE_KEY", "PeftContext", "PeftConverter", "encoder_width",
            "list_targets_regex", "pattern_groups", "prompt_fields", "prompt_tensors", "read_prompts",
-           "refuse_leftover", "require_encoder", "take", "to_numpy", "torch_names_regex"]
+           "refuse_leftover", "require_full_attention", "take", "to_numpy", "torch_names_regex"]

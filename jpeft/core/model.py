@@ -207,7 +207,7 @@ def _tap_recorder(calls: list[TapCall]) -> Callable[..., Any]:
     def intercept(next_fun, a, kw, context):
         kind = next((k for k in KINDS if is_tap(context, k)), None)
         if kind is not None:
-            calls.append((kind, context.module.layer, tuple(tuple(x.shape) for x in a)))
+            calls.append((kind, context.module.layer, tuple(tuple(getattr(x, "shape", ())) for x in a)))
         return next_fun(*a, **kw)
 
     return intercept

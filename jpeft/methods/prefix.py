@@ -40,8 +40,9 @@ keys/values above, and a prefix whose mask part is zero recovers the original ou
 
 **Positions** (``peft_positions``): by default the input tokens keep positions ``0 … T-1``. With
 ``peft_positions=True`` they are numbered ``P … P+T-1`` (RoBERTa: ``pad+1+P …``, padding keeps
-``pad``), which is what ``transformers`` does when Hugging Face PEFT feeds the prefix as
-``past_key_values`` (:func:`shift_positions`). Adapters imported from PEFT get it, and only a
+``pad``; a decoder's cached continuation goes on from there), which is what ``transformers`` does
+when Hugging Face PEFT feeds the prefix as ``past_key_values`` (:func:`shift_positions`, through
+the model's ``embed.positions`` tap). Adapters imported from PEFT get it, and only a
 prefix trained with it can be exported to PEFT with the same logits.
 
 All delta leaves are labelled ``"prefix"`` for the optimizer, so ``group_lr={"prefix": k}`` sets
@@ -61,7 +62,6 @@ import math
 from typing import Any
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -71,7 +71,7 @@ from jpeft.core import paths as P
 from jpeft.core.capabilities import AddsTokens, AfterTraining
 from jpeft.core.registry import register
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
-from jpeft.models.taps import ATTN_KV, is_tap, layer_entry, require_taps
+from jpeft.models.taps import ATTN_KV, EMBED_POSITIONS, is_tap, layer_entry, require_taps
 
 INITS = ("normal", "zero")
 LABEL = "prefix"
@@ -120,9 +120,9 @@ class PrefixConfig:
     )
     peft_positions: bool = dataclasses.field(
         default=False,
-        metadata={"help": "number the input tokens' positions from P, as transformers' BERT/RoBERTa "
-                          "do when Hugging Face PEFT passes the prefix as past_key_values; needed "
-                          "to export the prefix to PEFT (BERT family)"},
+        metadata={"help": "number the input tokens' positions from P, as transformers does "
+                          "when Hugging Face PEFT passes the prefix as past_key_values; needed "
+                          "to export the prefix to PEFT"},
     )
 
     def __post_init__(self) -> None:
@@ -209,33 +209,15 @@ def prepend(key: jax.Array, value: jax.Array, mask: jax.Array, pk: jax.Array,
 
 
 def shift_positions(offset: int) -> Any:
-    """An interceptor numbering the input tokens' positions from ``offset`` instead of 0.
-
-    It rewrites the ids fed to a BERT-family model's ``position_embeddings`` (an ``nn.Embed``
-    whose parent holds the model config): BERT ``t -> t + offset``; RoBERTa (positions
-    ``pad+1 …``, padding ``pad``) shifts the real tokens only. Raises ``ValueError`` when the
-    shifted positions pass ``max_position_embeddings``.
-    """
+    """An interceptor of the ``embed.positions`` tap numbering the input tokens from ``offset``
+    more, as transformers numbers them after PEFT's ``past_key_values`` (BERT ``t -> t + P``,
+    RoBERTa's real tokens ``pad+1+t -> pad+1+P+t``, decoders ``t -> t + P`` for a fresh input).
+    The model refuses positions past its table (``max_position_embeddings``, ``n_positions``)."""
     offset = int(offset)
 
     def shift(next_fun, args, kwargs, context):
-        module = context.module
-        if not (isinstance(module, nn.Embed) and module.name == "position_embeddings"
-                and context.method_name == "__call__"):
-            return next_fun(*args, **kwargs)
-        config = getattr(module.parent, "config", None)
-        is_roberta = bool(getattr(config, "is_roberta", False))
-        pad = int(getattr(config, "pad_token_id", 0) or 0)
-        positions = args[0]
-        last = positions.shape[-1] - 1 + offset + (pad + 1 if is_roberta else 0)
-        if last >= module.num_embeddings:
-            raise ValueError(
-                f"with the prefix numbering positions from {offset} (peft_positions=True) the "
-                f"positions run to {last}, past the model's max_position_embeddings="
-                f"{module.num_embeddings}; shorten the inputs")
-        positions = jnp.where(positions == pad, positions, positions + offset) if is_roberta \
-            else positions + offset
-        return next_fun(positions, *args[1:], **kwargs)
+        result = next_fun(*args, **kwargs)
+        return result + offset if is_tap(context, EMBED_POSITIONS) else result
 
     return shift
 
@@ -254,7 +236,7 @@ def prefix(config: PrefixConfig = PrefixConfig(), *, name: str = "prefix") -> Tr
 
     def init(rng: jax.Array, base: P.Params, info: ModelInfo | None = None) -> dict[str, Any]:
         info = resolve_info(info)
-        require_taps(info.taps, name, (ATTN_KV,))
+        require_taps(info.taps, name, (ATTN_KV, EMBED_POSITIONS) if config.peft_positions else (ATTN_KV,))
         info.require(name, "num_layers", "num_heads", "head_dim")
         layers = prefix_layers(config, info, name)
         n_tok, width = config.num_virtual_tokens, table_width(info, len(layers))
@@ -327,13 +309,13 @@ def prefix(config: PrefixConfig = PrefixConfig(), *, name: str = "prefix") -> Tr
 
 def _from_peft(cfg: dict[str, Any], tensors: dict[str, Any], ctx: PC.PeftContext) -> tuple[Transform, Any]:
     """A PEFT ``PREFIX_TUNING`` adapter as a prefix with ``peft_positions=True``."""
-    PC.require_encoder(ctx, "PREFIX_TUNING")
+    PC.require_full_attention(ctx, "PREFIX_TUNING")
     info = ctx.model.info()
-    table = PC.read_prompts(cfg, tensors, ctx, _PREFIX_HANDLED, info.num_layers * 2 * info.hidden_size,
-                            "layers·2·hidden")
+    table = PC.read_prompts(cfg, tensors, ctx, _PREFIX_HANDLED, table_width(info, info.num_layers),
+                            "layers·2·kv_heads·head_dim", key_value=True)
     config = PrefixConfig(num_virtual_tokens=int(cfg["num_virtual_tokens"]),
                           projection=bool(cfg.get("prefix_projection", False)),
-                          projection_hidden=int(cfg.get("encoder_hidden_size") or info.hidden_size),
+                          projection_hidden=int(cfg.get("encoder_hidden_size") or info.kv_heads * info.head_dim),
                           peft_positions=True, init="zero" if cfg.get("init_weights") == "zero" else "normal")
     return prefix(config), {"prefix": jnp.asarray(table)}
 
@@ -343,7 +325,7 @@ def to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dict
     only a prefix on every layer trained with ``peft_positions=True`` computes PEFT's logits."""
     config = transform.config
     config = config if isinstance(config, PrefixConfig) else config.to_prefix()
-    PC.require_encoder(ctx, "a prefix in PEFT's PREFIX_TUNING format")
+    PC.require_full_attention(ctx, "a prefix in PEFT's PREFIX_TUNING format")
     k = config.num_virtual_tokens
     if config.layers:
         raise ValueError(f"save_peft_adapter: a prefix on layers {list(config.layers)} only cannot be "
@@ -355,7 +337,7 @@ def to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dict
             "trained with positions from 0, so PEFT would compute other logits. Train with "
             "peft_positions=True (--prefix.peft_positions=true) to export to PEFT, or keep this "
             "one as a jpeft adapter (jpeft.checkpoint.export.save_adapter).")
-    fields = PC.prompt_fields(k, ctx)
+    fields = PC.prompt_fields(k, ctx, key_value=True)
     width = fields["num_layers"] * 2 * fields["token_dim"]
     table = project(delta)
     if table.shape != (k, width):

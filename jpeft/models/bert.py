@@ -30,7 +30,7 @@ from jpeft.models.common import (
     dense_dot_general,
     matmul_einsum,
 )
-from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, FFN_HIDDEN, FFN_OUT, Tap
+from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, EMBED_POSITIONS, FFN_HIDDEN, FFN_OUT, Tap
 
 Array = jax.Array
 
@@ -119,19 +119,22 @@ class Embeddings(nn.Module):
             words, attention_mask, token_type_ids
         )
         seq_len = words.shape[1]
+        offset = int(Tap(EMBED_POSITIONS, name="positions_tap")(0))  # 0 unless a method shifts it
         limit = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.is_roberta else 0)
-        if seq_len > limit:  # a static shape: checked once at trace time
+        if seq_len + offset > limit:  # static: checked once at trace time
+            shifted = f" numbered from {offset} (a method's virtual tokens come first)" if offset else ""
             raise ValueError(
-                f"the input has {seq_len} tokens (with any virtual tokens a method prepends) but "
-                f"max_position_embeddings={cfg.max_position_embeddings} numbers at most {limit}"
+                f"the input has {seq_len} tokens{shifted} (with any virtual tokens a method "
+                f"prepends) but max_position_embeddings={cfg.max_position_embeddings} numbers at "
+                f"most {limit}"
                 f"{' (RoBERTa numbers positions from pad_token_id + 1)' if cfg.is_roberta else ''}; "
                 "truncate the inputs (tokenizer max_length) or use fewer virtual tokens")
         if cfg.is_roberta:
-            # RoBERTa numbers real tokens from padding_idx + 1 and gives padding padding_idx.
+            # RoBERTa numbers real tokens from padding_idx + 1 (+ offset) and gives padding padding_idx.
             real = (attention_mask > 0).astype(jnp.int32)  # masks may come as bool/float
-            positions = jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
+            positions = (jnp.cumsum(real, axis=1) + offset) * real + cfg.pad_token_id
         else:
-            positions = jnp.broadcast_to(jnp.arange(seq_len), words.shape[:2])
+            positions = jnp.broadcast_to(jnp.arange(seq_len) + offset, words.shape[:2])
         pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
                        dtype=cfg.compute_dtype, name="position_embeddings")(positions)
         types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,

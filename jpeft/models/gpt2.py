@@ -42,11 +42,12 @@ from jpeft.models.llama import (
     assemble_params,
     cache_key_mask,
     causal_attention,
+    first_positions,
     new_cache,
     positions_from_mask,
     write_cache,
 )
-from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, FFN_HIDDEN, FFN_OUT, Tap
+from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, EMBED_POSITIONS, FFN_HIDDEN, FFN_OUT, Tap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +167,7 @@ class GPT2Model(nn.Module):
         self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init)
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init)
         self.inputs_tap = Tap(EMBED_INPUTS)
+        self.positions_tap = Tap(EMBED_POSITIONS)
         self.drop = Dropout(cfg.embd_pdrop)
         # remat: ``deterministic`` (argument 5, counting self) is static; the cache and ``start``
         # are traced. Taps and nn.Dense calls inside are intercepted as usual.
@@ -182,18 +184,21 @@ class GPT2Model(nn.Module):
         embeds = self.wte(input_ids)
         embeds, attention_mask, _ = self.inputs_tap(embeds, attention_mask, jnp.zeros_like(input_ids))
         mask = (attention_mask > 0).astype(jnp.int32)
+        offset = int(self.positions_tap(0))  # 0 unless a method shifts the numbering
         # static shapes, checked once at trace time: positions past n_positions would index wpe
         # out of range (NaN embeddings)
-        length = mask.shape[1] if cache is None else cache["mask"].shape[1]
+        length = (mask.shape[1] if cache is None else cache["mask"].shape[1]) + offset
         if length > self.config.n_positions:
+            shifted = f", numbered from {offset} (a method's virtual tokens come first)" if offset else ""
             raise ValueError(
                 f"GPT-2 numbers at most n_positions={self.config.n_positions} positions, but "
-                + (f"the input has {length} tokens (with any virtual tokens a method prepends); "
-                   "truncate the inputs" if cache is None else
-                   f"the KV cache has {length} slots (prompt length + prepended virtual tokens + "
-                   "max_new_tokens in generation); shorten the prompts or max_new_tokens"))
+                + (f"the input has {length - offset} tokens (with any virtual tokens a method "
+                   f"prepends){shifted}; truncate the inputs" if cache is None else
+                   f"the KV cache has {length - offset} slots (prompt length + prepended virtual "
+                   f"tokens + max_new_tokens in generation){shifted}; shorten the prompts or "
+                   "max_new_tokens"))
         if positions is None:
-            positions = positions_from_mask(mask, None if cache is None else cache["positions"])
+            positions = positions_from_mask(mask, first_positions(offset, mask.shape[0], cache))
         elif positions.shape != mask.shape:
             raise ValueError(
                 f"positions {positions.shape} do not match the (tapped) input {mask.shape}; "

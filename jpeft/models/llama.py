@@ -56,7 +56,7 @@ from jpeft.core.dropout import Dropout
 from jpeft.core.transform import ModelInfo
 from jpeft.models import hub
 from jpeft.models.common import activation, check_matmul_dtype, check_overrides, config_to_hf, dense_dot_general, matmul_einsum
-from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, FFN_HIDDEN, FFN_OUT, Tap
+from jpeft.models.taps import ATTN_KV, ATTN_OUT, EMBED_INPUTS, EMBED_POSITIONS, FFN_HIDDEN, FFN_OUT, Tap
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -200,6 +200,16 @@ def positions_from_mask(mask: Array, offset: Array | None = None) -> Array:
     if offset is not None:
         pos = pos + offset.astype(jnp.int32)[:, None]
     return jnp.where(real > 0, pos, 1)
+
+
+def first_positions(offset: int, batch: int, cache: Cache | None) -> Array:
+    """Each row's first position id ``(B,)``: ``offset`` (what the ``embed.positions`` tap
+    returned, 0 unless a method numbers the tokens after its virtual ones) for a fresh input, the
+    cache's next position once the cache holds tokens."""
+    start = jnp.full((batch,), offset, jnp.int32)
+    if cache is None:
+        return start
+    return jnp.where(cache["index"] == 0, start, cache["positions"])
 
 
 def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -410,6 +420,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size,
                                      embedding_init=nn.initializers.normal(cfg.initializer_range))
         self.inputs_tap = Tap(EMBED_INPUTS)
+        self.positions_tap = Tap(EMBED_POSITIONS)
         # remat: ``deterministic`` (argument 7, counting self) is static; the cache and ``start``
         # are traced. Taps and nn.Dense calls inside are intercepted as usual.
         layer_cls = nn.remat(LlamaDecoderLayer, static_argnums=(7,)) if cfg.remat else LlamaDecoderLayer
@@ -426,8 +437,9 @@ class LlamaModel(nn.Module):
         embeds = self.embed_tokens(input_ids)
         embeds, attention_mask, _ = self.inputs_tap(embeds, attention_mask, jnp.zeros_like(input_ids))
         mask = (attention_mask > 0).astype(jnp.int32)
+        offset = int(self.positions_tap(0))  # 0 unless a method shifts the numbering
         if positions is None:
-            positions = positions_from_mask(mask, None if cache is None else cache["positions"])
+            positions = positions_from_mask(mask, first_positions(offset, mask.shape[0], cache))
         elif positions.shape != mask.shape:
             raise ValueError(
                 f"positions {positions.shape} do not match the (tapped) input {mask.shape}; "

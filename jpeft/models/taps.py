@@ -4,20 +4,24 @@ A tap is a tiny Linen module whose ``__call__`` returns its inputs unchanged. Tr
 it (``nn.intercept_methods``) by :attr:`Tap.kind` and :attr:`Tap.layer`, so a model never knows
 which method is attached. Every model family exposes the same kinds:
 
-=================  ===========================================  ==================================
-kind               arguments (and return value)                 used by
-=================  ===========================================  ==================================
-``embed.inputs``   ``embeds (B,T,D), mask (B,T), types (B,T)``  prompt tuning, P-tuning (prepend
-                   token embeddings before position/type         tokens; T may grow)
-                   embeddings are added
-``attn.kv``        ``key (B,S,Hkv,Dh), value (B,S,Hkv,Dh),     prefix tuning, P-tuning v2 (S may
-                   mask (B,S)``                                  grow)
-``attn.out``       ``h (B,T,D)``: attention output projection,  Houlsby adapters
-                   before the residual add and LayerNorm
-``ffn.hidden``     ``h (B,T,I)``: FFN activation                (IA)³
-``ffn.out``        ``h (B,T,D)``: FFN output projection,        Houlsby / Pfeiffer adapters
-                   before the residual add and LayerNorm
-=================  ===========================================  ==================================
+=====================  ============================================  ==================================
+kind                   arguments (and return value)                  used by
+=====================  ============================================  ==================================
+``embed.inputs``       ``embeds (B,T,D), mask (B,T), types (B,T)``   prompt tuning, P-tuning (prepend
+                       token embeddings before position/type         tokens; T may grow)
+                       embeddings are added
+``embed.positions``    ``offset``, a Python int (0): the position    prefix tuning, P-tuning v2 with
+                       of the first input token (after any tokens    ``peft_positions``: ``offset + P``
+                       ``embed.inputs`` prepends); a KV cache's      (transformers numbers the tokens
+                       continuation is not tapped                    after ``past_key_values``)
+``attn.kv``            ``key (B,S,Hkv,Dh), value (B,S,Hkv,Dh),       prefix tuning, P-tuning v2 (S may
+                       mask (B,S)``                                  grow)
+``attn.out``           ``h (B,T,D)``: attention output projection,   Houlsby adapters
+                       before the residual add and LayerNorm
+``ffn.hidden``         ``h (B,T,I)``: FFN activation                 (IA)³
+``ffn.out``            ``h (B,T,D)``: FFN output projection,         Houlsby / Pfeiffer adapters
+                       before the residual add and LayerNorm
+=====================  ============================================  ==================================
 
 A model jpeft did not write gets the same attachment points with one call each: ``Tap(kind,
 layer=i)(h)`` inside a Linen ``@nn.compact`` method, or an :class:`NnxTap` attribute of an NNX
@@ -41,11 +45,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 EMBED_INPUTS = "embed.inputs"
+EMBED_POSITIONS = "embed.positions"
 ATTN_KV = "attn.kv"
 ATTN_OUT = "attn.out"
 FFN_HIDDEN = "ffn.hidden"
 FFN_OUT = "ffn.out"
-KINDS = (EMBED_INPUTS, ATTN_KV, ATTN_OUT, FFN_HIDDEN, FFN_OUT)
+KINDS = (EMBED_INPUTS, EMBED_POSITIONS, ATTN_KV, ATTN_OUT, FFN_HIDDEN, FFN_OUT)
 
 
 class Tap(nn.Module):
@@ -119,6 +124,8 @@ def is_tap(context: Any, kind: str) -> bool:
 EXAMPLE = {
     EMBED_INPUTS: ("embeds, mask, types = jpeft.Tap('embed.inputs')(embeds, mask, types)  "
                    "# before position embeddings"),
+    EMBED_POSITIONS: ("offset = jpeft.Tap('embed.positions')(0)  # positions = offset + 0, 1, ... "
+                      "(a Python int)"),
     ATTN_KV: "k, v, mask = jpeft.Tap('attn.kv', layer=i)(k, v, mask)  # k, v: (B, S, H, Dh)",
     ATTN_OUT: "h = jpeft.Tap('attn.out', layer=i)(h)  # attention output, before the residual",
     FFN_HIDDEN: "h = jpeft.Tap('ffn.hidden', layer=i)(h)  # the FFN activation",

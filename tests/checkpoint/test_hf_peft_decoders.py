@@ -9,6 +9,7 @@ logits of PEFT in PyTorch with jpeft's on the same adapter, read (PEFT -> jpeft)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -23,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 import jpeft
 from jpeft.checkpoint.hf_peft import load_peft_adapter, save_peft_adapter
 from jpeft.core import paths as P
+from jpeft.generate import generate
 from tests.checkpoint.test_hf_peft import randomize_trainable
 from tests.helpers import perturb
 
@@ -42,6 +44,11 @@ def hf_decoder(family: str, seed: int = 0):
                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                        max_position_embeddings=64, tie_word_embeddings=True)
         hf = transformers.Qwen2ForCausalLM(cfg)
+    elif family == "mistral":  # a sliding window of 4 keys
+        cfg = transformers.MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64, sliding_window=4)
+        hf = transformers.MistralForCausalLM(cfg)
     else:
         cfg = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64,
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -75,6 +82,15 @@ def fresh_hf(folder):
 
 IDS = np.array([[5, 9, 17, 33, 2, 41, 7, 12], [3, 8, 60, 21, 14, 11, 0, 0]])
 MASK = np.array([[1] * 8, [1] * 6 + [0] * 2])
+
+
+def saved_peft_adapter(folder, peft_config, out, scale: float = 1.0):
+    """A PEFT model on a fresh copy of the base with random trainable tensors, saved to ``out``."""
+    pm = peft.get_peft_model(fresh_hf(folder), peft_config)
+    randomize_trainable(pm, scale=scale)
+    pm.eval()
+    pm.save_pretrained(str(out))
+    return pm
 
 
 def hf_logits(pm) -> np.ndarray:
@@ -183,22 +199,85 @@ def test_jpeft_adapters_export_and_peft_computes_the_same_logits(tmp_path, decod
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_decoder_refusals_name_the_task_type_and_the_prefix(tmp_path, decoders, family):
+def test_decoder_refusals_name_the_task_type(tmp_path, decoders, family):
     folder, model, params = decoders(family)
-    pm = peft.get_peft_model(fresh_hf(folder), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                                      num_virtual_tokens=3))
-    pm.save_pretrained(str(tmp_path / "prefix"))
-    with pytest.raises(ValueError, match="PREFIX_TUNING on a decoder.*past_key_values"):
-        load_peft_adapter(tmp_path / "prefix", model, params)
     lora = jpeft.lora(jpeft.LoraConfig(r=2, alpha=4, targets=r"(q_proj|c_attn)$"))
     delta = lora.init(jax.random.key(0), params, model.info())
     with pytest.raises(ValueError, match="task_type must be one of \\['CAUSAL_LM'\\]"):
         save_peft_adapter(tmp_path / "x", lora, delta, params, base_model_name_or_path="b",
                           model=model, task_type="SEQ_CLS")
-    prefix = jpeft.prefix(jpeft.PrefixConfig(num_virtual_tokens=3, peft_positions=True))
-    with pytest.raises(ValueError, match="PREFIX_TUNING format on a decoder"):
-        save_peft_adapter(tmp_path / "y", prefix, prefix.init(jax.random.key(0), params, model.info()),
-                          params, base_model_name_or_path="b", model=model)
+
+
+PREFIX_CASES = {  # PEFT's prefix tuning, with and without the reparameterisation MLP
+    "table": (lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+              lambda: jpeft.ptuning2(jpeft.PTuningV2Config(num_virtual_tokens=3, peft_positions=True))),
+    "projection": (lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                   prefix_projection=True, encoder_hidden_size=12),
+                   lambda: jpeft.prefix(jpeft.PrefixConfig(num_virtual_tokens=3, projection_hidden=12,
+                                                           peft_positions=True))),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("case", list(PREFIX_CASES))
+def test_prefix_adapters_both_ways(tmp_path, decoders, family, case):
+    """PEFT feeds the prefix as ``past_key_values``: every token sees the P prefix keys (one per
+    key/value head under grouped queries) and transformers numbers the tokens from P, which
+    jpeft's ``peft_positions`` reproduces through the ``embed.positions`` tap."""
+    folder, model, params = decoders(family)
+    peft_config, jpeft_method = PREFIX_CASES[case]
+    pm = saved_peft_adapter(folder, peft_config(), tmp_path / "theirs")
+    transform, delta, loaded = load_peft_adapter(tmp_path / "theirs", model, params)
+    assert transform.config.peft_positions
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(MASK)))
+    compare(our_logits(model, transform, loaded, delta), hf_logits(pm), base)
+
+    method = jpeft_method()
+    fresh = perturb(method.init(jax.random.key(0), params, model.info()), scale=1.0)
+    ours = our_logits(model, method, params, fresh)
+    out = save_peft_adapter(tmp_path / "ours", method, fresh, params, base_model_name_or_path=str(folder),
+                            model=model)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    info = model.info()
+    assert (cfg["token_dim"], cfg["num_attention_heads"]) == (info.kv_heads * info.head_dim, info.kv_heads)
+    pm = peft.PeftModel.from_pretrained(fresh_hf(folder), str(out)).eval()
+    compare(ours, hf_logits(pm), base)
+    # positions from 0 give other logits: the numbering matters, and such a prefix is refused
+    make = jpeft.prefix if isinstance(method.config, jpeft.PrefixConfig) else jpeft.ptuning2
+    plain = make(dataclasses.replace(method.config, peft_positions=False))
+    assert float(np.abs(our_logits(model, plain, params, fresh) - ours)[MASK > 0].max()) > 1e-3
+    with pytest.raises(ValueError, match="peft_positions=True"):
+        save_peft_adapter(tmp_path / "plain", plain, fresh, params, base_model_name_or_path="b", model=model)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefix_generation_matches_peft(tmp_path, decoders, family):
+    """Cached greedy decoding with a PEFT prefix: the prompt is numbered from P, each new token
+    continues from the cache (the tap shifts a fresh input only)."""
+    folder, model, params = decoders(family)
+    pm = saved_peft_adapter(folder, PREFIX_CASES["table"][0](), tmp_path / "theirs")
+    transform, delta, loaded = load_peft_adapter(tmp_path / "theirs", model, params)
+    prompts = IDS[:, :5]
+    with torch.no_grad():
+        theirs = pm.generate(input_ids=torch.tensor(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                             max_new_tokens=6, do_sample=False, pad_token_id=0).numpy()[:, 5:]
+    ours = generate(model, transform, loaded, delta, jnp.asarray(prompts), jnp.ones(prompts.shape, jnp.int32),
+                          max_new_tokens=6)
+    np.testing.assert_array_equal(np.asarray(ours), theirs)
+
+
+def test_prefix_on_a_sliding_window_is_refused_with_the_reason(tmp_path, decoders):
+    folder, model, params = decoders("mistral")
+    pm = peft.get_peft_model(fresh_hf(folder), PREFIX_CASES["table"][0]())
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    with pytest.raises(ValueError, match="sliding attention window \\(layers \\[0, 1\\]\\).*save_adapter"):
+        load_peft_adapter(tmp_path / "theirs", model, params)
+    method = PREFIX_CASES["table"][1]()
+    with pytest.raises(ValueError, match="sliding attention window"):
+        save_peft_adapter(tmp_path / "ours", method, method.init(jax.random.key(0), params, model.info()),
+                          params, base_model_name_or_path=str(folder), model=model)
 
 
 PROMPT_CASES = {
@@ -218,10 +297,7 @@ def test_prompt_learning_adapters_both_ways(tmp_path, decoders, family, case):
     0 … P+T-1 (unpadded rows: transformers numbers positions by slot when PEFT drops position_ids)."""
     folder, model, params = decoders(family)
     peft_config, jpeft_method = PROMPT_CASES[case]
-    pm = peft.get_peft_model(fresh_hf(folder), peft_config())
-    randomize_trainable(pm, scale=1.0)
-    pm.eval()
-    pm.save_pretrained(str(tmp_path / "theirs"))
+    pm = saved_peft_adapter(folder, peft_config(), tmp_path / "theirs")
     with torch.no_grad():
         theirs = pm(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(ONES)).logits.numpy()
     transform, delta, loaded = load_peft_adapter(tmp_path / "theirs", model, params)

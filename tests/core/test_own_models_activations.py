@@ -78,6 +78,14 @@ def test_a_model_without_the_tap_gets_the_lines_to_add():
         prefix().init(KEY, params, model.info())
 
 
+def test_peft_positions_ask_for_the_positions_tap(twins):
+    """PEFT's numbering of a prefix (``peft_positions``) needs the model to number its positions
+    from the ``embed.positions`` tap; a model without it is told the line to add."""
+    linen, _, params = twins
+    with pytest.raises(ValueError, match=r"(?s)\['embed.positions'\].*Tap\('embed.positions'\)\(0\)"):
+        prefix(PrefixConfig(num_virtual_tokens=3, peft_positions=True)).init(KEY, params, linen.info())
+
+
 def test_sizes_a_method_needs_are_asked_for_by_name():
     with pytest.raises(ValueError, match=r"houlsby needs ModelInfo.hidden_size, ModelInfo.num_layers"):
         houlsby().init(KEY, {"w": jnp.ones(2)}, jpeft.ModelInfo())

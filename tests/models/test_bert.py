@@ -438,7 +438,7 @@ def test_taps_are_identity_and_called_once_each(family):
         intercepted = flax_logits(model, params, batch)
     np.testing.assert_array_equal(intercepted, plain)
 
-    expected = {(taps.EMBED_INPUTS, None): 1}
+    expected = {(taps.EMBED_INPUTS, None): 1, (taps.EMBED_POSITIONS, None): 1}
     for layer in range(config.num_hidden_layers):
         for kind in (taps.ATTN_KV, taps.ATTN_OUT, taps.FFN_HIDDEN, taps.FFN_OUT):
             expected[(kind, layer)] = 1

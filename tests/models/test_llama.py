@@ -185,7 +185,7 @@ def test_taps_identity_and_counts():
     with nn.intercept_methods(spy):
         tapped = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_array_equal(np.asarray(tapped), np.asarray(plain))
-    expected = {(taps.EMBED_INPUTS, None): 1}
+    expected = {(taps.EMBED_INPUTS, None): 1, (taps.EMBED_POSITIONS, None): 1}
     for layer in range(2):
         for kind in (taps.ATTN_KV, taps.ATTN_OUT, taps.FFN_HIDDEN, taps.FFN_OUT):
             expected[(kind, layer)] = 1
