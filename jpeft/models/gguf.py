@@ -1,9 +1,10 @@
-"""Llama checkpoints from GGUF files (llama.cpp's format) into :mod:`jpeft.models.llama`.
+"""Llama, Qwen2 and Qwen3 checkpoints from GGUF files (llama.cpp's format) into :mod:`jpeft.models.llama`.
 
 Reads the file with the ``gguf`` package's ``GGUFReader`` and dequantises every tensor to float32
 numpy with ``gguf.quants.dequantize`` (so a Q4/Q8 file gives the float weights that llama.cpp
-computes with; the quantisation error itself stays). The config comes from the ``llama.*``
-metadata; tensor names map as
+computes with; the quantisation error itself stays). ``general.architecture`` is ``llama``
+(Mistral files are written as ``llama`` too), ``qwen2`` or ``qwen3``; the config comes from the
+``<architecture>.*`` metadata; tensor names map as
 
 ==============================  ==============================================================
 GGUF                            Flax path (``jpeft.models.llama``)
@@ -17,14 +18,18 @@ GGUF                            Flax path (``jpeft.models.llama``)
 ``blk.N.ffn_norm.weight``       ``model/layers_N/post_attention_layernorm/scale``
 ``output_norm.weight``          ``model/norm/scale``
 ``output.weight``               ``lm_head/kernel`` (absent: tied embeddings)
+``blk.N.attn_q/k/v.bias``       ``model/layers_N/self_attn/{q,k,v}_proj/bias`` (Qwen2)
+``blk.N.attn_q/k_norm.weight``  ``model/layers_N/self_attn/{q,k}_norm/scale`` (Qwen3)
 ==============================  ==============================================================
 
 llama.cpp's converter permutes the rows of ``q`` and ``k`` per head from the ``rotate_half``
 layout (first half / second half of each head) to interleaved pairs; :func:`unpermute_rows`
-undoes it (as ``transformers``' ``LlamaTensorProcessor._reverse_permute_weights``).
+undoes it (as ``transformers``' ``LlamaTensorProcessor._reverse_permute_weights``). Qwen2/Qwen3
+files keep PyTorch's rows (llama.cpp runs them with NeoX-style rotary embeddings).
 
 Not handled: files with a ``rope_freqs.weight`` tensor (Llama 3.1+ frequency factors), other
-architectures than ``llama``, partial rotary dimensions.
+architectures, partial rotary dimensions, sliding windows (a Qwen2 GGUF file does not say
+whether its model used one; Qwen2/2.5 releases do not).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from jpeft.models.common import check_overrides
+from jpeft.models.llama import ARCHITECTURES as ARCH_FIELDS
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM, assemble_params
 
 
@@ -57,15 +63,19 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return value.tobytes().decode() if value.dtype == np.uint8 else value.item()
 
 
+ARCHITECTURES = ("llama", "qwen2", "qwen3")  # general.architecture values read (= LlamaConfig.model_type)
+
+
 def config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
-    """A :class:`LlamaConfig` from a reader's ``llama.*`` metadata."""
+    """A :class:`LlamaConfig` from a reader's ``<architecture>.*`` metadata."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"jpeft.models.gguf loads llama GGUF files, this one is {arch!r}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"jpeft.models.gguf loads GGUF files of the architectures {list(ARCHITECTURES)}, "
+                         f"this one is {arch!r}")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise NotImplementedError("GGUF files with rope_freqs (Llama 3.1+ rope scaling) are not supported")
-    get = lambda key, default=None: _field(reader, f"llama.{key}", default)
+    get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
     kv = int(get("attention.head_count_kv", heads))
@@ -77,7 +87,7 @@ def config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
     vocab = int(embd.shape[-1])  # GGUF shapes are (in, out)-ordered: (hidden, vocab)
     declared = get("vocab_size")
     if declared is not None and int(declared) != vocab:
-        raise ValueError(f"llama.vocab_size={declared} but token_embd has {vocab} rows")
+        raise ValueError(f"{arch}.vocab_size={declared} but token_embd has {vocab} rows")
     kwargs = dict(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -90,6 +100,8 @@ def config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in names,
+        model_type=arch,
+        **ARCH_FIELDS[arch][1],
     )
     check_overrides(LlamaConfig, overrides)
     kwargs.update(overrides)
@@ -114,13 +126,16 @@ _BLOCK = {
     "ffn_down": "mlp/down_proj/kernel",
     "attn_norm": "input_layernorm/scale",
     "ffn_norm": "post_attention_layernorm/scale",
+    "attn_q_norm": "self_attn/q_norm/scale",
+    "attn_k_norm": "self_attn/k_norm/scale",
 }
 _TOP = {
     "token_embd": "model/embed_tokens/embedding",
     "output_norm": "model/norm/scale",
     "output": "lm_head/kernel",
 }
-_NAME = re.compile(r"^(?:blk\.(\d+)\.)?(\w+)\.weight$")
+_NAME = re.compile(r"^(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)$")
+_BIASES = {"attn_q", "attn_k", "attn_v"}  # Qwen2's q/k/v projections
 
 
 def dequantized(tensor) -> np.ndarray:
@@ -137,15 +152,18 @@ def params_from_gguf(reader, config: LlamaConfig) -> dict[str, np.ndarray]:
         m = _NAME.match(tensor.name)
         if m is None:
             raise KeyError(f"unexpected GGUF tensor {tensor.name!r}")
-        block, kind = m.groups()
+        block, kind, leaf = m.groups()
         table = _BLOCK if block is not None else _TOP
-        if kind not in table:
+        if kind not in table or (leaf == "bias" and kind not in _BIASES):
             raise KeyError(f"unexpected GGUF tensor {tensor.name!r}")
         path = table[kind] if block is None else f"model/layers_{block}/{table[kind]}"
+        if leaf == "bias":
+            path = path.replace("/kernel", "/bias")
         value = dequantized(tensor)
-        if kind == "attn_q":
+        permuted = config.model_type == "llama" and leaf == "weight"  # llama.cpp permutes llama's q/k only
+        if kind == "attn_q" and permuted:
             value = unpermute_rows(value, config.num_attention_heads)
-        elif kind == "attn_k":
+        elif kind == "attn_k" and permuted:
             value = unpermute_rows(value, config.kv_heads)
         if path.endswith("/kernel"):
             value = np.ascontiguousarray(value.T)
@@ -167,7 +185,7 @@ def matmul_tensor_types(path: str | os.PathLike[str]) -> dict[str, int]:
 
 def from_gguf(path: str | os.PathLike[str], *, dtype: str = "float32", **config_overrides: Any
               ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
-    """``(model, params)`` from a llama GGUF file (weights dequantised to float32, then cast to
+    """``(model, params)`` from a llama, qwen2 or qwen3 GGUF file (weights dequantised to float32, then cast to
     ``dtype``)."""
     reader = _reader(path)
     config = config_from_gguf(reader, dtype=dtype, **config_overrides)

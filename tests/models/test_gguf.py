@@ -35,11 +35,13 @@ def test_unpermute_inverts_llama_cpp_permute():
     np.testing.assert_array_equal(unpermute_rows(llama_cpp_permute(w, 4), 4), w)
 
 
-def write_gguf(hf_model, path: Path) -> None:
-    """``hf_model`` as a float32 llama GGUF file (metadata and names as llama.cpp writes them)."""
+def write_gguf(hf_model, path: Path, arch: str = "llama") -> None:
+    """``hf_model`` as a float32 GGUF file of architecture ``arch`` (metadata and names as
+    llama.cpp writes them: llama's q/k rows permuted, Qwen's kept)."""
     cfg = hf_model.config
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    writer = gguf.GGUFWriter(str(path), "llama")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -48,12 +50,15 @@ def write_gguf(hf_model, path: Path) -> None:
     writer.add_head_count_kv(kv)
     writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm"}
+             "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm"}
     for key, value in hf_model.state_dict().items():
         value = value.detach().numpy().astype(np.float32)
         if key == "model.embed_tokens.weight":
@@ -67,10 +72,10 @@ def write_gguf(hf_model, path: Path) -> None:
         else:
             _, _, layer, *rest = key.split(".")
             module = ".".join(rest[:-1])
-            name = f"blk.{layer}.{names[module]}.weight"
-            if module == "self_attn.q_proj":
+            name = f"blk.{layer}.{names[module]}.{rest[-1]}"
+            if arch == "llama" and module == "self_attn.q_proj":
                 value = llama_cpp_permute(value, heads)
-            elif module == "self_attn.k_proj":
+            elif arch == "llama" and module == "self_attn.k_proj":
                 value = llama_cpp_permute(value, kv)
         writer.add_tensor(name, np.ascontiguousarray(value))
     writer.write_header_to_file()
@@ -111,6 +116,57 @@ def test_synthetic_gguf_round_trip(tmp_path, tied):
     diff = float(np.abs(logits - expected).max())
     print(f"synthetic gguf tied={tied}: max |diff| = {diff:.3g}")
     assert diff <= 1e-4
+
+
+QWEN = {
+    "qwen2": lambda: transformers.Qwen2Config(  # q/k/v biases
+        vocab_size=99, hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+        tie_word_embeddings=True, max_position_embeddings=64, attn_implementation="eager"),
+    "qwen3": lambda: transformers.Qwen3Config(  # per-head q/k RMSNorm, head_dim != hidden / heads
+        vocab_size=99, hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0}, tie_word_embeddings=False,
+        max_position_embeddings=64, attn_implementation="eager"),
+}
+
+
+@pytest.mark.parametrize("arch", list(QWEN))
+def test_qwen_gguf_files_load_with_their_biases_and_norms(tmp_path, arch):
+    """A tiny Qwen2 / Qwen3 written as llama.cpp does (unpermuted q/k, ``attn_q.bias``,
+    ``attn_q_norm``) loads to the PyTorch model's logits; for Qwen2, transformers' own GGUF
+    loader reads the same file to the same logits (the file is laid out as real ones are)."""
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(QWEN[arch]()).eval()
+    with torch.no_grad():
+        for param in hf_model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(hf_model, path, arch)
+    model, params = from_gguf(path)
+    assert model.config.model_type == arch
+    assert (model.config.qkv_bias, model.config.qk_norm) == (arch == "qwen2", arch == "qwen3")
+    ids = np.random.default_rng(0).integers(0, 99, size=(2, 7))
+    with torch.no_grad():
+        expected = hf_model(torch.from_numpy(ids)).logits.numpy()
+    logits = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    assert float(np.abs(logits - expected).max()) <= 1e-4
+    if arch == "qwen2":
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(theirs(torch.from_numpy(ids)).logits.numpy(), expected, atol=1e-5)
+
+
+def test_other_architectures_are_refused_by_name(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "gemma")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 3), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"architectures \['llama', 'qwen2', 'qwen3'\], this one is 'gemma'"):
+        from_gguf(tmp_path / "x.gguf")
 
 
 def smollm2_gguf() -> Path:
