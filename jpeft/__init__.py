@@ -29,6 +29,7 @@ from jpeft.methods import (
     PromptConfig,
     PTuningConfig,
     PTuningV2Config,
+    TrainableTokensConfig,
     bitfit,
     build,
     diff_pruning,
@@ -42,6 +43,7 @@ from jpeft.methods import (
     prompt,
     ptuning,
     ptuning2,
+    trainable_tokens,
 )
 from jpeft.models import from_pretrained
 from jpeft.models.bert import BertConfig, BertModel
@@ -79,7 +81,7 @@ __all__ = [
     "full", "FullConfig", "lora", "LoraConfig", "houlsby", "pfeiffer", "AdapterConfig", "ia3",
     "IA3Config", "prefix", "PrefixConfig", "ptuning2", "PTuningV2Config", "prompt", "PromptConfig",
     "ptuning", "PTuningConfig", "bitfit", "BitFitConfig", "freeze", "FreezeConfig", "diff_pruning",
-    "DiffPruningConfig", "BertConfig", "BertModel", "from_pretrained",
+    "DiffPruningConfig", "trainable_tokens", "TrainableTokensConfig", "BertConfig", "BertModel", "from_pretrained",
     "QuantizedArray", "QuantizedBaseError", "quantize_base", "dequantize_base",
     "print_trainable_parameters", "__version__",
 ]

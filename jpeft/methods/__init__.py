@@ -23,6 +23,7 @@ from jpeft.methods.prefix import PrefixConfig, prefix
 from jpeft.methods.prompt import PromptConfig, prompt, with_text_ids
 from jpeft.methods.ptuning import PTuningConfig, ptuning
 from jpeft.methods.ptuning2 import PTuningV2Config, ptuning2
+from jpeft.methods.trainable_tokens import TrainableTokensConfig, trainable_tokens
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -31,4 +32,4 @@ __all__ = ["REGISTRY", "MethodSpec", "register", "build", "parse_spec", "full", 
            "lora", "LoraConfig", "houlsby", "pfeiffer", "AdapterConfig", "ia3", "IA3Config", "prompt",
            "PromptConfig", "ptuning", "PTuningConfig", "bitfit", "BitFitConfig", "freeze", "FreezeConfig",
            "diff_pruning", "DiffPruningConfig", "prefix", "PrefixConfig", "ptuning2", "PTuningV2Config",
-           "with_text_ids"]
+           "trainable_tokens", "TrainableTokensConfig", "with_text_ids"]

@@ -39,7 +39,9 @@ from jpeft.methods import (
     prompt,
     ptuning,
     ptuning2,
+    trainable_tokens,
 )
+from jpeft.methods.trainable_tokens import TrainableTokensConfig
 from jpeft.models.bert import BertConfig, BertModel, params_from_state_dict
 from tests.helpers import perturb
 
@@ -561,3 +563,31 @@ def test_minilm_lora_both_ways(tmp_path, minilm_dir):
     pm2 = peft.PeftModel.from_pretrained(hf2, str(tmp_path / "out")).eval()
     compare("export/lora/minilm", our_logits(model, t, params, delta, data), hf_logits(pm2, data),
             base_logits(model, base, data))
+
+
+def test_trainable_tokens_both_ways(tmp_path):
+    """PEFT's TRAINABLE_TOKENS stores the new rows; jpeft's delta is their difference from the
+    base. (A BERT with large weights, so that a few input rows move the logits visibly.)"""
+    torch.manual_seed(0)
+    cfg = hf_config()
+    cfg.initializer_range = 0.5
+    hf = transformers.BertForSequenceClassification(cfg).eval()
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    model, base = jpeft_pair(hf, state)
+    data = batch()
+    ids = [int(i) for i in np.unique(data[0][0])[:3]]
+    pm = peft.get_peft_model(hf, peft.TrainableTokensConfig(task_type="SEQ_CLS", token_indices=ids))
+    randomize_trainable(pm, scale=1.0)
+    pm.eval()
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    transform, delta, params = load_peft_adapter(tmp_path / "adapter", model, base)
+    assert transform.config == TrainableTokensConfig(token_indices=tuple(ids))
+    compare("import/trainable_tokens", our_logits(model, transform, params, delta, data), hf_logits(pm, data),
+            base_logits(model, base, data))
+
+    t = trainable_tokens(TrainableTokensConfig(token_indices=tuple(ids)))
+    fresh = perturb(t.init(jax.random.key(0), base, model.info()), scale=1.0)
+    params = _trained_head(base)
+    pm, _ = _export_and_reload(tmp_path, t, fresh, params, "bert", 2, state, model)
+    compare("export/trainable_tokens", our_logits(model, t, params, fresh, data), hf_logits(pm, data),
+            our_logits(model, t, params, jax.tree_util.tree_map(jnp.zeros_like, fresh), data))

@@ -280,6 +280,29 @@ def test_prefix_on_a_sliding_window_is_refused_with_the_reason(tmp_path, decoder
                           params, base_model_name_or_path=str(folder), model=model)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_trainable_tokens_both_ways_untied_and_tied(tmp_path, decoders, family):
+    """Llama (untied here): only the input embeddings' rows; GPT-2 (tied): PEFT writes the rows
+    under wte and lm_head, and the output layer scores with the new rows too."""
+    folder, model, params = decoders(family)
+    pm = saved_peft_adapter(folder, peft.TrainableTokensConfig(task_type="CAUSAL_LM", token_indices=[5, 17]),
+                            tmp_path / "theirs")
+    transform, delta, loaded = load_peft_adapter(tmp_path / "theirs", model, params)
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(MASK)))
+    compare(our_logits(model, transform, loaded, delta), hf_logits(pm), base)
+
+    method = jpeft.trainable_tokens(jpeft.TrainableTokensConfig(token_indices=(9, 33)))
+    fresh = perturb(method.init(jax.random.key(0), params, model.info()), scale=1.0)
+    out = save_peft_adapter(tmp_path / "ours", method, fresh, params, base_model_name_or_path=str(folder),
+                            model=model)
+    from safetensors.numpy import load_file
+    keys = set(load_file(str(out / "adapter_model.safetensors")))
+    assert any("lm_head" in k for k in keys) == (family == "gpt2")
+    pm = peft.PeftModel.from_pretrained(fresh_hf(folder), str(out)).eval()
+    compare(our_logits(model, method, params, fresh), hf_logits(pm), base)
+
+
 PROMPT_CASES = {
     "prompt": (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
                lambda: jpeft.prompt(jpeft.PromptConfig(num_virtual_tokens=3))),

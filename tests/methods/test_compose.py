@@ -15,6 +15,7 @@ from jpeft.methods.prefix import PrefixConfig
 from jpeft.methods.prompt import PromptConfig
 from jpeft.methods.ptuning import PTuningConfig
 from jpeft.methods.ptuning2 import PTuningV2Config
+from jpeft.methods.trainable_tokens import TrainableTokensConfig
 from jpeft.train.optim import OptimConfig
 from jpeft.train.trainer import Trainer
 from tests.helpers import perturb, tiny_batch, tiny_bert
@@ -27,9 +28,10 @@ SMALL = {
     "ptuning": PTuningConfig(num_virtual_tokens=2, encoder_hidden=4),
     "prefix": PrefixConfig(num_virtual_tokens=2, projection_hidden=4),
     "ptuning2": PTuningV2Config(num_virtual_tokens=2),
+    "trainable_tokens": TrainableTokensConfig(token_indices=(3, 5, 9)),
 }
 COMPOSABLE = sorted(n for n in REGISTRY if n != "full")
-WEIGHT_SPACE = ["lora", "ia3", "bitfit", "freeze", "diff_pruning"]
+WEIGHT_SPACE = ["lora", "ia3", "bitfit", "freeze", "diff_pruning", "trainable_tokens"]
 MODEL, PARAMS = tiny_bert()
 BATCH = tiny_batch()
 
