@@ -59,6 +59,7 @@ Safety: ``adapter_model.bin`` (a pickled file) is never read; re-save the adapte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -87,7 +88,7 @@ from jpeft.checkpoint.peft_naming import (
 )
 from jpeft.checkpoint.peft_targets import peft_target_matches  # noqa: F401  (part of this module's API)
 from jpeft.core import paths as P
-from jpeft.core.transform import Transform
+from jpeft.core.transform import Transform, compose
 
 PICKLE_WEIGHTS = "adapter_model.bin"
 
@@ -320,7 +321,10 @@ def load_peft_adapter(path: str | os.PathLike[str], model: Any, base: P.Params, 
                     head=family.head_modules(task_type))
     ctx = PeftContext(label=str(folder), mods=mods if converter.layout == "modules" else None,
                       params=base, model=model)
+    tokens = _take_tokens(cfg, tensors, ctx) if converter.token_companion else None
     transform, delta = converter.load(cfg, tensors, ctx)
+    if tokens is not None:  # PEFT's trainable_token_indices beside the method
+        transform, delta = compose(transform, tokens[0]), {transform.name: delta, tokens[0].name: tokens[1]}
     key_prefix = MODULE_KEY if converter.layout == "modules" else "base_model."
     base_flat = P.flatten(base)
     updates = _put_base_tensors(tensors, key_prefix, mods, base_flat, ctx.label)
@@ -339,11 +343,36 @@ def _save_tensors(file: Path, tensors: Mapping[str, Any]) -> None:
     save_file(arrays, str(file), metadata={"format": "pt"})
 
 
+def _take_tokens(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PeftContext) -> Any:
+    from jpeft.methods.trainable_tokens import take_companion
+
+    return take_companion(cfg, tensors, ctx)
+
+
+def _split_tokens(transform: Transform) -> tuple[Transform, Transform | None]:
+    """``(the method, its trainable tokens)`` of a composition of one method with
+    :mod:`~jpeft.methods.trainable_tokens` whose PEFT format carries them; else ``(transform, None)``."""
+    from jpeft.methods.trainable_tokens import TrainableTokensConfig
+
+    parts = transform.parts
+    if len(parts) != 2:
+        return transform, None
+    tokens = [t for t in parts if isinstance(t.config, TrainableTokensConfig)]
+    main = [t for t in parts if not isinstance(t.config, TrainableTokensConfig)]
+    if len(tokens) != 1 or len(main) != 1 or main[0].parts:
+        return transform, None
+    try:
+        companion = _converter_for(main[0]).token_companion
+    except ValueError:
+        return transform, None
+    return (main[0], tokens[0]) if companion else (transform, None)
+
+
 def _single(transform: Transform) -> None:
     if transform.parts:
         raise ValueError(
             f"save_peft_adapter: {transform.name!r} is a composition of {[t.name for t in transform.parts]}; "
-            "a PEFT adapter holds one method. Export merged weights (jpeft.checkpoint.export."
+            "a PEFT adapter holds one method (LoRA with trainable tokens aside). Export merged weights (jpeft.checkpoint.export."
             "export_merged_hf) or a jpeft adapter (save_adapter) instead.")
 
 
@@ -371,12 +400,22 @@ def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta:
     count; without it the model is taken for a BERT-family encoder whose head is ``head/...``
     (RoBERTa recognised by its head). ``task_type``: ``"SEQ_CLS"`` or ``"FEATURE_EXTRACTION"`` on
     an encoder (default ``"SEQ_CLS"``), ``"CAUSAL_LM"`` on a decoder (the default there).
-    Refuses (``ValueError``) what PEFT cannot represent: a composition, a prefix over a subset of
+    A composition of LoRA with :mod:`~jpeft.methods.trainable_tokens` is written as PEFT's LoRA
+    with ``trainable_token_indices`` (and read back as that composition).
+    Refuses (``ValueError``) what PEFT cannot represent: other compositions, a prefix over a subset of
     layers, LoRA/(IA)³ target sets PEFT's rules cannot select, prompt learning on a decoder,
     other methods.
     """
     from jpeft.checkpoint.export import _check_delta, _check_finite, _expected_deltas
+    from jpeft.methods.trainable_tokens import companion_entries
 
+    if model is not None:  # a delta of another rank, method or model is not written
+        _check_delta(str(path), delta, _expected_deltas(transform, model, params),
+                     f"{transform.name}: {transform.config}")
+    transform, tokens = _split_tokens(transform)
+    tokens_base = params  # the rows are E[t] + δ on the embeddings as given
+    if tokens is not None:
+        delta, tokens_delta = delta[transform.name], delta[tokens.name]
     _single(transform)
     family, config = model_family(model) if model is not None else (BERT, None)
     task_type = family.default_task if task_type is None else task_type
@@ -384,9 +423,6 @@ def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta:
         raise ValueError(f"save_peft_adapter: task_type must be one of "
                          f"{[t for t in family.tasks if t]} for a {family.name} model, got {task_type!r}")
     converter = _converter_for(transform)
-    if model is not None:  # a delta of another rank, method or model is not written
-        _check_delta(str(path), delta, _expected_deltas(transform, model, params),
-                     f"{transform.name}: {transform.config}")
     head, other = _trained_paths(transform, params, model)
     if task_type == "SEQ_CLS" and not head:
         raise ValueError("save_peft_adapter: task_type='SEQ_CLS' but params have no classification head")
@@ -404,6 +440,10 @@ def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta:
                           mods=_modules(params, prefix, with_head=task_type == "SEQ_CLS", family=family,
                                         head=family.head_modules(task_type)))
         fields, tensors, params = converter.save(transform, P.unflatten(body), ctx)
+        if tokens is not None:
+            extra_fields, extra = companion_entries(tokens, tokens_delta,
+                                                    dataclasses.replace(ctx, params=tokens_base))
+            fields, tensors = {**fields, **extra_fields}, {**tensors, **extra}
         tensors.update(_head_entries(params, head, MODULE_KEY, prefix))
         modules_to_save = family.head_modules(task_type) or None
     else:

@@ -66,13 +66,16 @@ class PeftConverter:
     head, biases) and raises ``ValueError`` naming the field for anything it cannot represent
     exactly. ``save(transform, delta, ctx) -> (adapter_config fields, tensors, params)`` returns
     the method's config fields and tensors (keys as PEFT names them) and ``params`` with whatever
-    it folded in (a LoRA on the head is merged, PEFT trains the head whole).
+    it folded in (a LoRA on the head is merged, PEFT trains the head whole). ``token_companion``:
+    PEFT's config of this type carries ``trainable_token_indices``, which reads as (and is written
+    from) a composition with :mod:`~jpeft.methods.trainable_tokens`.
     """
 
     peft_type: str | None
     layout: Literal["modules", "prompt"]
     load: LoadFn | None
     save: SaveFn
+    token_companion: bool = False  # PEFT's config takes trainable_token_indices (LoRA)
 
 
 def take(tensors: dict[str, np.ndarray], key: str, label: str, what: str) -> np.ndarray:

@@ -43,7 +43,7 @@ _REASONS = {
     "layer_replication": "layer replication changes the model's depth",
     "megatron_config": "Megatron parallel layers are not jpeft Dense layers",
     "target_parameters": "LoRA on raw parameters (not modules) is not implemented in jpeft",
-    "trainable_token_indices": "trainable token embeddings are not implemented in jpeft",
+    "trainable_token_indices": "jpeft reads trainable tokens beside LoRA adapters only",
     "use_qalora": "QA-LoRA pools the input and is not implemented in jpeft",
     "loftq_config": "LoftQ rewrites (quantizes) the base weights",
     "alora_invocation_tokens": "activated LoRA (aLoRA) is not implemented in jpeft",

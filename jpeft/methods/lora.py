@@ -437,4 +437,5 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dic
 
 
 register("lora", LoraConfig, lora,
-         peft=PC.PeftConverter(peft_type="LORA", layout="modules", load=_from_peft, save=_to_peft))
+         peft=PC.PeftConverter(peft_type="LORA", layout="modules", load=_from_peft, save=_to_peft,
+                               token_companion=True))

@@ -158,50 +158,98 @@ def _tied_output(ctx: PC.PeftContext) -> str | None:
     return None if any(p.startswith(f"{out}/") for p in P.flatten(ctx.params)) else ctx.mods.name(out)
 
 
-def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext) -> tuple[Transform, Any]:
-    """A PEFT ``TRAINABLE_TOKENS`` adapter on the input embeddings as ``(trainable_tokens, δ)``."""
-    F._check_fields(cfg, _HANDLED)
+def _table(ctx: PC.PeftContext, module: str) -> np.ndarray:
+    return np.asarray(P.flatten(ctx.params)[f"{module}/{TABLE}"], np.float32)
+
+
+def _read(indices: list[int], key: str, tensors: dict[str, np.ndarray], ctx: PC.PeftContext
+          ) -> tuple[Transform, Any]:
+    """``(trainable_tokens, δ = rows − E[t])`` from the rows PEFT stored under ``key``."""
+    config = TrainableTokensConfig(token_indices=tuple(int(t) for t in indices))
     module, name = _input_embedding(ctx)
-    targets = cfg.get("target_modules")
-    named = [targets] if isinstance(targets, str) else list(targets or [name])
-    if any(not (name == t or name.endswith(f".{t}")) for t in named):
-        raise ValueError(f"{ctx.label}: target_modules={targets!r}: jpeft trains tokens of the input "
-                         f"embeddings ({name!r}) only")
-    config = TrainableTokensConfig(token_indices=tuple(int(t) for t in cfg.get("token_indices") or ()))
-    rows = PC.take(tensors, f"{PC.MODULE_KEY}{name}.{PEFT_LEAF}", ctx.label, "the trained token rows")
-    table = np.asarray(P.flatten(ctx.params)[f"{module}/{TABLE}"], np.float32)
+    rows = PC.take(tensors, key, ctx.label, "the trained token rows")
+    table = _table(ctx, module)
     if rows.shape != (len(config.token_indices), table.shape[1]):
-        raise ValueError(f"{ctx.label}: {name}.{PEFT_LEAF} has shape {rows.shape}, expected "
+        raise ValueError(f"{ctx.label}: {key} has shape {rows.shape}, expected "
                          f"({len(config.token_indices)}, {table.shape[1]}) = (len(token_indices), the "
                          "embedding width); is the base the architecture it was trained on?")
-    tied = _tied_output(ctx)
-    if tied is not None:
-        copy = tensors.pop(f"{PC.MODULE_KEY}{tied}.{PEFT_LEAF}", None)
-        if copy is not None and not np.array_equal(copy, rows):
-            raise ValueError(f"{ctx.label}: the tied {tied!r} rows differ from {name!r}'s; jpeft's tied "
-                             "output layer reads the input embeddings")
-    PC.refuse_leftover(tensors, (f".{PEFT_LEAF}",), ctx.label)
     delta = {f"{module}/{LEAF}": jnp.asarray(rows - table[list(config.token_indices)])}
     return trainable_tokens(config), P.unflatten(delta)
 
 
-def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dict[str, Any], dict[str, np.ndarray], P.Params]:
-    """Trainable tokens as PEFT's ``TRAINABLE_TOKENS`` fields and rows ``E[t_i] + δ_i``."""
-    config: TrainableTokensConfig = transform.config
+def _rows(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[str, np.ndarray]:
+    """``(PyTorch name of the input embeddings, rows E[t_i] + δ_i)`` of a delta."""
     module, name = _input_embedding(ctx)
     flat = P.flatten(delta)
     if set(flat) != {f"{module}/{LEAF}"}:
         raise ValueError(f"save_peft_adapter: the trainable-tokens delta holds {sorted(flat)}, expected "
                          f"the input embeddings' {module}/{LEAF}")
-    table = np.asarray(P.flatten(ctx.params)[f"{module}/{TABLE}"], np.float32)
-    rows = table[list(config.token_indices)] + PC.to_numpy(flat[f"{module}/{LEAF}"])
+    indices = list(transform.config.token_indices)
+    return name, _table(ctx, module)[indices] + PC.to_numpy(flat[f"{module}/{LEAF}"])
+
+
+def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext) -> tuple[Transform, Any]:
+    """A PEFT ``TRAINABLE_TOKENS`` adapter on the input embeddings as ``(trainable_tokens, δ)``."""
+    F._check_fields(cfg, _HANDLED)
+    _, name = _input_embedding(ctx)
+    targets = cfg.get("target_modules")
+    named = [targets] if isinstance(targets, str) else list(targets or [name])
+    if any(not (name == t or name.endswith(f".{t}")) for t in named):
+        raise ValueError(f"{ctx.label}: target_modules={targets!r}: jpeft trains tokens of the input "
+                         f"embeddings ({name!r}) only")
+    rows_key = f"{PC.MODULE_KEY}{name}.{PEFT_LEAF}"
+    tied = _tied_output(ctx)
+    if tied is not None:
+        copy = tensors.pop(f"{PC.MODULE_KEY}{tied}.{PEFT_LEAF}", None)
+        if copy is not None and rows_key in tensors and not np.array_equal(copy, tensors[rows_key]):
+            raise ValueError(f"{ctx.label}: the tied {tied!r} rows differ from {name!r}'s; jpeft's tied "
+                             "output layer reads the input embeddings")
+    transform, delta = _read(list(cfg.get("token_indices") or ()), rows_key, tensors, ctx)
+    PC.refuse_leftover(tensors, (f".{PEFT_LEAF}",), ctx.label)
+    return transform, delta
+
+
+def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dict[str, Any], dict[str, np.ndarray], P.Params]:
+    """Trainable tokens as PEFT's ``TRAINABLE_TOKENS`` fields and rows ``E[t_i] + δ_i``."""
+    name, rows = _rows(transform, delta, ctx)
     tensors = {f"{PC.MODULE_KEY}{name}.{PEFT_LEAF}": rows}
     tied = _tied_output(ctx)
     if tied is not None:
         tensors[f"{PC.MODULE_KEY}{tied}.{PEFT_LEAF}"] = rows.copy()
-    fields = {"peft_type": "TRAINABLE_TOKENS", "token_indices": list(config.token_indices),
+    fields = {"peft_type": "TRAINABLE_TOKENS", "token_indices": list(transform.config.token_indices),
               "target_modules": name, "init_weights": True}
     return fields, tensors, ctx.params
+
+
+# PEFT's ``trainable_token_indices`` on another method's config (LoRA): the same rows under
+# ``<embedding module>.token_adapter.trainable_tokens_delta``, nothing under a tied output layer.
+
+COMPANION_FIELD = "trainable_token_indices"
+
+
+def take_companion(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext
+                   ) -> tuple[Transform, Any] | None:
+    """Pop ``trainable_token_indices`` (a list, or ``{input embedding module: list}``) from ``cfg``
+    and its rows from ``tensors``: ``(trainable_tokens, δ)``, or ``None`` without the field."""
+    indices = cfg.pop(COMPANION_FIELD, None)
+    if not indices:
+        return None
+    _, name = _input_embedding(ctx)
+    if isinstance(indices, dict):
+        other = [k for k in indices if not (name == k or name.endswith(f".{k}"))]
+        if other or len(indices) != 1:
+            raise ValueError(f"{ctx.label}: {COMPANION_FIELD}={indices!r}: jpeft trains tokens of the input "
+                             f"embeddings ({name!r}) only")
+        indices = next(iter(indices.values()))
+    return _read(list(indices), f"{PC.MODULE_KEY}{name}.token_adapter.{PEFT_LEAF}", tensors, ctx)
+
+
+def companion_entries(transform: Transform, delta: Any, ctx: PC.PeftContext
+                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The config field and tensors trainable tokens add to another method's PEFT adapter."""
+    name, rows = _rows(transform, delta, ctx)
+    return ({COMPANION_FIELD: list(transform.config.token_indices)},
+            {f"{PC.MODULE_KEY}{name}.token_adapter.{PEFT_LEAF}": rows})
 
 
 register("trainable_tokens", TrainableTokensConfig, trainable_tokens,

@@ -303,6 +303,38 @@ def test_trainable_tokens_both_ways_untied_and_tied(tmp_path, decoders, family):
     compare(our_logits(model, method, params, fresh), hf_logits(pm), base)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lora_with_trainable_token_indices_both_ways(tmp_path, decoders, family):
+    """PEFT's LoraConfig(trainable_token_indices=...) (new chat tokens beside LoRA) reads as
+    lora + trainable_tokens, and that composition writes the same format."""
+    folder, model, params = decoders(family)
+    target = "q_proj" if family == "llama" else "c_attn"
+    pm = saved_peft_adapter(folder, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=[target],
+                                                    trainable_token_indices=[5, 17]), tmp_path / "theirs")
+    transform, delta, loaded = load_peft_adapter(tmp_path / "theirs", model, params)
+    assert [t.name for t in transform.parts] == ["lora", "trainable_tokens"]
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(MASK)))
+    ours = our_logits(model, transform, loaded, delta)
+    compare(ours, hf_logits(pm), base)
+    no_tokens = {**delta, "trainable_tokens": jax.tree_util.tree_map(jnp.zeros_like, delta["trainable_tokens"])}
+    assert float(np.abs(our_logits(model, transform, loaded, no_tokens) - ours)[MASK > 0].max()) > 1e-3
+
+    method = jpeft.compose(jpeft.trainable_tokens(jpeft.TrainableTokensConfig(token_indices=(9, 33))),
+                           JPEFT_METHODS[family]["lora"]())
+    fresh = perturb(method.init(jax.random.key(0), params, model.info()), scale=1.0)
+    out = save_peft_adapter(tmp_path / "ours", method, fresh, params, base_model_name_or_path=str(folder),
+                            model=model)
+    assert json.loads((out / "adapter_config.json").read_text())["trainable_token_indices"] == [9, 33]
+    pm = peft.PeftModel.from_pretrained(fresh_hf(folder), str(out)).eval()
+    compare(our_logits(model, method, params, fresh), hf_logits(pm), base)
+    with pytest.raises(ValueError, match="composition of"):  # tokens beside (IA)³: no PEFT format
+        both = jpeft.compose(JPEFT_METHODS[family]["ia3"](),
+                             jpeft.trainable_tokens(jpeft.TrainableTokensConfig(token_indices=(9,))))
+        save_peft_adapter(tmp_path / "x", both, both.init(jax.random.key(0), params, model.info()), params,
+                          base_model_name_or_path="b", model=model)
+
+
 PROMPT_CASES = {
     "prompt": (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
                lambda: jpeft.prompt(jpeft.PromptConfig(num_virtual_tokens=3))),
