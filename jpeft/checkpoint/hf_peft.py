@@ -43,7 +43,8 @@ the same modules, else an explicit alternation of the module paths.
 
 Prefix tuning: PEFT hands the prefix to the model as ``past_key_values``, and ``transformers``
 then numbers the real tokens' positions from ``P = num_virtual_tokens`` (the cache length)
-instead of 0. jpeft's :mod:`~jpeft.methods.prefix` numbers them from 0 unless its config says ``peft_positions=True``: imported prefixes get that flag, and only a prefix (or P-tuning v2)
+instead of 0. jpeft's :mod:`~jpeft.methods.prefix` numbers them from 0 unless its config says
+``peft_positions=True``: imported prefixes get that flag, and only a prefix (or P-tuning v2)
 trained with it can be exported to PEFT.
 
 The concerns live apart: which config fields are read, ignored or refused
@@ -372,8 +373,9 @@ def _single(transform: Transform) -> None:
     if transform.parts:
         raise ValueError(
             f"save_peft_adapter: {transform.name!r} is a composition of {[t.name for t in transform.parts]}; "
-            "a PEFT adapter holds one method (LoRA with trainable tokens aside). Export merged weights (jpeft.checkpoint.export."
-            "export_merged_hf) or a jpeft adapter (save_adapter) instead.")
+            "a PEFT adapter holds one method (LoRA with trainable tokens aside). Export merged "
+            "weights (jpeft.checkpoint.export.export_merged_hf) or a jpeft adapter (save_adapter) "
+            "instead.")
 
 
 def _trained_paths(transform: Transform, params: P.Params, model: Any) -> tuple[list[str], list[str]]:
@@ -403,7 +405,7 @@ def save_peft_adapter(path: str | os.PathLike[str], transform: Transform, delta:
     A composition of LoRA with :mod:`~jpeft.methods.trainable_tokens` is written as PEFT's LoRA
     with ``trainable_token_indices`` (and read back as that composition).
     Refuses (``ValueError``) what PEFT cannot represent: other compositions, a prefix over a subset of
-    layers, LoRA/(IA)³ target sets PEFT's rules cannot select, prompt learning on a decoder,
+    layers, LoRA/(IA)³ target sets PEFT's rules cannot select, a prefix on a sliding-window model,
     other methods.
     """
     from jpeft.checkpoint.export import _check_delta, _check_finite, _expected_deltas
