@@ -23,7 +23,8 @@ tuning, P-tuning and prefix tuning go both ways on decoders too (prefixes not on
 sliding window: :func:`~jpeft.checkpoint.peft_convert.require_full_attention`).
 
 :func:`load_peft_adapter` turns such a folder into ``(transform, delta, params)`` — LoRA, (IA)³,
-prompt tuning, prefix tuning (with or without projection), P-tuning and trainable tokens — and
+prompt tuning, prefix tuning (with or without projection), P-tuning, LN tuning and trainable
+tokens — and
 :func:`save_peft_adapter` writes one from a jpeft transform, so that
 ``peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), path)``
 (``AutoModelForCausalLM`` for a decoder) computes the same logits. LoRA adapters with ``use_dora`` (DoRA) go both ways: PEFT's

@@ -34,6 +34,7 @@ from jpeft.methods import (
     PTuningV2Config,
     bitfit,
     ia3,
+    ln_tuning,
     lora,
     prefix,
     prompt,
@@ -590,4 +591,21 @@ def test_trainable_tokens_both_ways(tmp_path):
     params = _trained_head(base)
     pm, _ = _export_and_reload(tmp_path, t, fresh, params, "bert", 2, state, model)
     compare("export/trainable_tokens", our_logits(model, t, params, fresh, data), hf_logits(pm, data),
+            our_logits(model, t, params, jax.tree_util.tree_map(jnp.zeros_like, fresh), data))
+
+
+def test_ln_tuning_both_ways(tmp_path):
+    pm, model, base, folder = make_adapter(tmp_path, peft.LNTuningConfig(task_type="SEQ_CLS",
+                                                                         target_modules=["LayerNorm"]))
+    data = batch()
+    transform, delta, params = load_peft_adapter(folder, model, base)
+    compare("import/ln_tuning", our_logits(model, transform, params, delta, data), hf_logits(pm, data),
+            base_logits(model, base, data))
+    hf, state = hf_base()
+    model, base = jpeft_pair(hf, state)
+    t = ln_tuning()
+    fresh = perturb(t.init(jax.random.key(0), base, model.info()), scale=0.3)
+    params = _trained_head(base)
+    pm, _ = _export_and_reload(tmp_path, t, fresh, params, "bert", 2, state, model)
+    compare("export/ln_tuning", our_logits(model, t, params, fresh, data), hf_logits(pm, data),
             our_logits(model, t, params, jax.tree_util.tree_map(jnp.zeros_like, fresh), data))

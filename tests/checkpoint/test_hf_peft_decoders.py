@@ -335,6 +335,26 @@ def test_lora_with_trainable_token_indices_both_ways(tmp_path, decoders, family)
                           base_model_name_or_path="b", model=model)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_ln_tuning_both_ways(tmp_path, decoders, family):
+    """PEFT's LN_TUNING stores each norm's trained values (RMSNorm: weight; LayerNorm: weight and
+    bias); jpeft's delta is their difference from the base."""
+    folder, model, params = decoders(family)
+    pm = saved_peft_adapter(folder, peft.LNTuningConfig(task_type="CAUSAL_LM"), tmp_path / "theirs", scale=0.5)
+    transform, delta, loaded = load_peft_adapter(tmp_path / "theirs", model, params)
+    assert len(P.flatten(delta)) == {"llama": 5, "gpt2": 10}[family]
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(MASK)))
+    compare(our_logits(model, transform, loaded, delta), hf_logits(pm), base)
+
+    method = jpeft.ln_tuning(jpeft.LNTuningConfig(pattern="layers_1|h_1"))
+    fresh = perturb(method.init(jax.random.key(0), params, model.info()), scale=0.5)
+    out = save_peft_adapter(tmp_path / "ours", method, fresh, params, base_model_name_or_path=str(folder),
+                            model=model)
+    pm = peft.PeftModel.from_pretrained(fresh_hf(folder), str(out)).eval()
+    compare(our_logits(model, method, params, fresh), hf_logits(pm), base)
+
+
 PROMPT_CASES = {
     "prompt": (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
                lambda: jpeft.prompt(jpeft.PromptConfig(num_virtual_tokens=3))),

@@ -28,10 +28,10 @@ SMALL = {
     "ptuning": PTuningConfig(num_virtual_tokens=2, encoder_hidden=4),
     "prefix": PrefixConfig(num_virtual_tokens=2, projection_hidden=4),
     "ptuning2": PTuningV2Config(num_virtual_tokens=2),
-    "trainable_tokens": TrainableTokensConfig(token_indices=(3, 5, 9)),
+    "trainable_tokens": TrainableTokensConfig(token_indices=(3, 12, 33)),  # tokens of BATCH
 }
 COMPOSABLE = sorted(n for n in REGISTRY if n != "full")
-WEIGHT_SPACE = ["lora", "ia3", "bitfit", "freeze", "diff_pruning", "trainable_tokens"]
+WEIGHT_SPACE = ["lora", "ia3", "bitfit", "freeze", "diff_pruning", "trainable_tokens", "ln_tuning"]
 MODEL, PARAMS = tiny_bert()
 BATCH = tiny_batch()
 
