@@ -38,6 +38,7 @@ from jpeft.checkpoint import peft_fields as F
 from jpeft.core import paths as P
 from jpeft.core.registry import register
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
+from jpeft.methods.prompt import word_embeddings
 
 LEAF = "trainable_tokens"
 TABLE = "embedding"  # the Flax leaf name of an embedding table (nn.Embed, nnx.Embed)
@@ -102,13 +103,7 @@ def trainable_tokens(config: TrainableTokensConfig = TrainableTokensConfig(), *,
             raise ValueError(f"{name}: token_indices is empty; name the token ids to train, e.g. "
                              "TrainableTokensConfig(token_indices=(32000, 32001)) "
                              "(--trainable-tokens.token-indices 32000 32001)")
-        flat = P.flatten(base)
-        table = flat.get(info.embedding_path)
-        if table is None or np.ndim(table) != 2 or not info.embedding_path.endswith(f"/{TABLE}"):
-            raise KeyError(f"{name}: no (vocab, D) embedding table at ModelInfo.embedding_path="
-                           f"{info.embedding_path!r}; parameters with 'embed' in their path: "
-                           f"{[p for p in flat if 'embed' in p]}")
-        vocab, width = np.shape(table)
+        vocab, width = np.shape(word_embeddings(base, info, name))  # (V, D), or a KeyError naming the paths
         outside = [t for t in config.token_indices if t >= vocab]
         if outside:
             raise ValueError(f"{name}: token ids {outside} are outside the vocabulary of {vocab} rows; "
