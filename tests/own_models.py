@@ -179,6 +179,17 @@ def linen_transformer(seed: int = 0):
     return model, model.init(jax.random.key(seed), ids)["params"], ids
 
 
+def transformer_twins():
+    """``(linen, nnx_model, params, ids)``: the scanned transformer described in Linen and in NNX
+    (the task head ``head/``), both run with the Linen parameters."""
+    import jpeft
+
+    module, params, ids = linen_transformer()
+    linen = jpeft.from_linen(module, params, ids, head_patterns=("^head/",))
+    nnx_model, _ = jpeft.from_nnx(NnxTransformer(nnx.Rngs(0)), head_patterns=("^head/",))
+    return linen, nnx_model, params, ids
+
+
 # -- a small encoder with jpeft's taps (one call per attachment point), in Linen and in NNX ------
 
 def masked_attention(q, k, v, kv_mask):

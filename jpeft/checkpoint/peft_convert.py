@@ -25,7 +25,7 @@ import numpy as np
 
 from jpeft.checkpoint.peft_fields import ADAPTER_CONFIG
 from jpeft.checkpoint.peft_naming import _Modules
-from jpeft.checkpoint.peft_targets import _name_to_path_regex
+from jpeft.checkpoint.peft_targets import _exact_regex, _name_to_path_regex
 from jpeft.core import paths as P
 from jpeft.core.transform import Transform
 
@@ -102,6 +102,20 @@ def to_numpy(x: Any) -> np.ndarray:
 def list_targets_regex(targets: Iterable[str]) -> str:
     """The jpeft path regex selecting what PEFT's list ``target_modules`` selects (suffix match)."""
     return "(?:^|/)(?:" + "|".join(_name_to_path_regex(t) for t in sorted(targets)) + ")$"
+
+
+def target_candidates(cfg: Mapping[str, Any], modules: Sequence[str]) -> list[dict[str, Any]]:
+    """``{"targets": regex, "layers": (...)}`` selections to try, in order, for a loaded config
+    that must adapt exactly ``modules``: PEFT's own list of suffixes first (readable), else every
+    module by its path."""
+    candidates = []
+    targets = cfg.get("target_modules")
+    if isinstance(targets, (list, tuple)) and not cfg.get("exclude_modules"):
+        layers = cfg.get("layers_to_transform")
+        layers = tuple([layers] if isinstance(layers, int) else (layers or ()))
+        candidates.append({"targets": list_targets_regex(targets), "layers": layers})
+    candidates.append({"targets": _exact_regex(modules), "layers": ()})
+    return candidates
 
 
 def pattern_groups(values: Mapping[str, Any], default: Any, key: Callable[[list[str]], str]) -> dict[str, Any]:

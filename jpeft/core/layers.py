@@ -434,13 +434,28 @@ def low_rank_kernel(spec: LayerSpec, a: jax.Array, b: jax.Array) -> jax.Array:
     s = len(spec.stack)
     if s == 0 and a.ndim == 2 and b.ndim == 2 and spec.in_axes == (0,):
         return a @ b
-    n_stack = math.prod(spec.stack)
     r = a.shape[-1]
-    a2 = a.reshape(n_stack, spec.fan_in, r)
-    b2 = b.reshape(n_stack, r, -1)
-    grouped = jnp.einsum("sir,sro->sio", a2, b2).reshape(
-        (*spec.stack, *spec.in_shape, *spec.out_shape))
+    return matrix_kernel(spec, as_matrix(spec, a, "in", r) @ as_matrix(spec, b, "out", r))
+
+
+def as_matrix(spec: LayerSpec, factor: jax.Array, group: str, r: int) -> jax.Array:
+    """A factor ``(*stack, *in, r)`` (``group="in"``) or ``(*stack, r, *out)`` (``"out"``) as a
+    matrix ``(*stack, fan_in, r)`` / ``(*stack, r, fan_out)``."""
+    if group == "in":
+        return factor.reshape((*spec.stack, spec.fan_in, r))
+    return factor.reshape((*spec.stack, r, math.prod(spec.out_shape)))
+
+
+def matrix_kernel(spec: LayerSpec, matrix: jax.Array) -> jax.Array:
+    """A ``(*stack, fan_in, fan_out)`` matrix (input group flattened in its order, then output
+    group) as a kernel in the stored layout ``(*stack, *kernel_shape)``."""
+    grouped = matrix.reshape((*spec.stack, *spec.in_shape, *spec.out_shape))
     return jnp.transpose(grouped, _to_kernel_order(spec))
+
+
+def apply_kernel(spec: LayerSpec, x: jax.Array, w: jax.Array) -> jax.Array:
+    """The layer's operation, without its bias, with ``w`` (one layer's kernel shape) as kernel."""
+    return jnp.einsum(spec.einsum, x, w) if spec.kind == "einsum" else contract(spec, x, w)
 
 
 def _to_kernel_order(spec: LayerSpec) -> tuple[int, ...]:
@@ -466,20 +481,21 @@ def broadcast_group(spec: LayerSpec, vector: jax.Array, group: str) -> jax.Array
 # ----------------------------------------------------------------------------------------------
 # Sharding: a delta leaf follows the axes of its kernel.
 
-GROUPS = ("stack", "in", "out", "features", "rank")
+GROUPS = ("stack", "in", "out", "features", "rank", "replicated")
 
 
 def follow_kernel(spec: LayerSpec, kernel_pspec: Sequence[Any], layout: Sequence[str]) -> tuple[Any, ...]:
     """The partition of a delta leaf whose axes are ``layout`` (groups of :data:`GROUPS`, e.g.
     LoRA's ``A``: ``("stack", "in", "rank")``), given the stored kernel's partition
-    ``kernel_pspec`` (one entry per stored axis; ``None`` = replicated). ``rank`` is replicated."""
+    ``kernel_pspec`` (one entry per stored axis; ``None`` = replicated). ``rank`` and
+    ``replicated`` axes are replicated."""
     s = len(spec.stack)
     entries = list(kernel_pspec) + [None] * (s + len(spec.kernel_shape) - len(kernel_pspec))
     out: list[Any] = []
     for group in layout:
         if group == "stack":
             out.extend(entries[:s])
-        elif group == "rank":
+        elif group in ("rank", "replicated"):  # an axis of the factor's own (rank, Kronecker factor)
             out.append(None)
         else:
             out.extend(entries[s + a] for a in spec._group_axes(group))

@@ -19,6 +19,8 @@ from jpeft.methods.freeze import FreezeConfig, freeze
 from jpeft.methods.full import FullConfig, full
 from jpeft.methods.ia3 import IA3Config, ia3
 from jpeft.methods.ln_tuning import LNTuningConfig, ln_tuning
+from jpeft.methods.loha import LohaConfig, loha
+from jpeft.methods.lokr import LokrConfig, lokr
 from jpeft.methods.lora import LoraConfig, lora
 from jpeft.methods.prefix import PrefixConfig, prefix
 from jpeft.methods.prompt import PromptConfig, prompt, with_text_ids
@@ -33,4 +35,5 @@ __all__ = ["REGISTRY", "MethodSpec", "register", "build", "parse_spec", "full", 
            "lora", "LoraConfig", "houlsby", "pfeiffer", "AdapterConfig", "ia3", "IA3Config", "prompt",
            "PromptConfig", "ptuning", "PTuningConfig", "bitfit", "BitFitConfig", "freeze", "FreezeConfig",
            "diff_pruning", "DiffPruningConfig", "prefix", "PrefixConfig", "ptuning2", "PTuningV2Config",
-           "trainable_tokens", "TrainableTokensConfig", "ln_tuning", "LNTuningConfig", "with_text_ids"]
+           "trainable_tokens", "TrainableTokensConfig", "ln_tuning", "LNTuningConfig", "loha",
+           "LohaConfig", "lokr", "LokrConfig", "with_text_ids"]

@@ -124,11 +124,6 @@ def _bias_like(spec: L.LayerSpec, bias: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.reshape(bias, [y.shape[i] if c in k_spec else 1 for i, c in enumerate(y_spec)])
 
 
-def _apply_kernel(spec: L.LayerSpec, x: jax.Array, w: jax.Array) -> jax.Array:
-    """The layer's operation without its bias: ``x·W``."""
-    return jnp.einsum(spec.einsum, x, w) if spec.kind == "einsum" else L.contract(spec, x, w)
-
-
 def adapt(call: Callable[[jax.Array], jax.Array], x: jax.Array, layer: Any,
           leaves: Mapping[str, jax.Array], scale: float, dropped: jax.Array | None = None,
           keep: jax.Array | None = None) -> jax.Array:
@@ -147,7 +142,7 @@ def adapt(call: Callable[[jax.Array], jax.Array], x: jax.Array, layer: Any,
     if dropped is None:  # x·W: the layer's output less its bias
         base = y if layer.bias is None else y - _bias_like(spec, layer.bias, y).astype(y.dtype)
     else:  # x̃·W: the layer's operation on the dropped input, with its kernel
-        base = _apply_kernel(spec, dropped, layer.kernel.astype(dropped.dtype))
+        base = L.apply_kernel(spec, dropped, layer.kernel.astype(dropped.dtype))
     update = L.expand(spec, L.contract(spec, inner, a.astype(inner.dtype)), b.astype(inner.dtype))
     return (y + L.scale_output(spec, base, g - 1.0)
             + L.scale_output(spec, (scale * update).astype(y.dtype), g)).astype(y.dtype)

@@ -92,25 +92,7 @@ class LoraConfig:
     )
 
     def __post_init__(self) -> None:
-        if not _is_rank(self.r):
-            raise ValueError(f"lora.r must be an integer >= 1, got {self.r!r}")
-        if not _is_scale(self.alpha):
-            raise ValueError(f"lora.alpha must be a finite number > 0 (the update is scaled by "
-                             f"alpha / r), got {self.alpha!r}")
-        for field in ("targets", "rank_pattern", "alpha_pattern"):
-            patterns = getattr(self, field)
-            for pattern in ([patterns] if isinstance(patterns, str) else patterns):
-                try:
-                    re.compile(pattern)
-                except (re.error, TypeError) as err:
-                    raise ValueError(f"lora.{field}: {pattern!r} is not a valid regex ({err})") from None
-        bad = {k: v for k, v in self.rank_pattern.items() if not _is_rank(v)}
-        if bad:
-            raise ValueError(f"lora.rank_pattern ranks must be integers >= 1, got {bad}")
-        bad = {k: v for k, v in self.alpha_pattern.items() if not _is_scale(v)}
-        if bad:
-            raise ValueError(f"lora.alpha_pattern alphas must be finite numbers > 0, got {bad}")
-        P.check_layer_indices("lora", self.layers)
+        check_rank_fields("lora", self)
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"lora.init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -121,6 +103,31 @@ class LoraConfig:
                 and self.lr_ratio > 0):
             raise ValueError(f"lora.lr_ratio must be a finite number > 0 (16 in the LoRA+ paper), "
                              f"got {self.lr_ratio!r}")
+
+
+def check_rank_fields(method: str, config: Any) -> None:
+    """Validate the fields a low-rank method's config shares with LoRA's: ``r``, ``alpha``,
+    ``targets``, ``rank_pattern``, ``alpha_pattern`` and ``layers`` (``method``: the config's
+    prefix in messages)."""
+    if not _is_rank(config.r):
+        raise ValueError(f"{method}.r must be an integer >= 1, got {config.r!r}")
+    if not _is_scale(config.alpha):
+        raise ValueError(f"{method}.alpha must be a finite number > 0 (the update is scaled by "
+                         f"alpha / r), got {config.alpha!r}")
+    for field in ("targets", "rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field)
+        for pattern in ([patterns] if isinstance(patterns, str) else patterns):
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as err:
+                raise ValueError(f"{method}.{field}: {pattern!r} is not a valid regex ({err})") from None
+    bad = {k: v for k, v in config.rank_pattern.items() if not _is_rank(v)}
+    if bad:
+        raise ValueError(f"{method}.rank_pattern ranks must be integers >= 1, got {bad}")
+    bad = {k: v for k, v in config.alpha_pattern.items() if not _is_scale(v)}
+    if bad:
+        raise ValueError(f"{method}.alpha_pattern alphas must be finite numbers > 0, got {bad}")
+    P.check_layer_indices(method, config.layers)
 
 
 def _is_rank(value: Any) -> bool:
@@ -155,31 +162,37 @@ def target_modules(config: LoraConfig, base: P.Params,
     return modules
 
 
-def rank_and_scale(config: LoraConfig, path: str) -> tuple[int, float]:
+def rank_and_scale(config: Any, path: str) -> tuple[int, float]:
+    """``(r, s)`` of the layer at ``path``: ``rank_pattern``/``alpha_pattern`` applied, ``s =
+    α / r`` (``α / √r`` with a config's ``use_rslora``); for LoRA and the methods sharing its
+    rank fields."""
     r = int(_pattern_value(config.rank_pattern, path, config.r))
     alpha = float(_pattern_value(config.alpha_pattern, path, config.alpha))
-    return r, alpha / (math.sqrt(r) if config.use_rslora else r)
+    return r, alpha / (math.sqrt(r) if getattr(config, "use_rslora", False) else r)
 
 
-def target_specs(config: LoraConfig, base: P.Params, info: ModelInfo) -> dict[str, L.LayerSpec]:
-    """``{module path: LayerSpec}`` of the adapted layers. With ``layers=``, a layer numbered in
-    its path is kept when its number is listed; a stacked kernel is kept whole (its unlisted
-    layers get zero factors, :func:`_stack_mask`)."""
+def target_specs(config: Any, base: P.Params, info: ModelInfo, method: str = "lora"
+                 ) -> dict[str, L.LayerSpec]:
+    """``{module path: LayerSpec}`` of the layers a config's ``targets`` and ``layers`` select
+    (LoRA's, or another method's with these fields, named ``method`` in errors). With
+    ``layers=``, a layer numbered in its path is kept when its number is listed; a stacked
+    kernel is kept whole (its unlisted layers get zero factors, :func:`_stack_mask`)."""
     flat = P.flatten(base)
     specs = {}
-    for path in L.select_layers(base, config.targets, info.layers, "lora.targets"):
+    where = f"{method}.targets"
+    for path in L.select_layers(base, config.targets, info.layers, where):
         stored = jnp.shape(flat[L.kernel_path(path, info.layers, flat)])
-        spec = L.kernel_spec(path, stored, info.layers, "lora.targets")
+        spec = L.kernel_spec(path, stored, info.layers, where)
         index = layer_index(path)
         if not config.layers or index in set(config.layers) or (index is None and spec.stack):
             specs[path] = spec
     if not specs:
-        raise P.no_match_error(f"lora.layers={list(config.layers)}", config.targets,
-                               L.select_layers(base, config.targets, info.layers, "lora.targets"))
+        raise P.no_match_error(f"{method}.layers={list(config.layers)}", config.targets,
+                               L.select_layers(base, config.targets, info.layers, where))
     return specs
 
 
-def _stack_mask(config: LoraConfig, spec: L.LayerSpec) -> jax.Array | None:
+def _stack_mask(config: Any, spec: L.LayerSpec) -> jax.Array | None:
     """``(stack[0], 1, ..., 1)``: 1 for the stacked layers ``layers=`` selects (``None``: all)."""
     if not spec.stack or not config.layers:
         return None
@@ -376,14 +389,7 @@ def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.Peft
               "init": "gaussian" if init == "gaussian" else "kaiming",
               "rank_pattern": PC.pattern_groups(ranks, r0, T._exact_regex),
               "alpha_pattern": PC.pattern_groups(alphas, alpha0, T._exact_regex)}
-    candidates = []  # PEFT's own list of suffixes first (readable), else every module by name
-    targets = cfg.get("target_modules")
-    if isinstance(targets, (list, tuple)) and not cfg.get("exclude_modules"):
-        layers = cfg.get("layers_to_transform")
-        layers = tuple([layers] if isinstance(layers, int) else (layers or ()))
-        candidates.append({"targets": PC.list_targets_regex(targets), "layers": layers})
-    candidates.append({"targets": T._exact_regex(modules), "layers": ()})
-    for cand in candidates:
+    for cand in PC.target_candidates(cfg, modules):
         try:
             config = LoraConfig(**common, **cand)
             chosen = sorted(target_modules(config, ctx.params))

@@ -31,7 +31,8 @@ SMALL = {
     "trainable_tokens": TrainableTokensConfig(token_indices=(3, 12, 33)),  # tokens of BATCH
 }
 COMPOSABLE = sorted(n for n in REGISTRY if n != "full")
-WEIGHT_SPACE = ["lora", "ia3", "bitfit", "freeze", "diff_pruning", "trainable_tokens", "ln_tuning"]
+WEIGHT_SPACE = ["lora", "ia3", "bitfit", "freeze", "diff_pruning", "trainable_tokens", "ln_tuning",
+                "loha", "lokr"]
 MODEL, PARAMS = tiny_bert()
 BATCH = tiny_batch()
 

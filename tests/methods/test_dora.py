@@ -249,10 +249,7 @@ def test_unmerge_without_norms_is_refused_and_says_how():
 
 @pytest.fixture(scope="module")
 def twins():
-    module, params, ids = M.linen_transformer()
-    linen = jpeft.from_linen(module, params, ids, head_patterns=("^head/",))
-    nnx_model, _ = jpeft.from_nnx(M.NnxTransformer(nnx.Rngs(0)), head_patterns=("^head/",))
-    return linen, nnx_model, params, ids
+    return M.transformer_twins()
 
 
 def test_stacked_dense_general_einsum_dense_linen_and_nnx_agree_and_merge(twins):

@@ -1,7 +1,8 @@
 """Delta leaves follow their kernels' sharding (8 forced CPU devices, in a subprocess): on an NNX
 transformer jpeft did not write, whose weights are split over ``fsdp``, LoRA's ``A`` takes the
 partition of its kernel's input axes and ``B`` that of its output axes, (IA)³'s vectors that of
-their axis; the losses equal one device's."""
+their axis, LoHa's factors as LoRA's, LoKr's Kronecker factors replicated; the losses equal one
+device's."""
 
 import json
 import os
@@ -19,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from flax import nnx
     import jpeft
-    from jpeft.methods import LoraConfig, IA3Config, lora, ia3
+    from jpeft.methods import LoraConfig, IA3Config, LohaConfig, LokrConfig, lora, ia3, loha, lokr
     from jpeft.train.optim import OptimConfig
     from jpeft.train.trainer import Trainer
     from jpeft.train.sharding import make_mesh
@@ -28,7 +29,8 @@ SCRIPT = textwrap.dedent("""
     ids = jax.random.randint(jax.random.key(1), (8, 5), 0, M.V)
     batch = {"input_ids": ids, "labels": jnp.arange(8) % 2, "weights": jnp.ones(8)}
     method = jpeft.compose(lora(LoraConfig(r=2, alpha=4.0, targets=r"(query|out)$")),
-                           ia3(IA3Config(targets=r"(value|down)$", feedforward=r"down$")))
+                           ia3(IA3Config(targets=r"(value|down)$", feedforward=r"down$")),
+                           loha(LohaConfig(r=2, targets=r"key$")), lokr(LokrConfig(r=1, targets=r"up$")))
     out = {}
     for spec in ("data=2,fsdp=4", "data=1,fsdp=1"):
         devices = jax.devices()[:1] if spec == "data=1,fsdp=1" else None
@@ -46,7 +48,8 @@ SCRIPT = textwrap.dedent("""
                       "bytes_per_device": x.addressable_shards[0].data.nbytes, "bytes": x.nbytes}
                   for k, x in flat.items()}
         kernels = {k: [str(a) for a in trainer.frozen[k].sharding.spec]
-                   for k in ("layers/query/kernel", "layers/out/kernel", "layers/down/kernel")}
+                   for k in ("layers/query/kernel", "layers/out/kernel", "layers/down/kernel",
+                             "layers/key/kernel")}
         out[spec] = {"losses": losses, "leaves": leaves, "kernels": kernels}
     print("RESULT" + json.dumps(out))
 """)
@@ -87,3 +90,15 @@ def test_ia3_vectors_follow_their_axis_and_losses_match_one_device(runs):
     for got, want in zip(mesh["losses"], one["losses"]):
         assert abs(got - want) <= 2e-5 * max(1.0, abs(want))
     assert one["losses"][-1] < one["losses"][0]
+
+
+def test_loha_factors_follow_their_kernel_and_lokr_factors_are_replicated(runs):
+    mesh = runs["data=2,fsdp=4"]
+    assert mesh["kernels"]["layers/key/kernel"] == ["None", "fsdp", "None", "None"]
+    leaves = mesh["leaves"]
+    for i in (1, 2):
+        u, v = leaves[f"loha/layers/key/w{i}_in"], leaves[f"loha/layers/key/w{i}_out"]
+        assert u["spec"] == ["None", "fsdp", "None"] and u["bytes_per_device"] * 4 == u["bytes"]
+        assert v["bytes_per_device"] == v["bytes"]
+    kron = [v for k, v in leaves.items() if k.startswith("lokr/layers/up/")]
+    assert kron and all(v["bytes_per_device"] == v["bytes"] for v in kron)
