@@ -463,3 +463,36 @@ def test_smollm2_lora_adapters_both_ways_with_peft_on_the_real_model(tmp_path):
     transform, loaded, _ = load_peft_adapter(tmp_path / "theirs", model, params)
     assert len(P.paths(loaded)) == 2 * 3 * 30
     assert float(np.abs(np.asarray(jpeft.apply(model, transform, params, loaded, ids)) - expected).max()) <= 1e-3
+
+
+LYCORIS = {
+    "loha": lambda: peft.LoHaConfig(task_type="CAUSAL_LM", r=2, alpha=3,
+                                    target_modules=["q_proj", "k_proj", "down_proj"]),
+    "lokr": lambda: peft.LoKrConfig(task_type="CAUSAL_LM", r=1, alpha=2, decompose_both=True,
+                                    target_modules=["v_proj", "up_proj"]),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", list(LYCORIS))
+def test_loha_lokr_both_ways_on_llama_and_refused_on_gpt2_conv1d(tmp_path, decoders, case):
+    """Llama's k/v projections (grouped queries: 32 → 16) and MLP; PEFT adapts no Conv1D."""
+    folder, model, params = decoders("llama")
+    pm = saved_peft_adapter(folder, LYCORIS[case](), tmp_path / "adapter")
+    transform, delta, loaded = load_peft_adapter(tmp_path / "adapter", model, params)
+    assert transform.name == case
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(MASK)))
+    compare(our_logits(model, transform, loaded, delta), hf_logits(pm), base)
+    delta = perturb(delta, seed=4, scale=0.5)  # jpeft -> PEFT
+    ours = our_logits(model, transform, loaded, delta)
+    out = save_peft_adapter(tmp_path / "exported", transform, delta, loaded,
+                            base_model_name_or_path=str(folder), model=model)
+    pm = peft.PeftModel.from_pretrained(fresh_hf(folder), str(out)).eval()
+    compare(ours, hf_logits(pm), base)
+    folder, model, params = decoders("gpt2")
+    make = jpeft.loha(jpeft.LohaConfig(r=2, targets="c_attn$")) if case == "loha" else \
+        jpeft.lokr(jpeft.LokrConfig(r=1, targets="c_attn$"))
+    delta = make.init(jax.random.key(0), params, model.info())
+    with pytest.raises(ValueError, match="Conv1D layers, which PEFT's"):
+        save_peft_adapter(tmp_path / "gpt2", make, delta, params, base_model_name_or_path=str(folder),
+                          model=model)
