@@ -324,7 +324,8 @@ def load_peft_adapter(path: str | os.PathLike[str], model: Any, base: P.Params, 
     ctx = PeftContext(label=str(folder), mods=mods if converter.layout == "modules" else None,
                       params=base, model=model)
     tokens = _take_tokens(cfg, tensors, ctx) if converter.token_companion else None
-    transform, delta = converter.load(cfg, tensors, ctx)
+    transform, delta, *rewritten = converter.load(cfg, tensors, ctx)
+    base = rewritten[0] if rewritten else base  # PiSSA/OLoRA: PEFT's residual weights
     if tokens is not None:  # PEFT's trainable_token_indices beside the method
         transform, delta = compose(transform, tokens[0]), {transform.name: delta, tokens[0].name: tokens[1]}
     key_prefix = MODULE_KEY if converter.layout == "modules" else "base_model."

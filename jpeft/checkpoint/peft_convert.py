@@ -51,7 +51,8 @@ class PeftContext:
     trained_base: Sequence[str] = ()
 
 
-LoadFn = Callable[[dict[str, Any], dict[str, np.ndarray], PeftContext], tuple[Transform, Any]]
+LoadFn = Callable[[dict[str, Any], dict[str, np.ndarray], PeftContext],
+                  "tuple[Transform, Any] | tuple[Transform, Any, P.Params]"]
 SaveFn = Callable[[Transform, Any, PeftContext], tuple[dict[str, Any], dict[str, np.ndarray], P.Params]]
 
 
@@ -64,7 +65,8 @@ class PeftConverter:
     ``"prompt"`` (see the module docstring). ``load(adapter_config, tensors, ctx) ->
     (transform, delta)`` pops the tensors it uses (``hf_peft`` puts the rest into the base:
     head, biases) and raises ``ValueError`` naming the field for anything it cannot represent
-    exactly. ``save(transform, delta, ctx) -> (adapter_config fields, tensors, params)`` returns
+    exactly; an adapter that expects rewritten base weights (LoRA's PiSSA, OLoRA) returns
+    ``(transform, delta, base)`` with the base as PEFT rewrites it. ``save(transform, delta, ctx) -> (adapter_config fields, tensors, params)`` returns
     the method's config fields and tensors (keys as PEFT names them) and ``params`` with whatever
     it folded in (a LoRA on the head is merged, PEFT trains the head whole). ``token_companion``:
     PEFT's config of this type carries ``trainable_token_indices``, which reads as (and is written

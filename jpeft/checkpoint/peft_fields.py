@@ -37,6 +37,9 @@ _PTUNING_HANDLED = _PROMPT_COMMON | {"encoder_reparameterization_type", "encoder
                                      "encoder_num_layers", "encoder_dropout"}
 # LoRA inits that leave the base weights alone (anything else rewrites them: PiSSA, OLoRA, ...)
 _SAFE_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# LoRA inits whose base rewrite jpeft recomputes exactly from the original weights
+# (jpeft.methods.lora_init); randomized ones ("pissa_niter_<k>") cannot be
+_REWRITING_LORA_INITS = ("pissa", "olora")
 
 _REASONS = {
     "lora_bias": "LoRA with a bias on lora_B is not implemented in jpeft",

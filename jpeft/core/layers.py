@@ -453,6 +453,14 @@ def matrix_kernel(spec: LayerSpec, matrix: jax.Array) -> jax.Array:
     return jnp.transpose(grouped, _to_kernel_order(spec))
 
 
+def kernel_matrix(spec: LayerSpec, kernel: jax.Array) -> jax.Array:
+    """A stored kernel ``(*stack, *kernel_shape)`` as a ``(*stack, fan_in, fan_out)`` matrix (the
+    inverse of :func:`matrix_kernel`)."""
+    s = len(spec.stack)
+    grouped = jnp.transpose(kernel, (*range(s), *(s + a for a in (*spec.in_axes, *spec.out_axes))))
+    return grouped.reshape((*spec.stack, spec.fan_in, math.prod(spec.out_shape)))
+
+
 def apply_kernel(spec: LayerSpec, x: jax.Array, w: jax.Array) -> jax.Array:
     """The layer's operation, without its bias, with ``w`` (one layer's kernel shape) as kernel."""
     return jnp.einsum(spec.einsum, x, w) if spec.kind == "einsum" else contract(spec, x, w)

@@ -337,17 +337,22 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
 # PEFT keys per target: ``<module>.lora_A.weight (r, d_in)``, ``.lora_B.weight (d_out, r)`` and,
 # with DoRA, ``.lora_magnitude_vector (d_out,)``; trained biases as ``<module>[.base_layer].bias``.
 
-def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext) -> tuple[Transform, Any]:
+def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext
+               ) -> tuple[Transform, Any] | tuple[Transform, Any, P.Params]:
     """A PEFT ``LORA`` adapter as ``(lora(config), delta)``; the config selects exactly PEFT's
-    targets with PEFT's per-module rank and alpha."""
+    targets with PEFT's per-module rank and alpha. A PiSSA or OLoRA adapter saved without
+    conversion also returns the residual base that PEFT makes when it loads one
+    (:mod:`jpeft.methods.lora_init`)."""
     if cfg.get("lora_bias"):  # (fan_in_fan_out only says how PEFT merges into Conv1D weights)
         raise F._refuse("lora_bias", cfg["lora_bias"])
     init = cfg.get("init_lora_weights", True)
-    if not any(init is ok or (isinstance(init, str) and init == ok) for ok in F._SAFE_LORA_INITS):
+    rewrites = isinstance(init, str) and init in F._REWRITING_LORA_INITS
+    if not rewrites and not any(init is ok or (isinstance(init, str) and init == ok)
+                                for ok in F._SAFE_LORA_INITS):
         raise F._refuse("init_lora_weights", init,
-                        "this init rewrites the base weights (the adapter expects a modified base); "
-                        "re-save it with save_pretrained(..., path_initial_model_for_weight_conversion=...) "
-                        "to get a plain LoRA adapter")
+                        "this init rewrites the base weights in a way jpeft does not recompute exactly "
+                        "(it recomputes 'pissa' and 'olora'); re-save it with save_pretrained(..., "
+                        "path_initial_model_for_weight_conversion=...) to get a plain LoRA adapter")
     F._check_fields(cfg, F._LORA_HANDLED, F._LORA_IGNORED)
     bias = cfg.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
@@ -398,6 +403,10 @@ def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.Peft
         if chosen == modules and all(
                 rank_and_scale(config, p) == (r, alphas[p] / (math.sqrt(r) if use_rslora else r))
                 for p, r in ranks.items()):
+            if rewrites:  # as PEFT loads it: the init reruns on the original base, then the factors
+                from jpeft.methods import lora_init
+                residual, _ = getattr(lora_init, init)(config, ctx.params, ctx.model.info() if ctx.model else None)
+                return lora(config), P.unflatten(flat), residual
             return lora(config), P.unflatten(flat)
     raise AssertionError("unreachable: the explicit LoRA config reproduces the PEFT targets")
 

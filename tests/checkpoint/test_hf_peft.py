@@ -321,7 +321,7 @@ def _edit_config(folder, **changes):
 
 @pytest.mark.parametrize("field,value,message", [
     ("use_dora", True, "lora_magnitude_vector"),  # a DoRA config without its magnitudes
-    ("init_lora_weights", "pissa", "init_lora_weights='pissa'"),
+    ("init_lora_weights", "pissa_niter_4", "init_lora_weights='pissa_niter_4'"),  # randomized SVD
     ("layer_replication", [[0, 1]], "layer_replication"),
     ("lora_bias", True, "lora_bias=True"),
     ("target_modules", ["query", "LayerNorm"], "not Dense"),
