@@ -33,6 +33,7 @@ from jpeft.methods import (
     PTuningConfig,
     PTuningV2Config,
     TrainableTokensConfig,
+    VeraConfig,
     bitfit,
     build,
     diff_pruning,
@@ -50,6 +51,7 @@ from jpeft.methods import (
     ptuning,
     ptuning2,
     trainable_tokens,
+    vera,
 )
 from jpeft.models import from_pretrained
 from jpeft.models.bert import BertConfig, BertModel
@@ -88,7 +90,8 @@ __all__ = [
     "IA3Config", "prefix", "PrefixConfig", "ptuning2", "PTuningV2Config", "prompt", "PromptConfig",
     "ptuning", "PTuningConfig", "bitfit", "BitFitConfig", "freeze", "FreezeConfig", "diff_pruning",
     "DiffPruningConfig", "trainable_tokens", "TrainableTokensConfig", "ln_tuning",
-    "LNTuningConfig", "loha", "LohaConfig", "lokr", "LokrConfig", "BertConfig", "BertModel",
+    "LNTuningConfig", "loha", "LohaConfig", "lokr", "LokrConfig", "vera", "VeraConfig",
+    "BertConfig", "BertModel",
     "from_pretrained",
     "QuantizedArray", "QuantizedBaseError", "quantize_base", "dequantize_base",
     "print_trainable_parameters", "__version__",

@@ -136,6 +136,22 @@ def delta_matrix(f: Factorisation, config: Any, path: str, spec: L.LayerSpec,
     return scale * f.matrix(cast, spec, r, config)
 
 
+def add_to_kernels(params: P.Params, delta: Any, sign: float, info: ModelInfo | None, where: str,
+                   matrix: Callable[[str, L.LayerSpec, Mapping[str, Any]], jax.Array]) -> P.Params:
+    """``params`` with ``sign · ΔW`` added to the kernel of every module of ``delta``;
+    ``matrix(path, spec, leaves) -> (*stack, fan_in, fan_out)`` is the module's ``ΔW`` (merge and
+    unmerge of the methods whose update is a whole kernel: LoHa, LoKr, VeRA)."""
+    flat = P.flatten(params)
+    layers = resolve_info(info).layers
+    for path, leaves in group_by_module(delta).items():
+        key = L.kernel_path(path, layers, flat)
+        kernel = flat[key]
+        spec = L.kernel_spec(path, kernel.shape, layers, where)
+        update = L.matrix_kernel(spec, matrix(path, spec, leaves))
+        flat[key] = (kernel + sign * update).astype(kernel.dtype)
+    return P.unflatten(flat)
+
+
 def transform(f: Factorisation, config: Any, name: str) -> Transform:
     """The :class:`~jpeft.core.transform.Transform` of a factorisation (module docstring)."""
 
@@ -174,15 +190,8 @@ def transform(f: Factorisation, config: Any, name: str) -> Transform:
         return adapt
 
     def fold(params: P.Params, delta: Any, sign: float, info: ModelInfo | None) -> P.Params:
-        flat = P.flatten(params)
-        layers = resolve_info(info).layers
-        for path, leaves in group_by_module(delta).items():
-            key = L.kernel_path(path, layers, flat)
-            kernel = flat[key]
-            spec = L.kernel_spec(path, kernel.shape, layers, f"{f.name} merge")
-            update = L.matrix_kernel(spec, delta_matrix(f, config, path, spec, leaves))
-            flat[key] = (kernel + sign * update).astype(kernel.dtype)
-        return P.unflatten(flat)
+        return add_to_kernels(params, delta, sign, info, f"{f.name} merge",
+                              lambda path, spec, leaves: delta_matrix(f, config, path, spec, leaves))
 
     return Transform(
         name=name, config=config, init=init, layer_hook=layer_hook,

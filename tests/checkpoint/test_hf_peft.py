@@ -348,9 +348,9 @@ def test_fan_in_fan_out_on_linear_layers_loads_as_peft_runs_it(tmp_path):
 
 
 def test_other_method_refused(tmp_path):
-    _, model, base, folder = make_adapter(tmp_path / "vera", peft.VeraConfig(
-        task_type="SEQ_CLS", r=2, target_modules=["query"]))
-    with pytest.raises(ValueError, match="peft_type='VERA'"):
+    _, model, base, folder = make_adapter(tmp_path / "boft", peft.BOFTConfig(
+        task_type="SEQ_CLS", boft_block_size=4, target_modules=["query"]))
+    with pytest.raises(ValueError, match="peft_type='BOFT'"):
         load_peft_adapter(folder, model, base)
 
 

@@ -72,7 +72,7 @@ def test_unregistered_types_and_methods_are_refused_with_the_registered_ones(tmp
     model, params = tiny_bert()
     folder = tmp_path / "other"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA", "task_type": "SEQ_CLS"}))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "FOURIERFT", "task_type": "SEQ_CLS"}))
     from safetensors.numpy import save_file
 
     save_file({"x": np.zeros(1, np.float32)}, str(folder / PC.ADAPTER_WEIGHTS))
@@ -87,7 +87,7 @@ def test_unregistered_types_and_methods_are_refused_with_the_registered_ones(tmp
 def test_every_shipped_peft_type_has_exactly_one_reader():
     readers = [m.peft.peft_type for m in REGISTRY.values() if m.peft is not None and m.peft.load]
     assert sorted(readers) == ["IA3", "LN_TUNING", "LOHA", "LOKR", "LORA", "PREFIX_TUNING",
-                               "PROMPT_TUNING", "P_TUNING", "TRAINABLE_TOKENS"]
+                               "PROMPT_TUNING", "P_TUNING", "TRAINABLE_TOKENS", "VERA"]
     writers = sorted(m.name for m in REGISTRY.values() if m.peft is not None)
     assert writers == ["ia3", "ln_tuning", "loha", "lokr", "lora", "prefix", "prompt", "ptuning",
-                       "ptuning2", "trainable_tokens"]
+                       "ptuning2", "trainable_tokens", "vera"]
