@@ -82,13 +82,15 @@ def _same_modules(per_delta: Sequence[dict[str, jax.Array]]) -> list[str]:
 
 
 def factorize(dw: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-    """Best rank-``rank`` factors ``A (in, r)``, ``B (r, out)`` of ``dw`` (truncated SVD)."""
-    chex.assert_rank(dw, 2)
-    if not 1 <= rank <= min(dw.shape):
-        raise ValueError(f"rank must be in [1, {min(dw.shape)}] for a {dw.shape} update, got {rank}")
+    """Best rank-``rank`` factors ``A (…, in, r)``, ``B (…, r, out)`` of ``dw (…, in, out)``
+    (truncated SVD, ``A = U_r √S_r``, ``B = √S_r V_rᵀ``; leading axes are batched)."""
+    if jnp.ndim(dw) < 2:
+        raise ValueError(f"factorize: expected an (..., in, out) update, got shape {jnp.shape(dw)}")
+    if not 1 <= rank <= min(dw.shape[-2:]):
+        raise ValueError(f"rank must be in [1, {min(dw.shape[-2:])}] for a {dw.shape} update, got {rank}")
     u, s, vt = jnp.linalg.svd(dw, full_matrices=False)
-    root = jnp.sqrt(s[:rank])
-    return u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
+    root = jnp.sqrt(s[..., :rank])
+    return u[..., :, :rank] * root[..., None, :], root[..., :, None] * vt[..., :rank, :]
 
 
 def ties(dws: Sequence[jax.Array], weights: Sequence[float], density: float) -> jax.Array:

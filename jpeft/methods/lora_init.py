@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import quant as Q
+from jpeft.arithmetic import factorize
 from jpeft.core import layers as L
 from jpeft.core import paths as P
 from jpeft.core.transform import ModelInfo, resolve_info
@@ -51,10 +52,8 @@ Factors = Callable[[jax.Array, int, float], tuple[jax.Array, jax.Array]]
 
 
 def _pissa_factors(matrix: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array]:
-    """``(A₀ (…, d_in, r), B₀ (…, r, d_out))`` from the top ``r`` singular triplets."""
-    u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
-    root = jnp.sqrt(s[..., :r] / scale)
-    return u[..., :, :r] * root[..., None, :], root[..., :, None] * vt[..., :r, :]
+    """``(A₀ (…, d_in, r), B₀ (…, r, d_out))`` from the top ``r`` singular triplets of ``W/s``."""
+    return factorize(matrix / scale, r)
 
 
 def _olora_factors(matrix: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array]:
