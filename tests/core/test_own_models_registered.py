@@ -13,8 +13,9 @@ from flax import nnx
 import jpeft
 from jpeft.core import layers as L
 from jpeft.core import paths as P
-from jpeft.methods import (BitFitConfig, DiffPruningConfig, FreezeConfig, IA3Config, LoraConfig,
-                           bitfit, diff_pruning, freeze, full, ia3, lora)
+from jpeft.methods import (BitFitConfig, DiffPruningConfig, FreezeConfig, IA3Config, LohaConfig,
+                           LokrConfig, LoraConfig, VeraConfig, bitfit, diff_pruning, freeze, full, ia3,
+                           loha, lokr, lora, vera)
 from tests import own_models as M
 from tests.helpers import perturb
 
@@ -33,6 +34,9 @@ def weight_methods() -> dict[str, jpeft.Transform]:
                                         init="gaussian", rank_pattern={"proj$": 3},
                                         alpha_pattern={"out$": 1.0}, bias="all")),
         "ia3": ia3(IA3Config(targets=targets, feedforward=r"out$")),
+        "loha": loha(LohaConfig(r=2, targets=targets)),
+        "lokr": lokr(LokrConfig(r=1, targets=targets, decompose_both=True)),
+        "vera": vera(VeraConfig(r=3, targets=targets)),
         "bitfit": bitfit(BitFitConfig()),
         "diff_pruning": diff_pruning(DiffPruningConfig(pattern=r"(w|kernel)$")),
         "lora+ia3": jpeft.compose(lora(LoraConfig(r=2, alpha=4.0, targets=r"proj$")),
