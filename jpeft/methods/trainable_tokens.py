@@ -107,7 +107,8 @@ def trainable_tokens(config: TrainableTokensConfig = TrainableTokensConfig(), *,
         outside = [t for t in config.token_indices if t >= vocab]
         if outside:
             raise ValueError(f"{name}: token ids {outside} are outside the vocabulary of {vocab} rows; "
-                             "resize the embedding table first (new tokens need rows)")
+                             "resize the vocabulary first (new tokens need rows): model, base = "
+                             "jpeft.models.resize_vocab(model, base, new_size)")
         module = info.embedding_path[: -len(TABLE) - 1]
         return P.unflatten({f"{module}/{LEAF}": jnp.zeros((len(config.token_indices), width), jnp.float32)})
 

