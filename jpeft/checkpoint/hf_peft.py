@@ -186,6 +186,10 @@ def read_json_object(file: Path) -> dict[str, Any]:
     return value
 
 
+# PEFT types whose "r" is 0 when another field sizes the adapter (OFT: oft_block_size)
+_RANK_MAY_BE_ZERO = {"OFT"}
+
+
 def _read_config(file: Path) -> dict[str, Any]:
     """``adapter_config.json`` as a dict: syntax errors, a document that is not an object and
     wrongly typed or out-of-range fields name the file and the field."""
@@ -197,8 +201,9 @@ def _read_config(file: Path) -> dict[str, Any]:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise ValueError(f"{file}: field {field!r} is {value!r}; it must be {text}")
     for field in ("r", "num_virtual_tokens"):
-        if field in cfg and cfg[field] < 1:
-            raise ValueError(f"{file}: field {field!r} is {cfg[field]!r}; it must be an integer >= 1")
+        least = 0 if field == "r" and cfg.get("peft_type") in _RANK_MAY_BE_ZERO else 1
+        if field in cfg and cfg[field] < least:
+            raise ValueError(f"{file}: field {field!r} is {cfg[field]!r}; it must be an integer >= {least}")
     dropout = cfg.get("lora_dropout")
     if dropout is not None and not 0 <= dropout < 1:
         raise ValueError(f"{file}: field 'lora_dropout' is {dropout!r}; it must be in [0, 1)")

@@ -120,6 +120,24 @@ def target_candidates(cfg: Mapping[str, Any], modules: Sequence[str]) -> list[di
     return candidates
 
 
+def delta_modules(delta: Any, what: str) -> list[str]:
+    """The module paths a delta adapts (sorted), refusing an empty delta."""
+    modules = sorted({key.rpartition("/")[0] for key in P.flatten(delta)})
+    if not modules:
+        raise ValueError(f"save_peft_adapter: the {what} delta adapts no module of the model")
+    return modules
+
+
+def linear_only(mods: _Modules, modules: list[str], where: str, what: str) -> list[str]:
+    """``modules``, refusing transformers ``Conv1D`` layers (GPT-2's), whose PEFT adapters of
+    ``what`` jpeft does not read or write."""
+    conv1d = [mods.name(m) for m in modules if mods.is_conv1d(m)]
+    if conv1d:
+        raise ValueError(f"{where}: {conv1d[:3]} are transformers Conv1D layers; jpeft reads and writes "
+                         f"{what} adapters of Linear layers only (target other layers)")
+    return modules
+
+
 def pattern_groups(values: Mapping[str, Any], default: Any, key: Callable[[list[str]], str]) -> dict[str, Any]:
     """``{key(names): value}`` for the names whose value differs from ``default`` (PEFT's and
     jpeft's ``rank_pattern``/``alpha_pattern``: one regex per distinct value)."""

@@ -111,12 +111,16 @@ class ApplyContext:
       decoding: the call continues a cached sequence (a decode step after the prefill, see
         :mod:`jpeft.generate`): methods that prepend input tokens (prompt tuning, P-tuning) do so
         on the first call only, their tokens being in the KV cache already.
+      info: the model's :class:`ModelInfo` (set by :func:`apply` from ``model.info()`` when not
+        given; ``None`` for an undescribed Linen module), for parameter rewrites that need the
+        layers' axis groups (OFT's rotation of ``DenseGeneral``/``Einsum`` kernels).
     """
 
     train: bool = False
     rng: jax.Array | None = None
     adapter_index: jax.Array | None = None
     decoding: bool = False
+    info: "ModelInfo | None" = dataclasses.field(default=None, compare=False, hash=False)
 
     def key(self, *names: str | int) -> jax.Array | None:
         """A key derived from ``rng`` and stable names (``None`` when there is no rng)."""
@@ -403,6 +407,8 @@ def apply(
     own_forward = transform.capability(ReplacesForward)
     if own_forward is not None:
         return own_forward.forward(model, base, delta, args, kwargs, ctx, method)
+    if ctx.info is None and callable(getattr(model, "info", None)):
+        ctx = dataclasses.replace(ctx, info=model.info())
     params = transform.adapt_params(base, delta, ctx)
     parts = hook_parts(transform, delta, ctx)
     interceptors = transform.interceptors(delta, ctx)

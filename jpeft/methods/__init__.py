@@ -26,6 +26,7 @@ from jpeft.methods.prefix import PrefixConfig, prefix
 from jpeft.methods.prompt import PromptConfig, prompt, with_text_ids
 from jpeft.methods.ptuning import PTuningConfig, ptuning
 from jpeft.methods.ptuning2 import PTuningV2Config, ptuning2
+from jpeft.methods.oft import OftConfig, oft
 from jpeft.methods.trainable_tokens import TrainableTokensConfig, trainable_tokens
 from jpeft.methods.vera import VeraConfig, vera
 
@@ -37,4 +38,5 @@ __all__ = ["REGISTRY", "MethodSpec", "register", "build", "parse_spec", "full", 
            "PromptConfig", "ptuning", "PTuningConfig", "bitfit", "BitFitConfig", "freeze", "FreezeConfig",
            "diff_pruning", "DiffPruningConfig", "prefix", "PrefixConfig", "ptuning2", "PTuningV2Config",
            "trainable_tokens", "TrainableTokensConfig", "ln_tuning", "LNTuningConfig", "loha",
-           "LohaConfig", "lokr", "LokrConfig", "vera", "VeraConfig", "with_text_ids"]
+           "LohaConfig", "lokr", "LokrConfig", "vera", "VeraConfig", "oft",
+           "OftConfig", "with_text_ids"]

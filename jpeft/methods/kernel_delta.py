@@ -43,6 +43,7 @@ from jpeft.methods.lora import (
     _pattern_value,
     _stack_mask,
     check_rank_fields,
+    config_for_peft_targets,
     rank_and_scale,
     target_specs,
 )
@@ -220,12 +221,7 @@ def from_peft(f: Factorisation, make: Callable[..., Any], factory: Callable[...,
     F._check_fields(cfg, _LYCORIS_HANDLED | set(extra), _LYCORIS_IGNORED)
     label, mods = ctx.label, ctx.mods
     assert mods is not None
-    modules = T._resolve_targets(cfg, mods, f.name)
-    conv1d = [mods.name(m) for m in modules if mods.is_conv1d(m)]
-    if conv1d:
-        raise F._refuse("target_modules", cfg.get("target_modules"),
-                        f"it selects {conv1d[:3]}, transformers Conv1D layers, which PEFT's {f.name} "
-                        "does not adapt")
+    modules = PC.linear_only(mods, T._resolve_targets(cfg, mods, f.name), label, f.name)
     r0, alpha0 = int(cfg["r"]), float(cfg.get("alpha", 8))
     common = {"r": r0, "alpha": alpha0, "rank_dropout": float(cfg.get("rank_dropout") or 0.0),
               "module_dropout": float(cfg.get("module_dropout") or 0.0),
@@ -259,16 +255,10 @@ def from_peft(f: Factorisation, make: Callable[..., Any], factory: Callable[...,
     PC.refuse_leftover(tensors, tuple(f".{n}" for n in peft_names.values()), label)
     patterns = {"rank_pattern": PC.pattern_groups(ranks, r0, T._exact_regex),
                 "alpha_pattern": PC.pattern_groups(alphas, alpha0, T._exact_regex)}
-    for cand in PC.target_candidates(cfg, modules):
-        try:
-            config = make(**common, **patterns, **cand)
-            chosen = sorted(target_specs(config, ctx.params, ModelInfo(), f.name))
-        except (ValueError, P.NoMatchError):
-            continue
-        if chosen == modules and all(rank_and_scale(config, p) == (r, alphas[p] / r)
-                                     for p, r in ranks.items()):
-            return factory(config), P.unflatten(flat)
-    raise AssertionError(f"unreachable: the explicit {f.name} config reproduces the PEFT targets")
+    config = config_for_peft_targets(
+        cfg, modules, lambda **cand: make(**common, **patterns, **cand), ctx.params, f.name,
+        lambda c: all(rank_and_scale(c, p) == (r, alphas[p] / r) for p, r in ranks.items()))
+    return factory(config), P.unflatten(flat)
 
 
 def to_peft(peft_type: str, peft_names: dict[str, str], extra: dict[str, str],
@@ -277,13 +267,7 @@ def to_peft(peft_type: str, peft_names: dict[str, str], extra: dict[str, str],
     """A LyCORIS delta as PEFT's config fields and tensors (``extra``: PEFT field -> config field)."""
     config, mods, body = transform_.config, ctx.mods, P.flatten(delta)
     assert mods is not None
-    modules = sorted(group_by_module(delta))
-    if not modules:
-        raise ValueError(f"save_peft_adapter: the {peft_type} delta adapts no module of the model")
-    conv1d = [mods.name(m) for m in modules if mods.is_conv1d(m)]
-    if conv1d:
-        raise ValueError(f"save_peft_adapter: {conv1d[:3]} are transformers Conv1D layers, which PEFT's "
-                         f"{peft_type} does not adapt; target other layers")
+    modules = PC.linear_only(mods, PC.delta_modules(delta, peft_type), "save_peft_adapter", peft_type)
     names = [mods.name(m) for m in modules]
     selection = T._peft_targets_for(names, list(mods.by_name), list(mods.head))
     tensors: dict[str, np.ndarray] = {}

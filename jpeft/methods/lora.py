@@ -192,6 +192,22 @@ def target_specs(config: Any, base: P.Params, info: ModelInfo, method: str = "lo
     return specs
 
 
+def config_for_peft_targets(cfg: Mapping[str, Any], modules: list[str], make: Any, params: P.Params,
+                            method: str, accept: Any = lambda config: True) -> Any:
+    """The first config ``make(targets=..., layers=...)`` (PEFT's own target list, else every
+    module by path: :func:`~jpeft.checkpoint.peft_convert.target_candidates`) that selects exactly
+    ``modules`` of ``params`` and that ``accept`` takes (a loaded PEFT adapter's config)."""
+    for cand in PC.target_candidates(cfg, modules):
+        try:
+            config = make(**cand)
+            chosen = sorted(target_specs(config, params, ModelInfo(), method))
+        except (ValueError, P.NoMatchError):
+            continue
+        if chosen == modules and accept(config):
+            return config
+    raise AssertionError(f"unreachable: the explicit {method} config reproduces the PEFT targets")
+
+
 def _stack_mask(config: Any, spec: L.LayerSpec) -> jax.Array | None:
     """``(stack[0], 1, ..., 1)``: 1 for the stacked layers ``layers=`` selects (``None``: all)."""
     if not spec.stack or not config.layers:
@@ -394,21 +410,15 @@ def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.Peft
               "init": "gaussian" if init == "gaussian" else "kaiming",
               "rank_pattern": PC.pattern_groups(ranks, r0, T._exact_regex),
               "alpha_pattern": PC.pattern_groups(alphas, alpha0, T._exact_regex)}
-    for cand in PC.target_candidates(cfg, modules):
-        try:
-            config = LoraConfig(**common, **cand)
-            chosen = sorted(target_modules(config, ctx.params))
-        except (ValueError, P.NoMatchError):
-            continue
-        if chosen == modules and all(
-                rank_and_scale(config, p) == (r, alphas[p] / (math.sqrt(r) if use_rslora else r))
-                for p, r in ranks.items()):
-            if rewrites:  # as PEFT loads it: the init reruns on the original base, then the factors
-                from jpeft.methods import lora_init
-                residual, _ = getattr(lora_init, init)(config, ctx.params, ctx.model.info() if ctx.model else None)
-                return lora(config), P.unflatten(flat), residual
-            return lora(config), P.unflatten(flat)
-    raise AssertionError("unreachable: the explicit LoRA config reproduces the PEFT targets")
+    config = config_for_peft_targets(
+        cfg, modules, lambda **cand: LoraConfig(**common, **cand), ctx.params, "lora",
+        lambda c: all(rank_and_scale(c, p) == (r, alphas[p] / (math.sqrt(r) if use_rslora else r))
+                      for p, r in ranks.items()))
+    if rewrites:  # as PEFT loads it: the init reruns on the original base, then the factors
+        from jpeft.methods import lora_init
+        residual, _ = getattr(lora_init, init)(config, ctx.params, ctx.model.info() if ctx.model else None)
+        return lora(config), P.unflatten(flat), residual
+    return lora(config), P.unflatten(flat)
 
 
 def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dict[str, Any], dict[str, np.ndarray], P.Params]:

@@ -49,7 +49,7 @@ from jpeft.core.model import group_by_module
 from jpeft.core.registry import register
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 from jpeft.methods.kernel_delta import add_to_kernels
-from jpeft.methods.lora import _stack_mask, target_specs
+from jpeft.methods.lora import _stack_mask, config_for_peft_targets, target_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,10 +167,7 @@ _A, _B = "base_model.vera_A", "base_model.vera_B"
 
 def _shapes(mods: Any, params: P.Params, modules: list[str], where: str) -> dict[str, tuple[int, int]]:
     """``{module: (d_in, d_out)}`` of PEFT's Linear targets (transformers' Conv1D refused)."""
-    conv1d = [mods.name(m) for m in modules if mods.is_conv1d(m)]
-    if conv1d:
-        raise ValueError(f"{where}: {conv1d[:3]} are transformers Conv1D layers; jpeft reads and writes "
-                         "VeRA adapters of Linear layers only")
+    PC.linear_only(mods, modules, where, "VeRA")
     flat = P.flatten(params)
     return {m: tuple(np.shape(flat[f"{m}/kernel"])) for m in modules}
 
@@ -213,15 +210,9 @@ def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.Peft
     PC.refuse_leftover(tensors, (".vera_lambda_",), label)
     common = {"r": r, "projection_seed": seed, "d_initial": float(cfg.get("d_initial", 0.1)),
               "dropout": float(cfg.get("vera_dropout") or 0.0)}
-    for cand in PC.target_candidates(cfg, modules):
-        try:
-            config = VeraConfig(**common, **cand)
-            chosen = sorted(target_specs(config, ctx.params, ModelInfo(), "vera"))
-        except (ValueError, P.NoMatchError):
-            continue
-        if chosen == modules:
-            return vera(config), P.unflatten(flat)
-    raise AssertionError("unreachable: the explicit VeRA config reproduces the PEFT targets")
+    config = config_for_peft_targets(cfg, modules, lambda **cand: VeraConfig(**common, **cand),
+                                     ctx.params, "vera")
+    return vera(config), P.unflatten(flat)
 
 
 def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext
@@ -230,9 +221,7 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext
     config, mods = transform.config, ctx.mods
     assert mods is not None
     leaves = group_by_module(delta)
-    modules = sorted(leaves)
-    if not modules:
-        raise ValueError("save_peft_adapter: the VeRA delta adapts no module of the model")
+    modules = PC.delta_modules(delta, "VeRA")
     shapes = _shapes(mods, ctx.params, modules, "save_peft_adapter")
     max_in, max_out = max(s[0] for s in shapes.values()), max(s[1] for s in shapes.values())
     a, b = projections(config.projection_seed, config.r, max_in, max_out)

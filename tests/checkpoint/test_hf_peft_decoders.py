@@ -493,6 +493,6 @@ def test_loha_lokr_both_ways_on_llama_and_refused_on_gpt2_conv1d(tmp_path, decod
     make = jpeft.loha(jpeft.LohaConfig(r=2, targets="c_attn$")) if case == "loha" else \
         jpeft.lokr(jpeft.LokrConfig(r=1, targets="c_attn$"))
     delta = make.init(jax.random.key(0), params, model.info())
-    with pytest.raises(ValueError, match="Conv1D layers, which PEFT's"):
+    with pytest.raises(ValueError, match="Conv1D layers; jpeft reads and writes"):
         save_peft_adapter(tmp_path / "gpt2", make, delta, params, base_model_name_or_path=str(folder),
                           model=model)

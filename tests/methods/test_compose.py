@@ -11,6 +11,7 @@ from jpeft.core.transform import apply, compose, merge, unmerge
 from jpeft.methods import REGISTRY
 from jpeft.methods.adapters import AdapterConfig
 from jpeft.methods.lora import LoraConfig
+from jpeft.methods.oft import OftConfig
 from jpeft.methods.vera import VeraConfig
 from jpeft.methods.prefix import PrefixConfig
 from jpeft.methods.prompt import PromptConfig
@@ -24,6 +25,7 @@ from tests.helpers import perturb, tiny_batch, tiny_bert
 SMALL = {
     "lora": LoraConfig(r=2),
     "vera": VeraConfig(r=4),
+    "oft": OftConfig(block_size=4),
     "houlsby": AdapterConfig(size=3),
     "pfeiffer": AdapterConfig(size=3),
     "prompt": PromptConfig(num_virtual_tokens=2),
@@ -34,7 +36,7 @@ SMALL = {
 }
 COMPOSABLE = sorted(n for n in REGISTRY if n != "full")
 WEIGHT_SPACE = ["lora", "ia3", "bitfit", "freeze", "diff_pruning", "trainable_tokens", "ln_tuning",
-                "loha", "lokr", "vera"]
+                "loha", "lokr", "vera", "oft"]
 MODEL, PARAMS = tiny_bert()
 BATCH = tiny_batch()
 

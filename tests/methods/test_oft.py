@@ -1,0 +1,157 @@
+"""OFT (jpeft.methods.oft): PEFT's Cayley rotations term for term, identity, W' = R W on every
+layer kind, merge/unmerge, stacks with ``layers=``, PEFT both ways, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft.methods.oft import OftConfig, blocks, oft, rotations
+from tests import own_models as M
+from tests.helpers import perturb, tiny_bert, train_tiny
+
+KEY = jax.random.key(0)
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("neumann,terms", [(True, 1), (True, 2), (True, 3), (True, 4), (True, 5), (True, 7),
+                                           (False, 5)])
+def test_rotations_are_peft_s(neumann, terms):
+    torch = pytest.importorskip("torch")
+    layer_mod = pytest.importorskip("peft.tuners.oft.layer")
+    b, k = 4, 3
+    q = np.asarray(jax.random.normal(KEY, (k, b * (b - 1) // 2)) * 0.3, np.float32)
+    theirs = layer_mod.OFTRotationModule(k, q.shape[1], b, k * b)._cayley_batch(
+        torch.tensor(q), b, neumann, terms).numpy()
+    ours = np.asarray(rotations(OftConfig(block_size=b, use_cayley_neumann=neumann,
+                                          num_cayley_neumann_terms=terms), jnp.asarray(q), b))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    if not neumann:  # the exact Cayley transform is orthogonal
+        np.testing.assert_allclose(ours @ np.swapaxes(ours, -1, -2), np.broadcast_to(np.eye(b), ours.shape),
+                                   atol=1e-5)
+
+
+def test_block_sizes_follow_peft_s_adjustment():
+    assert blocks(OftConfig(block_size=32), 768) == (24, 32)
+    assert blocks(OftConfig(block_size=5), 16) == (4, 4)   # 4 and 8 divide 16: the nearer, 4
+    assert blocks(OftConfig(block_size=6), 16) == (4, 4)   # a tie (4, 8): the lower
+    assert blocks(OftConfig(block_size=0, r=3), 16) == (2, 8)   # r: 2 and 4 tie, the lower
+    assert blocks(OftConfig(block_size=64), 16) == (1, 16)
+    with pytest.raises(ValueError, match="exactly one of block_size and r"):
+        OftConfig(block_size=8, r=2)
+
+
+@pytest.mark.parametrize("cfg", [dict(block_size=4), dict(block_size=0, r=2, block_share=True),
+                                 dict(block_size=4, use_cayley_neumann=False)])
+def test_rotated_kernels_on_every_layer_kind_linen_nnx_merge_unmerge(cfg):
+    linen, nnx_model, params, ids = M.transformer_twins()
+    method = oft(OftConfig(targets=r"(query|out|up|down)$", **cfg))
+    fresh = method.init(KEY, params, linen.info())
+    base_out = linen.module.apply({"params": params}, ids)
+    np.testing.assert_allclose(jpeft.apply(linen, method, params, fresh, ids), base_out, **TOL)
+    delta = perturb(fresh, scale=0.3)
+    out = jpeft.apply(linen, method, params, delta, ids)
+    assert float(jnp.abs(out - base_out).max()) > 1e-3
+    np.testing.assert_allclose(jpeft.apply(nnx_model, method, params, delta, ids), out, **TOL)
+    merged = jpeft.merge(method, params, delta, linen.info())
+    np.testing.assert_allclose(linen.module.apply({"params": merged}, ids), out, **TOL)
+    config = method.config
+    for name in ("query", "out", "down"):  # kernels (L, *in, *out): W' = diag(R_k) W, layer by layer
+        kernel = np.asarray(params["layers"][name]["kernel"], np.float64)
+        d_in = int(np.prod(kernel.shape[1:])) // int(np.prod(np.shape(merged["layers"][name]["kernel"])[-1:]))
+        if name == "query":
+            d_in = kernel.shape[1]
+        n, b = blocks(config, d_in)
+        for layer in range(M.LAYERS):
+            r = np.asarray(rotations(config, delta["layers"][name]["oft_q"][layer], b), np.float64)
+            r = np.broadcast_to(r, (n, b, b))
+            full = np.zeros((d_in, d_in))
+            for k in range(n):
+                full[k * b:(k + 1) * b, k * b:(k + 1) * b] = r[k]
+            w = kernel[layer].reshape(d_in, -1)
+            np.testing.assert_allclose(np.asarray(merged["layers"][name]["kernel"][layer]).reshape(d_in, -1),
+                                       full @ w, rtol=1e-4, atol=1e-5, err_msg=f"{name}[{layer}]")
+    back = jpeft.unmerge(method, merged, delta, linen.info())
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_layers_inside_a_stack_are_left_alone_and_training_works():
+    linen, _, params, ids = M.transformer_twins()
+    method = oft(OftConfig(block_size=4, targets=r"down$", layers=(1,)))
+    delta = perturb(method.init(KEY, params, linen.info()), scale=0.3)
+    grads = jax.grad(lambda d: jnp.sum(jpeft.apply(linen, method, params, d, ids) ** 2))(delta)
+    g = grads["layers"]["down"]["oft_q"]
+    assert float(jnp.abs(g[0]).max()) == 0.0 and float(jnp.abs(g[2]).max()) == 0.0
+    assert float(jnp.abs(g[1]).max()) > 0.0
+    merged = jpeft.merge(method, params, delta, linen.info())["layers"]["down"]["kernel"]
+    np.testing.assert_array_equal(merged[0], params["layers"]["down"]["kernel"][0])
+    model, base = tiny_bert()
+    train_tiny(model, oft(OftConfig(block_size=4)), base)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kwargs", [dict(oft_block_size=4), dict(oft_block_size=0, r=2, block_share=True),
+                                    dict(oft_block_size=8, use_cayley_neumann=False)])
+def test_peft_adapters_both_ways(tmp_path, kwargs):
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("torch")
+    from jpeft.checkpoint.hf_peft import load_peft_adapter, save_peft_adapter
+    from tests.checkpoint.test_hf_peft import (
+        _trained_head, base_logits, batch, compare, fresh_hf, hf_base, hf_logits, jpeft_pair, make_adapter,
+        our_logits)
+
+    pm, model, base, folder = make_adapter(tmp_path, peft.OFTConfig(
+        task_type="SEQ_CLS", target_modules=["query", "value", "intermediate.dense"], **kwargs))
+    data = batch()
+    transform, delta, params = load_peft_adapter(folder, model, base)
+    assert transform.name == "oft"
+    compare("oft/import", our_logits(model, transform, params, delta, data), hf_logits(pm, data),
+            base_logits(model, base, data))
+    hf, state = hf_base()
+    model, base = jpeft_pair(hf, state)
+    method = oft(OftConfig(block_size=4, targets=r"(key|output/dense)$"))
+    delta = perturb(method.init(KEY, base, model.info()), scale=0.5)
+    params = _trained_head(base)
+    out = save_peft_adapter(tmp_path / "ours", method, delta, params, base_model_name_or_path="tiny",
+                            model=model)
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "OFT"
+    loaded = peft.PeftModel.from_pretrained(fresh_hf("bert", 2, state), str(out)).eval()
+    compare("oft/export", our_logits(model, method, params, delta, data), hf_logits(loaded, data),
+            our_logits(model, method, params, jax.tree_util.tree_map(jnp.zeros_like, delta), data))
+
+
+def test_refusals_name_the_problem(tmp_path):
+    model, base = tiny_bert()
+    other = oft(OftConfig(block_size=4)).init(KEY, base, model.info())
+    ids = jnp.ones((1, 5), jnp.int32)
+    with pytest.raises(ValueError, match="expected OFT's oft_q"):
+        jpeft.apply(model, oft(OftConfig(block_size=8)), base, other, ids, jnp.ones_like(ids))
+    with pytest.raises(ValueError, match="oft.num_cayley_neumann_terms"):
+        OftConfig(num_cayley_neumann_terms=0)
+
+
+@pytest.mark.real
+def test_minilm_count_equals_peft_s(minilm_dir):
+    """Blocks of 32 on query and value (384 = 12 · 32): 12 · 32·31/2 entries per module."""
+    from jpeft.models.bert import from_pretrained
+    from jpeft.train.trainer import Trainer
+
+    model, params = from_pretrained(minilm_dir, num_labels=2)
+    trainer = Trainer(model, oft(OftConfig()), params)
+    counts = trainer.counts(trainer.init_state(KEY))
+    assert counts.trainable == 12 * 12 * 496 + 770 == 72_194
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    hf = BertForSequenceClassification.from_pretrained(str(minilm_dir), num_labels=2)
+    hf = peft.get_peft_model(hf, peft.OFTConfig(task_type="SEQ_CLS", oft_block_size=32,
+                                                target_modules=["query", "value"]))
+    assert sum(p.numel() for p in hf.parameters() if p.requires_grad) == counts.trainable
