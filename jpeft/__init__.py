@@ -4,6 +4,7 @@ A PEFT method is a pure :class:`~jpeft.core.transform.Transform` over a frozen b
 tree; methods compose with :func:`compose` and run with :func:`apply`.
 """
 
+from jpeft.core.check import check_delta
 from jpeft.core.model import LinenModel, NnxModel, from_linen, from_nnx
 from jpeft.core.layers import LayerSpec, register_layer
 from jpeft.core.paths import count_params, partition, combine, select, select_modules
@@ -85,6 +86,7 @@ def print_trainable_parameters(transform: Transform, base, delta) -> str:
 
 __all__ = [
     "ApplyContext", "ModelInfo", "Transform", "apply", "compose", "merge", "unmerge", "build",
+    "check_delta",
     "from_linen", "from_nnx", "LinenModel", "NnxModel", "Tap", "NnxTap", "register_layer",
     "LayerSpec",
     "REGISTRY", "count_params", "partition", "combine", "select", "select_modules",

@@ -33,6 +33,7 @@ from jpeft.checkpoint.atomic import atomic_dir
 from jpeft.checkpoint.hf_peft import read_json_object
 from jpeft.checkpoint.orbax_ckpt import CheckpointError, fingerprint
 from jpeft.core import paths as P
+from jpeft.core.check import delta_problems, expected_deltas
 from jpeft.core.transform import Transform, merge
 from jpeft.models.bert import hf_config_dict
 
@@ -256,42 +257,12 @@ def read_adapter_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _expected_deltas(transform: Transform, model: Any, base: P.Params) -> list[dict[str, Any]]:
-    """The flat ``{path: ShapeDtypeStruct}`` of the delta this transform makes on this base, as
-    trained and as finalized (those that can be computed abstractly)."""
-    out = []
-    info = model.info()
-    for make in (lambda key: transform.init(key, base, info),
-                 lambda key: transform.finalize(transform.init(key, base, info))):
-        try:
-            shapes = P.flatten(jax.eval_shape(make, jax.random.key(0)))
-        except Exception:  # noqa: BLE001 (a method whose init needs more than shapes: not checked)
-            continue
-        if shapes not in out:
-            out.append(shapes)
-    return out
+    return expected_deltas(transform, base, model.info())
 
 
 def _check_delta(label: str, delta: Any, expected: list[dict[str, Any]], configs: str) -> None:
     """Refuse a delta whose keys, shapes or dtypes differ from every expected structure."""
-    if not expected:
-        return
-    flat = P.flatten(delta)
-    best = min(expected, key=lambda e: len(set(e) ^ set(flat)))
-    missing, unexpected = sorted(set(best) - set(flat)), sorted(set(flat) - set(best))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {['delta/' + k for k in missing[:6]]}"
-                        f"{f' and {len(missing) - 6} more' if len(missing) > 6 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensors {['delta/' + k for k in unexpected[:6]]}"
-                        f"{f' and {len(unexpected) - 6} more' if len(unexpected) > 6 else ''}")
-    for key in sorted(set(best) & set(flat)):
-        got, want = flat[key], best[key]
-        if tuple(got.shape) != tuple(want.shape) or jnp.dtype(got.dtype) != jnp.dtype(want.dtype):
-            problems.append(f"delta/{key} is {tuple(got.shape)} {jnp.dtype(got.dtype).name}, the method "
-                            f"expects {tuple(want.shape)} {jnp.dtype(want.dtype).name}")
-            if len(problems) >= 4:
-                break
+    problems = delta_problems(delta, expected)
     if problems:
         raise CheckpointError(f"adapter {label} does not fit its method on this base ({configs}): "
                               + "; ".join(problems) + ". Is the config's rank (or size) the one "
