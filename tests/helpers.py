@@ -93,3 +93,23 @@ def q4_1_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     qs = blocks[..., 4:]
     codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(raw.shape[0], -1).T
     return codes, d, m
+
+
+def minilm_trainable_counts(minilm_dir, method, peft_config) -> tuple[int, int]:
+    """``(jpeft's, PEFT's)`` trainable parameter counts of ``method`` / ``peft_config`` (a PEFT
+    config for ``SEQ_CLS``) on all-MiniLM-L6-v2 with a 2-class head."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from jpeft.models.bert import from_pretrained
+    from jpeft.train.trainer import Trainer
+
+    model, params = from_pretrained(minilm_dir, num_labels=2)
+    trainer = Trainer(model, method, params)
+    ours = trainer.counts(trainer.init_state(jax.random.key(0))).trainable
+    import peft
+
+    torch.manual_seed(0)
+    hf = peft.get_peft_model(BertForSequenceClassification.from_pretrained(str(minilm_dir), num_labels=2),
+                             peft_config)
+    return ours, sum(p.numel() for p in hf.parameters() if p.requires_grad)

@@ -17,6 +17,7 @@ from jpeft.methods.bitfit import BitFitConfig, bitfit
 from jpeft.methods.diff_pruning import DiffPruningConfig, diff_pruning
 from jpeft.methods.freeze import FreezeConfig, freeze
 from jpeft.methods.full import FullConfig, full
+from jpeft.methods.hra import HraConfig, hra
 from jpeft.methods.ia3 import IA3Config, ia3
 from jpeft.methods.ln_tuning import LNTuningConfig, ln_tuning
 from jpeft.methods.loha import LohaConfig, loha
@@ -39,4 +40,4 @@ __all__ = ["REGISTRY", "MethodSpec", "register", "build", "parse_spec", "full", 
            "diff_pruning", "DiffPruningConfig", "prefix", "PrefixConfig", "ptuning2", "PTuningV2Config",
            "trainable_tokens", "TrainableTokensConfig", "ln_tuning", "LNTuningConfig", "loha",
            "LohaConfig", "lokr", "LokrConfig", "vera", "VeraConfig", "oft",
-           "OftConfig", "with_text_ids"]
+           "OftConfig", "hra", "HraConfig", "with_text_ids"]

@@ -137,6 +137,22 @@ def delta_matrix(f: Factorisation, config: Any, path: str, spec: L.LayerSpec,
     return scale * f.matrix(cast, spec, r, config)
 
 
+def map_kernels(params: P.Params, delta: Any, info: ModelInfo | None, where: str,
+                fn: Callable[[str, L.LayerSpec, Mapping[str, Any], jax.Array], jax.Array]) -> P.Params:
+    """``params`` with the kernel of every module of ``delta`` replaced by ``fn(path, spec,
+    leaves, M)``, ``M`` the kernel as a float32 ``(*stack, fan_in, fan_out)`` matrix (the
+    rewrites of OFT and HRA, which multiply it by an orthogonal ``(fan_in, fan_in)`` matrix)."""
+    flat = dict(P.flatten(params))
+    layers = resolve_info(info).layers
+    for path, leaves in group_by_module(delta).items():
+        key = L.kernel_path(path, layers, flat)
+        kernel = flat[key]
+        spec = L.kernel_spec(path, kernel.shape, layers, where)
+        out = fn(path, spec, leaves, L.kernel_matrix(spec, kernel.astype(jnp.float32)))
+        flat[key] = L.matrix_kernel(spec, out).astype(kernel.dtype)
+    return P.unflatten(flat)
+
+
 def add_to_kernels(params: P.Params, delta: Any, sign: float, info: ModelInfo | None, where: str,
                    matrix: Callable[[str, L.LayerSpec, Mapping[str, Any]], jax.Array]) -> P.Params:
     """``params`` with ``sign · ΔW`` added to the kernel of every module of ``delta``;

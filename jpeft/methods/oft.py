@@ -46,7 +46,7 @@ from jpeft.core import paths as P
 from jpeft.core.model import group_by_module
 from jpeft.core.registry import register
 from jpeft.core.transform import ModelInfo, Transform, resolve_info
-from jpeft.methods.kernel_delta import add_to_kernels
+from jpeft.methods.kernel_delta import map_kernels
 from jpeft.methods.lora import config_for_peft_targets, target_specs
 
 LEAF = "oft_q"
@@ -164,29 +164,17 @@ def oft(config: OftConfig = OftConfig(), *, name: str = "oft") -> Transform:
         return P.unflatten(flat)
 
     def merge(params: P.Params, delta: Any, info: ModelInfo | None = None) -> P.Params:
-        flat = P.flatten(params)
-        layers = resolve_info(info).layers
-
-        def matrix(path: str, spec: L.LayerSpec, leaves: Mapping[str, Any]) -> jax.Array:
-            q = _check(name, path, config, spec, leaves)
-            kernel = L.kernel_matrix(spec, flat[L.kernel_path(path, layers, flat)].astype(jnp.float32))
-            return _rotated(config, spec, q, kernel) - kernel
-        return add_to_kernels(params, delta, 1.0, info, "oft merge", matrix)
+        return map_kernels(params, delta, info, "oft merge", lambda path, spec, leaves, m: _rotated(
+            config, spec, _check(name, path, config, spec, leaves), m))
 
     def unmerge(params: P.Params, delta: Any, info: ModelInfo | None = None) -> P.Params:
-        flat = dict(P.flatten(params))
-        layers = resolve_info(info).layers
-        for path, leaves in group_by_module(delta).items():
-            key = L.kernel_path(path, layers, flat)
-            kernel = flat[key]
-            spec = L.kernel_spec(path, kernel.shape, layers, "oft unmerge")
+        def solve(path: str, spec: L.LayerSpec, leaves: Mapping[str, Any], merged: jax.Array) -> jax.Array:
             n, b = blocks(config, spec.fan_in)
             r = rotations(config, _check(name, path, config, spec, leaves), b)
             r = jnp.broadcast_to(r, (*r.shape[:-3], n, b, b))
-            merged = L.kernel_matrix(spec, kernel.astype(jnp.float32))
             grouped = merged.reshape((*merged.shape[:-2], n, b, merged.shape[-1]))
-            flat[key] = L.matrix_kernel(spec, jnp.linalg.solve(r, grouped).reshape(merged.shape)).astype(kernel.dtype)
-        return P.unflatten(flat)
+            return jnp.linalg.solve(r, grouped).reshape(merged.shape)
+        return map_kernels(params, delta, info, "oft unmerge", solve)
 
     return Transform(
         name=name, config=config, init=init,

@@ -34,7 +34,7 @@ from tests.checkpoint.test_hf_peft import (  # compare: max |Δ| <= 1e-4, record
     make_adapter,
     our_logits,
 )
-from tests.helpers import perturb
+from tests.helpers import minilm_trainable_counts, perturb
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -116,21 +116,8 @@ def test_an_adapter_whose_factors_do_not_fit_its_config_is_refused(tmp_path):
 def test_minilm_counts_equal_peft_s(minilm_dir):
     """r=8 on query and value of all-MiniLM-L6-v2 (384 → 384) with a 2-class head (770):
     LoHa 4·8·384 per module; LoKr 384 = 16·24, W₁ (16, 16) whole, W₂ factored at r=8 < 24/2."""
-    from transformers import BertForSequenceClassification
-
-    from jpeft.models.bert import from_pretrained
-    from jpeft.train.trainer import Trainer
-
-    torch = pytest.importorskip("torch")
-    model, params = from_pretrained(minilm_dir, num_labels=2)
-    cases = [(loha(LohaConfig(r=8)), peft.LoHaConfig, 12 * 4 * 8 * 384 + 770),
-             (lokr(LokrConfig(r=8)), peft.LoKrConfig, 12 * (16 * 16 + 2 * 8 * 24) + 770)]
-    for method, peft_config, want in cases:
-        trainer = Trainer(model, method, params)
-        counts = trainer.counts(trainer.init_state(jax.random.key(0)))
-        assert counts.trainable == want, (method.name, counts.trainable)
-        torch.manual_seed(0)
-        hf = BertForSequenceClassification.from_pretrained(str(minilm_dir), num_labels=2)
-        hf = peft.get_peft_model(hf, peft_config(task_type="SEQ_CLS", r=8, alpha=8,
-                                                 target_modules=["query", "value"]))
-        assert sum(p.numel() for p in hf.parameters() if p.requires_grad) == want, method.name
+    targets = dict(task_type="SEQ_CLS", r=8, alpha=8, target_modules=["query", "value"])
+    assert minilm_trainable_counts(minilm_dir, loha(LohaConfig(r=8)), peft.LoHaConfig(**targets)) == \
+        (12 * 4 * 8 * 384 + 770,) * 2
+    assert minilm_trainable_counts(minilm_dir, lokr(LokrConfig(r=8)), peft.LoKrConfig(**targets)) == \
+        (12 * (16 * 16 + 2 * 8 * 24) + 770,) * 2

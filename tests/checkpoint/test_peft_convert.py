@@ -86,8 +86,8 @@ def test_unregistered_types_and_methods_are_refused_with_the_registered_ones(tmp
 
 def test_every_shipped_peft_type_has_exactly_one_reader():
     readers = [m.peft.peft_type for m in REGISTRY.values() if m.peft is not None and m.peft.load]
-    assert sorted(readers) == ["IA3", "LN_TUNING", "LOHA", "LOKR", "LORA", "OFT", "PREFIX_TUNING",
+    assert sorted(readers) == ["HRA", "IA3", "LN_TUNING", "LOHA", "LOKR", "LORA", "OFT", "PREFIX_TUNING",
                                "PROMPT_TUNING", "P_TUNING", "TRAINABLE_TOKENS", "VERA"]
     writers = sorted(m.name for m in REGISTRY.values() if m.peft is not None)
-    assert writers == ["ia3", "ln_tuning", "loha", "lokr", "lora", "oft", "prefix", "prompt", "ptuning",
+    assert writers == ["hra", "ia3", "ln_tuning", "loha", "lokr", "lora", "oft", "prefix", "prompt", "ptuning",
                        "ptuning2", "trainable_tokens", "vera"]

@@ -14,8 +14,8 @@ import jpeft
 from jpeft.core import layers as L
 from jpeft.core import paths as P
 from jpeft.methods import (BitFitConfig, DiffPruningConfig, FreezeConfig, IA3Config, LohaConfig,
-                           LokrConfig, LoraConfig, OftConfig, VeraConfig, bitfit, diff_pruning, freeze,
-                           full, ia3, loha, lokr, lora, oft, vera)
+                           HraConfig, LokrConfig, LoraConfig, OftConfig, VeraConfig, bitfit, diff_pruning,
+                           freeze, full, hra, ia3, loha, lokr, lora, oft, vera)
 from tests import own_models as M
 from tests.helpers import perturb
 
@@ -38,6 +38,7 @@ def weight_methods() -> dict[str, jpeft.Transform]:
         "lokr": lokr(LokrConfig(r=1, targets=targets, decompose_both=True)),
         "vera": vera(VeraConfig(r=3, targets=targets)),
         "oft": oft(OftConfig(block_size=4, targets=targets)),
+        "hra": hra(HraConfig(r=2, targets=targets)),
         "bitfit": bitfit(BitFitConfig()),
         "diff_pruning": diff_pruning(DiffPruningConfig(pattern=r"(w|kernel)$")),
         "lora+ia3": jpeft.compose(lora(LoraConfig(r=2, alpha=4.0, targets=r"proj$")),

@@ -11,6 +11,7 @@ from jpeft.core.transform import apply, compose, merge, unmerge
 from jpeft.methods import REGISTRY
 from jpeft.methods.adapters import AdapterConfig
 from jpeft.methods.lora import LoraConfig
+from jpeft.methods.hra import HraConfig
 from jpeft.methods.oft import OftConfig
 from jpeft.methods.vera import VeraConfig
 from jpeft.methods.prefix import PrefixConfig
@@ -26,6 +27,7 @@ SMALL = {
     "lora": LoraConfig(r=2),
     "vera": VeraConfig(r=4),
     "oft": OftConfig(block_size=4),
+    "hra": HraConfig(r=2),
     "houlsby": AdapterConfig(size=3),
     "pfeiffer": AdapterConfig(size=3),
     "prompt": PromptConfig(num_virtual_tokens=2),
@@ -36,7 +38,7 @@ SMALL = {
 }
 COMPOSABLE = sorted(n for n in REGISTRY if n != "full")
 WEIGHT_SPACE = ["lora", "ia3", "bitfit", "freeze", "diff_pruning", "trainable_tokens", "ln_tuning",
-                "loha", "lokr", "vera", "oft"]
+                "loha", "lokr", "vera", "oft", "hra"]
 MODEL, PARAMS = tiny_bert()
 BATCH = tiny_batch()
 

@@ -13,7 +13,7 @@ import pytest
 import jpeft
 from jpeft.methods.oft import OftConfig, blocks, oft, rotations
 from tests import own_models as M
-from tests.helpers import perturb, tiny_bert, train_tiny
+from tests.helpers import minilm_trainable_counts, perturb, tiny_bert, train_tiny
 
 KEY = jax.random.key(0)
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -139,19 +139,6 @@ def test_refusals_name_the_problem(tmp_path):
 @pytest.mark.real
 def test_minilm_count_equals_peft_s(minilm_dir):
     """Blocks of 32 on query and value (384 = 12 · 32): 12 · 32·31/2 entries per module."""
-    from jpeft.models.bert import from_pretrained
-    from jpeft.train.trainer import Trainer
-
-    model, params = from_pretrained(minilm_dir, num_labels=2)
-    trainer = Trainer(model, oft(OftConfig()), params)
-    counts = trainer.counts(trainer.init_state(KEY))
-    assert counts.trainable == 12 * 12 * 496 + 770 == 72_194
-    torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(0)
-    hf = BertForSequenceClassification.from_pretrained(str(minilm_dir), num_labels=2)
-    hf = peft.get_peft_model(hf, peft.OFTConfig(task_type="SEQ_CLS", oft_block_size=32,
-                                                target_modules=["query", "value"]))
-    assert sum(p.numel() for p in hf.parameters() if p.requires_grad) == counts.trainable
+    assert minilm_trainable_counts(minilm_dir, oft(OftConfig()), peft.OFTConfig(
+        task_type="SEQ_CLS", oft_block_size=32, target_modules=["query", "value"])) == (72_194, 72_194)

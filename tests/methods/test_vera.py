@@ -15,7 +15,7 @@ import pytest
 import jpeft
 from jpeft.methods.vera import VeraConfig, projections, vera
 from tests import own_models as M
-from tests.helpers import perturb, tiny_bert, train_tiny
+from tests.helpers import minilm_trainable_counts, perturb, tiny_bert, train_tiny
 
 KEY = jax.random.key(0)
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -121,18 +121,6 @@ def test_jpeft_adapters_load_in_peft_and_back_and_pytorch_drawn_ones_are_refused
 @pytest.mark.real
 def test_minilm_count_equals_peft_s(minilm_dir):
     """r=256 on query and value: 12 × (256 + 384) vectors and the 2-class head (770)."""
-    from jpeft.models.bert import from_pretrained
-    from jpeft.train.trainer import Trainer
-
-    model, params = from_pretrained(minilm_dir, num_labels=2)
-    trainer = Trainer(model, vera(VeraConfig()), params)
-    counts = trainer.counts(trainer.init_state(KEY))
-    assert counts.trainable == 12 * (256 + 384) + 770 == 8_450
-    torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(0)
-    hf = BertForSequenceClassification.from_pretrained(str(minilm_dir), num_labels=2)
-    hf = peft.get_peft_model(hf, peft.VeraConfig(task_type="SEQ_CLS", r=256, target_modules=["query", "value"]))
-    assert sum(p.numel() for p in hf.parameters() if p.requires_grad) == counts.trainable
+    assert minilm_trainable_counts(minilm_dir, vera(VeraConfig()), peft.VeraConfig(
+        task_type="SEQ_CLS", r=256, target_modules=["query", "value"])) == (8_450, 8_450)
