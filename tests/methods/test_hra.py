@@ -11,7 +11,7 @@ import pytest
 import jpeft
 from jpeft.methods.hra import HraConfig, hra, reflections
 from tests import own_models as M
-from tests.helpers import minilm_trainable_counts, perturb, tiny_bert, train_tiny
+from tests.helpers import minilm_trainable_counts, perturb
 
 KEY = jax.random.key(0)
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -62,9 +62,7 @@ def test_every_layer_kind_linen_nnx_merge_unmerge_and_stacks():
                                   params["layers"]["down"]["kernel"][0])
 
 
-def test_trains_and_refuses_odd_ranks():
-    model, base = tiny_bert()
-    train_tiny(model, hra(HraConfig(r=4)), base)
+def test_odd_ranks_are_refused():
     with pytest.raises(ValueError, match="hra.r must be an even integer"):
         HraConfig(r=3)
 

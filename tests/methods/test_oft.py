@@ -13,7 +13,7 @@ import pytest
 import jpeft
 from jpeft.methods.oft import OftConfig, blocks, oft, rotations
 from tests import own_models as M
-from tests.helpers import minilm_trainable_counts, perturb, tiny_bert, train_tiny
+from tests.helpers import minilm_trainable_counts, perturb, tiny_bert
 
 KEY = jax.random.key(0)
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -46,8 +46,8 @@ def test_block_sizes_follow_peft_s_adjustment():
         OftConfig(block_size=8, r=2)
 
 
-@pytest.mark.parametrize("cfg", [dict(block_size=4), dict(block_size=0, r=2, block_share=True),
-                                 dict(block_size=4, use_cayley_neumann=False)])
+@pytest.mark.parametrize("cfg", [dict(block_size=4),
+                                 dict(block_size=0, r=2, block_share=True, use_cayley_neumann=False)])
 def test_rotated_kernels_on_every_layer_kind_linen_nnx_merge_unmerge(cfg):
     linen, nnx_model, params, ids = M.transformer_twins()
     method = oft(OftConfig(targets=r"(query|out|up|down)$", **cfg))
@@ -81,7 +81,7 @@ def test_rotated_kernels_on_every_layer_kind_linen_nnx_merge_unmerge(cfg):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
-def test_layers_inside_a_stack_are_left_alone_and_training_works():
+def test_layers_inside_a_stack_are_left_alone():
     linen, _, params, ids = M.transformer_twins()
     method = oft(OftConfig(block_size=4, targets=r"down$", layers=(1,)))
     delta = perturb(method.init(KEY, params, linen.info()), scale=0.3)
@@ -91,8 +91,6 @@ def test_layers_inside_a_stack_are_left_alone_and_training_works():
     assert float(jnp.abs(g[1]).max()) > 0.0
     merged = jpeft.merge(method, params, delta, linen.info())["layers"]["down"]["kernel"]
     np.testing.assert_array_equal(merged[0], params["layers"]["down"]["kernel"][0])
-    model, base = tiny_bert()
-    train_tiny(model, oft(OftConfig(block_size=4)), base)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
