@@ -158,15 +158,8 @@ def add_to_kernels(params: P.Params, delta: Any, sign: float, info: ModelInfo | 
     """``params`` with ``sign · ΔW`` added to the kernel of every module of ``delta``;
     ``matrix(path, spec, leaves) -> (*stack, fan_in, fan_out)`` is the module's ``ΔW`` (merge and
     unmerge of the methods whose update is a whole kernel: LoHa, LoKr, VeRA)."""
-    flat = P.flatten(params)
-    layers = resolve_info(info).layers
-    for path, leaves in group_by_module(delta).items():
-        key = L.kernel_path(path, layers, flat)
-        kernel = flat[key]
-        spec = L.kernel_spec(path, kernel.shape, layers, where)
-        update = L.matrix_kernel(spec, matrix(path, spec, leaves))
-        flat[key] = (kernel + sign * update).astype(kernel.dtype)
-    return P.unflatten(flat)
+    return map_kernels(params, delta, info, where,
+                       lambda path, spec, leaves, m: m + sign * matrix(path, spec, leaves))
 
 
 def transform(f: Factorisation, config: Any, name: str) -> Transform:
