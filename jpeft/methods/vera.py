@@ -134,8 +134,9 @@ def vera(config: VeraConfig = VeraConfig(), *, name: str = "vera") -> Transform:
             a, b = projections(config.projection_seed, config.r, spec.fan_in, math.prod(spec.out_shape))
             a = a.reshape((*spec.in_shape, config.r)).astype(x.dtype)
             h = L.contract(spec, x, a) * leaves["lambda_d"].astype(x.dtype)
-            update = L.expand(spec, h, b.reshape((config.r, *spec.out_shape)).astype(x.dtype))
-            return y + L.scale_output(spec, update, leaves["lambda_b"]).astype(y.dtype)
+            # λ_b scales B's output columns (not the layer's output: an einsum may sum some out)
+            b = b.reshape((config.r, *spec.out_shape)) * leaves["lambda_b"].astype(jnp.float32)
+            return y + L.expand(spec, h, b.astype(x.dtype)).astype(y.dtype)
 
         return adapt
 

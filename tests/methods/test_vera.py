@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +72,22 @@ def test_layers_inside_a_stack_are_a_fixed_point_and_training_works():
         assert float(jnp.abs(g[1]).max()) > 0.0
     model, base = tiny_bert()
     train_tiny(model, vera(VeraConfig(r=8)), base, lr=5e-2)
+
+
+def test_an_einsum_that_sums_kernel_axes_out_merges_to_what_it_computes():
+    class SummedKernelAxis(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Einsum((8, 4, 3), "bd,dok->bo", name="e")(x)
+
+    x = jnp.ones((2, 8))
+    params = SummedKernelAxis().init(KEY, x)["params"]
+    model = jpeft.from_linen(SummedKernelAxis(), params, x)
+    method = vera(VeraConfig(r=2, targets="e$"))
+    delta = perturb(method.init(KEY, params, model.info()), scale=0.5)
+    merged = jpeft.merge(method, params, delta, model.info())
+    np.testing.assert_allclose(SummedKernelAxis().apply({"params": merged}, x),
+                               jpeft.apply(model, method, params, delta, x), **TOL)
 
 
 def test_refusals_name_the_problem():
