@@ -40,10 +40,10 @@ from jpeft.core import paths as P
 from jpeft.core.model import group_by_module
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 from jpeft.methods.lora import (
-    _pattern_value,
     _stack_mask,
     check_rank_fields,
     config_for_peft_targets,
+    peft_rank_patterns,
     rank_and_scale,
     target_specs,
 )
@@ -280,11 +280,7 @@ def to_peft(peft_type: str, peft_names: dict[str, str], extra: dict[str, str],
     names = [mods.name(m) for m in modules]
     selection = T._peft_targets_for(names, list(mods.by_name), list(mods.head))
     tensors: dict[str, np.ndarray] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
     for path, name in zip(modules, names):
-        ranks[name], _ = rank_and_scale(config, path)
-        alphas[name] = float(_pattern_value(config.alpha_pattern, path, config.alpha))
         for leaf, theirs in peft_names.items():
             if f"{path}/{leaf}" in body:
                 tensors[f"{PC.MODULE_KEY}{name}.{theirs}"] = np.ascontiguousarray(
@@ -293,8 +289,7 @@ def to_peft(peft_type: str, peft_names: dict[str, str], extra: dict[str, str],
         "peft_type": peft_type, "r": int(config.r), "alpha": config.alpha,
         "rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout,
         "init_weights": True, "layers_pattern": None,
-        "rank_pattern": PC.pattern_groups(ranks, config.r, PC.torch_names_regex),
-        "alpha_pattern": PC.pattern_groups(alphas, config.alpha, PC.torch_names_regex),
+        **peft_rank_patterns(config, modules, names),
         **{theirs: getattr(config, ours) for theirs, ours in extra.items()}, **selection,
     }
     return fields, tensors, ctx.params

@@ -208,6 +208,15 @@ def config_for_peft_targets(cfg: Mapping[str, Any], modules: list[str], make: An
     raise AssertionError(f"unreachable: the explicit {method} config reproduces the PEFT targets")
 
 
+def peft_rank_patterns(config: Any, modules: list[str], names: list[str]) -> dict[str, Any]:
+    """PEFT's ``rank_pattern`` and ``alpha_pattern`` fields (torch names) for a config with LoRA's
+    rank fields adapting ``modules`` (torch ``names``)."""
+    ranks = {n: rank_and_scale(config, p)[0] for p, n in zip(modules, names)}
+    alphas = {n: float(_pattern_value(config.alpha_pattern, p, config.alpha)) for p, n in zip(modules, names)}
+    return {"rank_pattern": PC.pattern_groups(ranks, config.r, PC.torch_names_regex),
+            "alpha_pattern": PC.pattern_groups(alphas, config.alpha, PC.torch_names_regex)}
+
+
 def _stack_mask(config: Any, spec: L.LayerSpec) -> jax.Array | None:
     """``(stack[0], 1, ..., 1)``: 1 for the stacked layers ``layers=`` selects (``None``: all)."""
     if not spec.stack or not config.layers:
@@ -431,14 +440,11 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dic
     names = [mods.name(m) for m in modules]
     selection = T._peft_targets_for(names, list(mods.by_name), list(mods.head))
     tensors: dict[str, np.ndarray] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
     for path, name in zip(modules, names):
         a, b = PC.to_numpy(body[f"{path}/lora_A"]), PC.to_numpy(body[f"{path}/lora_B"])
         r, _ = rank_and_scale(config, path)
         if a.shape[1] != r or b.shape[0] != r:
             raise ValueError(f"save_peft_adapter: {path} has rank {a.shape[1]} but the config gives r={r}")
-        ranks[name], alphas[name] = r, float(_pattern_value(config.alpha_pattern, path, config.alpha))
         tensors[f"{PC.MODULE_KEY}{name}.lora_A.weight"] = a.T
         tensors[f"{PC.MODULE_KEY}{name}.lora_B.weight"] = b.T
         if config.use_dora:
@@ -454,9 +460,7 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dic
         "fan_in_fan_out": any(mods.is_conv1d(m) for m in modules),
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
         "use_dora": bool(config.use_dora),
-        "rank_pattern": PC.pattern_groups(ranks, config.r, PC.torch_names_regex),
-        "alpha_pattern": PC.pattern_groups(alphas, config.alpha, PC.torch_names_regex),
-        "layers_pattern": None, **selection,
+        **peft_rank_patterns(config, modules, names), "layers_pattern": None, **selection,
     }
     return fields, tensors, ctx.params
 
