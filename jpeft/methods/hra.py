@@ -9,8 +9,8 @@ Each target kernel ``W (d_in, d_out)`` (any layer kind: its input axis group fla
 (PEFT's ``weight @ H`` on the ``(d_out, d_in)`` PyTorch weight); with ``apply_gs`` the columns
 of ``U`` are first made orthonormal (Gram–Schmidt) and ``H = I − 2 U Uᵀ``. ``H`` is orthogonal.
 PEFT's init repeats each of ``r/2`` Kaiming-uniform columns twice, so consecutive reflections
-cancel and a fresh delta is the identity (``r`` must be even; PEFT warns and starts from a
-random ``H`` otherwise, jpeft refuses).
+cancel and a fresh delta is the identity up to float rounding (about 1e-9 on the logits, as
+PEFT's; ``r`` must be even; PEFT warns and starts from a random ``H`` otherwise, jpeft refuses).
 
 Like :mod:`~jpeft.methods.oft`, HRA rewrites the parameters before the forward pass
 (``adapt_params``): every layer kind and ``nn.scan`` stack, ``merge`` writes ``Hᵀ W`` and
