@@ -18,13 +18,19 @@ GEMM in the same run. Configurations:
   BERT defaults), ``prefix`` (20 tokens, no projection), ``prompt`` (20 tokens), ``houlsby``
   (m=64; PEFT has no bottleneck adapters, jpeft side only), ``bitfit`` (biases and head; in
   PyTorch by ``requires_grad`` on the biases), ``inference`` (the base model's forward pass).
+* ``loha`` (r=8, α=8), ``lokr`` (r=8, α=8), ``vera`` (r=256), ``oft`` (blocks of 32), ``hra``
+  (r=8): query and value, each method's defaults on both sides (PEFT's ``LoHaConfig``,
+  ``LoKrConfig``, ``VeraConfig``, ``OFTConfig``, ``HRAConfig``). jpeft builds LoHa's and LoKr's
+  ``ΔW`` beside the layer as PEFT does, and rewrites the kernel (``W' = R W``, ``Hᵀ W``) for OFT
+  and HRA where PEFT rotates the activations.
 
 ``--matmul-dtype=bfloat16`` compares mixed precision on both sides: jpeft with the model's
 ``matmul_dtype="bfloat16"`` (bf16 operands, float32 accumulation, forward and backward; weights,
 activations and optimizer state float32), PyTorch under ``torch.autocast("cpu", torch.bfloat16)``
 (the same contract: bf16 matmuls, float32 master weights).
 
-Writes ``train_step.json`` and ``train_step.md`` (``train_step_bf16.*`` for bfloat16).
+Writes ``train_step.json`` and ``train_step.md`` (``train_step_bf16.*`` for bfloat16; ``--name``
+chooses another stem).
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from typing import Any
 
 from benchmarks.common import command_line, positive_int, run_meta, run_worker
 
-CONFIGS = ["full", "lora", "lora_all", "ia3", "prefix", "prompt", "houlsby", "bitfit", "inference"]
+CONFIGS = ["full", "lora", "lora_all", "ia3", "prefix", "prompt", "houlsby", "bitfit", "inference",
+           "loha", "lokr", "vera", "oft", "hra"]
 NO_PEFT = {"houlsby"}  # Hugging Face PEFT has no bottleneck adapters
 LR = 1e-4
 
@@ -67,10 +74,15 @@ def _batch_arrays(batch: int, length: int):
 def _jpeft_method(config: str):
     from jpeft.methods import (
         AdapterConfig,
+        HraConfig,
         IA3Config,
+        LohaConfig,
+        LokrConfig,
         LoraConfig,
+        OftConfig,
         PrefixConfig,
         PromptConfig,
+        VeraConfig,
         build,
     )
 
@@ -84,6 +96,11 @@ def _jpeft_method(config: str):
         "houlsby": ("houlsby", {"houlsby": AdapterConfig(size=64)}),
         "bitfit": ("bitfit", {}),
         "inference": ("lora", {}),
+        "loha": ("loha", {"loha": LohaConfig(r=8, alpha=8)}),
+        "lokr": ("lokr", {"lokr": LokrConfig(r=8, alpha=8)}),
+        "vera": ("vera", {"vera": VeraConfig(r=256)}),
+        "oft": ("oft", {"oft": OftConfig(block_size=32)}),
+        "hra": ("hra", {"hra": HraConfig(r=8)}),
     }
     spec, configs = specs[config]
     return build(spec, configs)
@@ -177,6 +194,12 @@ def worker_peft(config: str, steps: int, batch: int, length: int, matmul_dtype: 
         "ia3": lambda: peft.IA3Config(task_type="SEQ_CLS"),
         "prefix": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20),
         "prompt": lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20),
+        "loha": lambda: peft.LoHaConfig(task_type="SEQ_CLS", r=8, alpha=8, target_modules=["query", "value"]),
+        "lokr": lambda: peft.LoKrConfig(task_type="SEQ_CLS", r=8, alpha=8, target_modules=["query", "value"]),
+        "vera": lambda: peft.VeraConfig(task_type="SEQ_CLS", r=256, target_modules=["query", "value"]),
+        "oft": lambda: peft.OFTConfig(task_type="SEQ_CLS", oft_block_size=32, r=0,
+                                      target_modules=["query", "value"]),
+        "hra": lambda: peft.HRAConfig(task_type="SEQ_CLS", r=8, target_modules=["query", "value"]),
     }
     if config in cfgs:
         model = peft.get_peft_model(model, cfgs[config]())
@@ -301,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--length", type=positive_int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", help="output file stem (default train_step, train_step_bf16 for bfloat16)")
     parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="bfloat16: bf16 matmuls with float32 accumulation on both sides (autocast in PyTorch)")
     parser.add_argument("--worker", choices=["jpeft", "peft"], help=argparse.SUPPRESS)
@@ -349,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_peak_gflops": [peak, peak_after]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "train_step" if args.matmul_dtype == "float32" else "train_step_bf16"
+    stem = args.name or ("train_step" if args.matmul_dtype == "float32" else "train_step_bf16")
     atomic_write_text(out / f"{stem}.json", json.dumps({**meta, "rows": rows, "raw": raw}, indent=2) + "\n")
     atomic_write_text(out / f"{stem}.md", md + "\n")
     return 0
