@@ -16,10 +16,16 @@ scaled by PyTorch's Kaiming bound of a ``(r, n)`` weight, ``√(6/n)``, ``B`` by
 
 The projections are a pure function of ``projection_seed`` and the shapes: they are regenerated
 where they are used and never stored, so the delta holds only the trained vectors (and jpeft's
-checkpoints only those). PEFT's format carries them (``save_projection``): export writes them
-(``λ_d`` rescaled so that PEFT's one ``vera_A`` of the widest layer gives each layer the same
-update), and an adapter imports when its projections are jpeft's for its ``projection_prng_key``
-(PyTorch draws its own from that key, which jpeft does not reproduce: such adapters are refused).
+checkpoints only those). With ``projection_shape = (max d_in, max d_out)`` they are PEFT's own
+instead, bit for bit: PyTorch's CPU generator (Mersenne Twister, reproduced in NumPy) seeded with
+``projection_seed`` draws ``vera_A (r, max d_in)`` then ``vera_B (max d_out, r)`` Kaiming-uniform
+(bounds ``√(6/max d_in)`` and ``√(6/r)``), and each layer takes the first ``d_in`` columns and
+``d_out`` rows, as PEFT slices them. PEFT's format carries the projections
+(``save_projection``): export writes them (for jpeft's draw with ``λ_d`` rescaled so that PEFT's
+one ``vera_A`` of the widest layer gives each layer the same update), and import recognises
+either draw from the adapter's ``projection_prng_key`` (PEFT's own adapters, with or without
+saved projections, load as ``projection_shape`` configs); projections that are neither are
+refused.
 
 Example::
 
@@ -30,6 +36,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Mapping
@@ -63,6 +70,9 @@ class VeraConfig:
         default=0, metadata={"help": "seed of the shared projections (PEFT's projection_prng_key)"})
     d_initial: float = dataclasses.field(default=0.1, metadata={"help": "initial value of lambda_d"})
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the VeRA input"})
+    projection_shape: tuple[int, ...] = dataclasses.field(
+        default=(), metadata={"help": "(max d_in, max d_out): PEFT's projections (PyTorch's generator, "
+                                      "sliced per layer); empty: jpeft's draw"})
 
     def __post_init__(self) -> None:
         if not (isinstance(self.r, numbers.Integral) and not isinstance(self.r, bool) and self.r >= 1):
@@ -75,6 +85,12 @@ class VeraConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"vera.dropout must be in [0, 1), got {self.dropout}")
         P.check_layer_indices("vera", self.layers)
+        shape = tuple(self.projection_shape)
+        if shape and not (len(shape) == 2 and all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
+                                                  and n >= 1 for n in shape)):
+            raise ValueError(f"vera.projection_shape must be empty (jpeft's projections) or two integers "
+                             f">= 1, (max d_in, max d_out) of PEFT's projections, got {self.projection_shape!r}")
+        object.__setattr__(self, "projection_shape", tuple(int(n) for n in shape))
 
 
 def _rows(key: jax.Array, n: int, r: int) -> jax.Array:
@@ -92,6 +108,40 @@ def projections(seed: int, r: int, d_in: int, d_out: int) -> tuple[jax.Array, ja
     return a, b
 
 
+@functools.lru_cache(maxsize=8)
+def torch_projections(seed: int, r: int, max_in: int, max_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's ``vera_A (r, max_in)`` and ``vera_B (max_out, r)`` as PyTorch draws them, bit for bit:
+    ``torch.Generator().manual_seed(seed)`` is MT19937 seeded like NumPy's ``RandomState(seed)``;
+    ``uniform_(−b, b)`` on float32 takes the low 24 bits of each 32-bit draw, ``u = bits / 2²⁴``,
+    and returns ``float32(u·(to − from) + from)`` computed in double from float32 limits; PEFT's
+    Kaiming bound is ``b = √3·√2/√fan_in``. Read-only arrays (cached)."""
+    bits = np.random.MT19937()
+    bits.state = np.random.RandomState(seed).get_state(legacy=False)
+    unit = (bits.random_raw(r * max_in + max_out * r) & 0xFFFFFF).astype(np.float64) / float(1 << 24)
+
+    def kaiming(u: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        bound = np.float64(np.float32(math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))))
+        out = (u * (2.0 * bound) - bound).astype(np.float32).reshape(shape)
+        out.flags.writeable = False
+        return out
+
+    return kaiming(unit[:r * max_in], (r, max_in)), kaiming(unit[r * max_in:], (max_out, r))
+
+
+def layer_projections(config: VeraConfig, d_in: int, d_out: int) -> tuple[jax.Array, jax.Array]:
+    """``(A (d_in, r), B (r, d_out))`` of one layer: jpeft's draw, or PEFT's sliced when
+    ``config.projection_shape`` is set."""
+    if not config.projection_shape:
+        return projections(config.projection_seed, config.r, d_in, d_out)
+    max_in, max_out = config.projection_shape
+    if d_in > max_in or d_out > max_out:
+        raise ValueError(f"vera: a target layer of d_in={d_in}, d_out={d_out} is wider than "
+                         f"projection_shape={config.projection_shape}; set it to (max d_in, max d_out) "
+                         "over the adapted layers")
+    a, b = torch_projections(config.projection_seed, config.r, max_in, max_out)
+    return jnp.asarray(a[:, :d_in].T), jnp.asarray(b[:d_out].T)
+
+
 def _check(name: str, path: str, spec: L.LayerSpec, leaves: Mapping[str, Any], r: int) -> None:
     want = {"lambda_d": (*spec.stack, r), "lambda_b": (*spec.stack, *spec.out_shape)}
     got = {k: tuple(jnp.shape(v)) for k, v in leaves.items()}
@@ -104,7 +154,7 @@ def _check(name: str, path: str, spec: L.LayerSpec, leaves: Mapping[str, Any], r
 def _delta_matrix(config: VeraConfig, spec: L.LayerSpec, leaves: Mapping[str, Any]) -> jax.Array:
     """``(A ⊙ λ_d)(B ⊙ λ_b)``, ``(*stack, d_in, d_out)`` float32."""
     fan_out = math.prod(spec.out_shape)
-    a, b = projections(config.projection_seed, config.r, spec.fan_in, fan_out)
+    a, b = layer_projections(config, spec.fan_in, fan_out)
     lam_d = jnp.asarray(leaves["lambda_d"], jnp.float32)[..., None, :]
     lam_b = jnp.reshape(jnp.asarray(leaves["lambda_b"], jnp.float32), (*spec.stack, 1, fan_out))
     return (a * lam_d) @ (b * lam_b)
@@ -131,7 +181,7 @@ def vera(config: VeraConfig = VeraConfig(), *, name: str = "vera") -> Transform:
             y = call(x)
             if ctx.train and config.dropout > 0.0 and ctx.rng is not None:
                 x = dropout(layer.key(ctx, name), x, config.dropout)
-            a, b = projections(config.projection_seed, config.r, spec.fan_in, math.prod(spec.out_shape))
+            a, b = layer_projections(config, spec.fan_in, math.prod(spec.out_shape))
             a = a.reshape((*spec.in_shape, config.r)).astype(x.dtype)
             h = L.contract(spec, x, a) * leaves["lambda_d"].astype(x.dtype)
             # λ_b scales B's output columns (not the layer's output: an einsum may sum some out)
@@ -157,8 +207,9 @@ def vera(config: VeraConfig = VeraConfig(), *, name: str = "vera") -> Transform:
 # -- Hugging Face PEFT format ------------------------------------------------------------------
 # Per target ``<module>.vera_lambda_b (d_out,)`` and ``.vera_lambda_d (r,)``; once
 # ``base_model.vera_A (r, max d_in)`` and ``base_model.vera_B (max d_out, r)``, sliced per layer.
-# PEFT's one vera_A has the widest layer's bound √(6/max d_in); jpeft's A_n has √(6/n), so
-# λ_d (PEFT) = λ_d (jpeft) · √(max d_in / d_in).
+# jpeft's own draw scales A_n by √(6/n) where PEFT's one vera_A has the widest layer's bound
+# √(6/max d_in), so for that draw λ_d (PEFT) = λ_d (jpeft) · √(max d_in / d_in); PEFT's own draw
+# (``projection_shape``) is PEFT's arithmetic and needs no rescaling.
 
 _VERA_HANDLED = {"r", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
                  "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
@@ -173,30 +224,39 @@ def _shapes(mods: Any, params: P.Params, modules: list[str], where: str) -> dict
     return {m: tuple(np.shape(flat[f"{m}/kernel"])) for m in modules}
 
 
+def _peft_draw(tensors: dict[str, np.ndarray], seed: int, r: int, max_in: int, max_out: int,
+               label: str) -> bool:
+    """Which generator drew the adapter's projections: ``False`` jpeft's, ``True`` PyTorch's
+    (PEFT's own; also when the adapter holds none, ``save_projection=False``)."""
+    if _A not in tensors and _B not in tensors:
+        return True
+    a, b = PC.take(tensors, _A, label, "VeRA projection A"), PC.take(tensors, _B, label, "VeRA projection B")
+    if a.shape == (r, max_in) and b.shape == (max_out, r):
+        ours_a, ours_b = projections(seed, r, max_in, max_out)
+        if np.allclose(a, np.asarray(ours_a).T, atol=1e-6) and np.allclose(b, np.asarray(ours_b).T, atol=1e-6):
+            return False
+        torch_a, torch_b = torch_projections(seed, r, max_in, max_out)
+        if np.allclose(a, torch_a, atol=1e-6) and np.allclose(b, torch_b, atol=1e-6):
+            return True
+    raise ValueError(
+        f"{label}: the adapter's VeRA projections (vera_A {a.shape}, vera_B {b.shape}) are neither "
+        f"PEFT's nor jpeft's draw for projection_prng_key={seed}, r={r} and the widest target "
+        f"({max_in} in, {max_out} out): were they edited, or is the base model not the one the adapter "
+        "was trained on? Load it on its own base model")
+
+
 def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext) -> tuple[Transform, Any]:
-    """A PEFT ``VERA`` adapter whose projections are jpeft's for its key, as ``(vera, delta)``."""
+    """A PEFT ``VERA`` adapter (projections drawn by PEFT or by jpeft) as ``(vera, delta)``."""
     F._check_fields(cfg, _VERA_HANDLED)
     if cfg.get("bias", "none") != "none":
         raise F._refuse("bias", cfg["bias"], "VeRA with trained biases is not implemented in jpeft")
-    if cfg.get("save_projection") is False:
-        raise F._refuse("save_projection", False, "the projections are not in the adapter and jpeft "
-                        "does not reproduce PyTorch's generator")
     label, mods = ctx.label, ctx.mods
     assert mods is not None
     modules = T._resolve_targets(cfg, mods, "VeRA")
     shapes = _shapes(mods, ctx.params, modules, label)
     max_in, max_out = max(s[0] for s in shapes.values()), max(s[1] for s in shapes.values())
     r, seed = int(cfg["r"]), int(cfg.get("projection_prng_key", 0))
-    a, b = PC.take(tensors, _A, label, "VeRA projection A"), PC.take(tensors, _B, label, "VeRA projection B")
-    ours_a, ours_b = projections(seed, r, max_in, max_out)
-    if a.shape != (r, max_in) or b.shape != (max_out, r) or not (
-            np.allclose(a, np.asarray(ours_a).T, atol=1e-6) and np.allclose(b, np.asarray(ours_b).T, atol=1e-6)):
-        raise ValueError(
-            f"{label}: the adapter's VeRA projections (vera_A {a.shape}, vera_B {b.shape}) are not the "
-            f"ones jpeft draws for projection_prng_key={seed} and r={r}: PyTorch drew them with its own "
-            "generator, which jpeft does not reproduce (jpeft regenerates its projections from the seed "
-            "and stores none). Only VeRA adapters written by jpeft import; use this one in PEFT, or "
-            "merge it there and load the merged model")
+    peft_draw = _peft_draw(tensors, seed, r, max_in, max_out, label)
     flat: dict[str, Any] = {}
     for path in modules:
         name = mods.name(path)
@@ -206,11 +266,12 @@ def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.Peft
         if lam_d.shape != (r,) or lam_b.shape != (d_out,):
             raise ValueError(f"{label}: {name}: vera_lambda_d {lam_d.shape} / vera_lambda_b {lam_b.shape}, "
                              f"expected ({r},) / ({d_out},); is the base the right architecture?")
-        flat[f"{path}/lambda_d"] = jnp.asarray(lam_d) / math.sqrt(max_in / d_in)
+        flat[f"{path}/lambda_d"] = jnp.asarray(lam_d) / (1.0 if peft_draw else math.sqrt(max_in / d_in))
         flat[f"{path}/lambda_b"] = jnp.asarray(lam_b)
     PC.refuse_leftover(tensors, (".vera_lambda_",), label)
     common = {"r": r, "projection_seed": seed, "d_initial": float(cfg.get("d_initial", 0.1)),
-              "dropout": float(cfg.get("vera_dropout") or 0.0)}
+              "dropout": float(cfg.get("vera_dropout") or 0.0),
+              "projection_shape": (max_in, max_out) if peft_draw else ()}
     config = config_for_peft_targets(cfg, modules, lambda **cand: VeraConfig(**common, **cand),
                                      ctx.params, "vera")
     return vera(config), P.unflatten(flat)
@@ -218,19 +279,24 @@ def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.Peft
 
 def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext
              ) -> tuple[dict[str, Any], dict[str, np.ndarray], P.Params]:
-    """A VeRA delta as PEFT's config fields and tensors, the projections included."""
+    """A VeRA delta as PEFT's config fields and tensors, the projections included (sized, as PEFT
+    sizes them, by the widest adapted layer)."""
     config, mods = transform.config, ctx.mods
     assert mods is not None
     leaves = group_by_module(delta)
     modules = PC.delta_modules(delta, "VeRA")
     shapes = _shapes(mods, ctx.params, modules, "save_peft_adapter")
     max_in, max_out = max(s[0] for s in shapes.values()), max(s[1] for s in shapes.values())
-    a, b = projections(config.projection_seed, config.r, max_in, max_out)
+    if config.projection_shape:
+        a, b = layer_projections(config, max_in, max_out)  # PEFT's draw, sliced to PEFT's shapes
+        scales = {path: 1.0 for path in modules}
+    else:
+        a, b = projections(config.projection_seed, config.r, max_in, max_out)
+        scales = {path: math.sqrt(max_in / shapes[path][0]) for path in modules}
     names = [mods.name(m) for m in modules]
     tensors = {_A: PC.to_numpy(a).T.copy(), _B: PC.to_numpy(b).T.copy()}
     for path, name in zip(modules, names):
-        scale = math.sqrt(max_in / shapes[path][0])
-        tensors[f"{PC.MODULE_KEY}{name}.vera_lambda_d"] = PC.to_numpy(leaves[path]["lambda_d"]) * scale
+        tensors[f"{PC.MODULE_KEY}{name}.vera_lambda_d"] = PC.to_numpy(leaves[path]["lambda_d"]) * scales[path]
         tensors[f"{PC.MODULE_KEY}{name}.vera_lambda_b"] = PC.to_numpy(leaves[path]["lambda_b"])
     fields = {"peft_type": "VERA", "r": int(config.r), "projection_prng_key": int(config.projection_seed),
               "save_projection": True, "vera_dropout": config.dropout, "d_initial": config.d_initial,

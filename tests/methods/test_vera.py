@@ -1,6 +1,7 @@
 """VeRA (jpeft.methods.vera): the written-out update with shared, prefix-consistent projections,
 identity, merge/unmerge on every layer kind and stacks, training, PEFT both ways (jpeft's
-adapters; PyTorch-drawn projections refused), and the MiniLM count against PEFT's."""
+adapters, and PEFT's own with PyTorch's projections redrawn bit for bit), and the MiniLM count
+against PEFT's."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import jpeft
-from jpeft.methods.vera import VeraConfig, projections, vera
+from jpeft.methods.vera import VeraConfig, projections, torch_projections, vera
 from tests import own_models as M
 from tests.helpers import minilm_trainable_counts, perturb, tiny_bert, train_tiny
 
@@ -100,17 +101,21 @@ def test_refusals_name_the_problem():
     ids = jnp.ones((1, 5), jnp.int32)
     with pytest.raises(ValueError, match="expected VeRA's"):
         jpeft.apply(model, vera(VeraConfig(r=8)), base, delta, ids, jnp.ones_like(ids))
+    with pytest.raises(ValueError, match=r"vera.projection_shape must be empty .* got \(16,\)"):
+        VeraConfig(projection_shape=(16,))
+    with pytest.raises(ValueError, match="wider than projection_shape=\\(8, 8\\)"):
+        jpeft.apply(model, vera(VeraConfig(r=4, projection_shape=(8, 8))), base, delta, ids, jnp.ones_like(ids))
 
 
 # -- Hugging Face PEFT ----------------------------------------------------------------------------
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_jpeft_adapters_load_in_peft_and_back_and_pytorch_drawn_ones_are_refused(tmp_path):
+def test_jpeft_adapters_load_in_peft_and_back(tmp_path):
     peft = pytest.importorskip("peft")
     pytest.importorskip("torch")
     from jpeft.checkpoint.hf_peft import load_peft_adapter, save_peft_adapter
     from tests.checkpoint.test_hf_peft import (
-        _trained_head, batch, compare, fresh_hf, hf_base, hf_logits, jpeft_pair, make_adapter, our_logits)
+        _trained_head, batch, compare, fresh_hf, hf_base, hf_logits, jpeft_pair, our_logits)
 
     hf, state = hf_base()
     model, base = jpeft_pair(hf, state)
@@ -128,11 +133,64 @@ def test_jpeft_adapters_load_in_peft_and_back_and_pytorch_drawn_ones_are_refused
             our_logits(model, method, params, jax.tree_util.tree_map(jnp.zeros_like, delta), data))
     back, again, params2 = load_peft_adapter(folder, model, base)
     assert (back.config.r, back.config.projection_seed, back.config.d_initial) == (4, 7, 0.2)
+    assert back.config.projection_shape == ()  # jpeft's draw recognised: no PEFT projections
     np.testing.assert_allclose(our_logits(model, back, params2, again, data), ours, rtol=1e-5, atol=1e-5)
-    _, model, base, theirs = make_adapter(tmp_path / "torch", peft.VeraConfig(
-        task_type="SEQ_CLS", r=4, target_modules=["query"]))
-    with pytest.raises(ValueError, match="PyTorch drew them with its own generator"):
-        load_peft_adapter(theirs, model, base)
+
+
+@pytest.mark.parametrize("seed, shape", [(0, (4, 16)), (5, (3, 40)), (2**31 - 1, (8, 7))])
+def test_peft_projections_are_pytorch_s_draw_bit_for_bit(seed, shape):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft.tuners.vera.model import _kaiming_init
+
+    r, max_in = shape
+    max_out = max_in + 3
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    want_a = _kaiming_init((r, max_in), generator=generator).numpy()
+    want_b = _kaiming_init((max_out, r), generator=generator).numpy()
+    a, b = torch_projections(seed, r, max_in, max_out)
+    np.testing.assert_array_equal(a, want_a)
+    np.testing.assert_array_equal(b, want_b)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_peft_s_own_adapters_load_with_peft_s_logits_and_go_back(tmp_path, save_projection):
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file, save_file
+
+    from jpeft.checkpoint.hf_peft import load_peft_adapter, save_peft_adapter
+    from tests.checkpoint.test_hf_peft import (
+        batch, compare, fresh_hf, hf_base, hf_logits, make_adapter, our_logits, randomize_trainable)
+
+    pm, model, base, folder = make_adapter(tmp_path, peft.VeraConfig(
+        task_type="SEQ_CLS", r=4, projection_prng_key=11, save_projection=save_projection,
+        target_modules=["query", "intermediate.dense", "output.dense"]))  # d_in 16 and 24, d_out 16 and 24
+    randomize_trainable(pm, seed=2, scale=3.0)  # VeRA's vectors need a large step to matter
+    pm.save_pretrained(str(folder))
+    data = batch()
+    transform, delta, params = load_peft_adapter(folder, model, base)
+    assert transform.config.projection_shape == (24, 24) and transform.config.projection_seed == 11
+    theirs = hf_logits(pm, data)
+    ours = our_logits(model, transform, params, delta, data)
+    compare(f"vera/peft-drawn/{save_projection}", ours, theirs,
+            our_logits(model, transform, params, jax.tree_util.tree_map(jnp.zeros_like, delta), data))
+    merged = jpeft.merge(transform, params, delta, model.info())
+    np.testing.assert_allclose(np.asarray(model.apply({"params": merged}, *(jnp.asarray(x) for x in data))),
+                               theirs, atol=1e-4)
+    out = save_peft_adapter(tmp_path / "back", transform, delta, params, base_model_name_or_path="tiny",
+                            model=model)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    np.testing.assert_array_equal(tensors["base_model.vera_A"], pm.base_model.vera_A["default"].numpy())
+    _, state = hf_base()
+    again = peft.PeftModel.from_pretrained(fresh_hf("bert", 2, state), str(out)).eval()
+    np.testing.assert_allclose(hf_logits(again, data), theirs, atol=1e-5)
+    tensors["base_model.vera_A"] = tensors["base_model.vera_A"] + np.float32(1e-3)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="neither PEFT's nor jpeft's draw for projection_prng_key=11"):
+        load_peft_adapter(out, model, base)
+    assert torch is not None
 
 
 @pytest.mark.real
