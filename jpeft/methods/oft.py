@@ -12,6 +12,13 @@ PEFT, the Neumann series ``I + 2Q + 2Q² + … + 2Q^{m−2} + Q^{m−1}`` of ``(
 ``(I−Q)(I+Q)⁻¹`` (PEFT's two forms differ in the sign of ``Q``; jpeft follows each). With
 ``block_share`` one ``Q`` serves every block.
 
+Constrained OFT (``coft``, PEFT's COFT) keeps every block within a Frobenius ball of radius
+``ε' = eps/√k`` (``k`` the blocks of the module's ``oft_q``): ``Q ← ε'·Q/‖Q‖_F`` where
+``‖Q‖_F > ε'``. As PEFT (which projects its stored weight before each use), jpeft projects the
+delta after every training step (a ``between_steps`` hook) and uses the projection in the forward
+pass with a straight-through gradient (a stored, unprojected delta, such as an imported one, acts
+as PEFT would make it act).
+
 ``block_size`` (or ``r``, the number of blocks; exactly one of them non-zero) is adjusted per
 layer to a divisor of ``d_in`` as PEFT does (the nearest one, the lower on a tie). OFT is a
 rewrite of the parameters before the forward pass (``adapt_params``): every target kernel, its
@@ -43,6 +50,7 @@ from jpeft.checkpoint import peft_fields as F
 from jpeft.checkpoint import peft_targets as T
 from jpeft.core import layers as L
 from jpeft.core import paths as P
+from jpeft.core.capabilities import TrainingHooks
 from jpeft.core.model import group_by_module
 from jpeft.core.registry import register
 from jpeft.core.transform import ModelInfo, Transform, resolve_info
@@ -66,6 +74,10 @@ class OftConfig:
         default=True, metadata={"help": "Cayley transform by its Neumann series (PEFT's default)"})
     num_cayley_neumann_terms: int = dataclasses.field(
         default=5, metadata={"help": "terms of the Neumann series"})
+    coft: bool = dataclasses.field(
+        default=False, metadata={"help": "constrained OFT: keep each block within a ball of radius eps"})
+    eps: float = dataclasses.field(
+        default=6e-5, metadata={"help": "COFT's radius (divided by the square root of the block count)"})
 
     def __post_init__(self) -> None:
         for field in ("block_size", "r"):
@@ -79,6 +91,8 @@ class OftConfig:
                 and self.num_cayley_neumann_terms >= 1):
             raise ValueError(f"oft.num_cayley_neumann_terms must be an integer >= 1, got "
                              f"{self.num_cayley_neumann_terms!r}")
+        if not (isinstance(self.eps, numbers.Real) and not isinstance(self.eps, bool) and self.eps > 0):
+            raise ValueError(f"oft.eps must be a number > 0 (COFT's radius), got {self.eps!r}")
         P.check_layer_indices("oft", self.layers)
 
 
@@ -126,6 +140,15 @@ def rotations(config: OftConfig, q: jax.Array, b: int) -> jax.Array:
     return out
 
 
+def constrain(config: OftConfig, q: jax.Array) -> jax.Array:
+    """COFT's projection of ``q (…, k, b(b−1)/2)``, PEFT's ``_project_batch``: each block's
+    skew-symmetric ``Q`` (Frobenius norm ``√2·‖q‖``) scaled back onto the ball of radius
+    ``eps/√k`` when outside it."""
+    radius = config.eps / np.sqrt(q.shape[-2])
+    norm = jnp.sqrt(2.0) * jnp.linalg.norm(q, axis=-1, keepdims=True)
+    return jnp.where(norm <= radius, q, radius * q / jnp.where(norm > 0, norm, 1.0))
+
+
 def _rotated(config: OftConfig, spec: L.LayerSpec, q: jax.Array, matrix: jax.Array) -> jax.Array:
     """``R M`` for a kernel matrix ``M (*stack, d_in, d_out)``."""
     n, b = blocks(config, spec.fan_in)
@@ -146,6 +169,8 @@ def _check(name: str, path: str, config: OftConfig, spec: L.LayerSpec, leaves: M
                          f"'{path}', expected OFT's {LEAF} {want} ({n} blocks of {b}); was it made by "
                          "another method, config or model? Init it with this transform on this model")
     q = jnp.asarray(leaves[LEAF], jnp.float32)
+    if config.coft:  # straight through, as PEFT's projection of its stored weight (no gradient)
+        q = q + jax.lax.stop_gradient(constrain(config, q) - q)
     if config.layers and spec.stack:
         keep = jnp.isin(jnp.arange(spec.stack[0]), jnp.asarray(config.layers)).astype(q.dtype)
         q = q * keep.reshape((spec.stack[0],) + (1,) * (q.ndim - 1))
@@ -176,11 +201,14 @@ def oft(config: OftConfig = OftConfig(), *, name: str = "oft") -> Transform:
             return jnp.linalg.solve(r, grouped).reshape(merged.shape)
         return map_kernels(params, delta, info, "oft unmerge", solve)
 
+    project = jax.jit(lambda delta: jax.tree_util.tree_map(lambda q: constrain(config, q), delta))
     return Transform(
         name=name, config=config, init=init,
         adapt_params=lambda base, delta, ctx: merge(base, delta, ctx.info),
         delta_layout=lambda path, leaf: ("stack", "replicated", "replicated"),
         merge=merge, unmerge=unmerge,
+        capabilities=(TrainingHooks(between_steps=lambda delta, step, total: project(delta)),)
+        if config.coft else (),
     )
 
 
@@ -189,24 +217,22 @@ def oft(config: OftConfig = OftConfig(), *, name: str = "oft") -> Transform:
 
 _OFT_HANDLED = {"r", "oft_block_size", "target_modules", "exclude_modules", "layers_to_transform",
                 "layers_pattern", "block_share", "use_cayley_neumann", "num_cayley_neumann_terms",
-                "init_weights", "fan_in_fan_out", "bias", "coft"}
-_OFT_IGNORED = {"module_dropout", "eps"}  # module_dropout: PEFT's Linear forward does not apply it
+                "init_weights", "fan_in_fan_out", "bias", "coft", "eps"}
+_OFT_IGNORED = {"module_dropout"}  # PEFT's Linear forward does not apply it
 
 
 def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext) -> tuple[Transform, Any]:
     F._check_fields(cfg, _OFT_HANDLED, _OFT_IGNORED)
-    for field, ok in (("bias", "none"), ("coft", False)):
-        if cfg.get(field, ok) != ok:
-            raise F._refuse(field, cfg[field], "trained biases are not implemented for jpeft's OFT"
-                            if field == "bias" else "constrained OFT rewrites the weights after each "
-                            "step and is not implemented in jpeft")
+    if cfg.get("bias", "none") != "none":
+        raise F._refuse("bias", cfg["bias"], "trained biases are not implemented for jpeft's OFT")
     label, mods = ctx.label, ctx.mods
     assert mods is not None
     modules = PC.linear_only(mods, T._resolve_targets(cfg, mods, "OFT"), label, "OFT")
     common = {"block_size": int(cfg.get("oft_block_size") or 0), "r": int(cfg.get("r") or 0),
               "block_share": bool(cfg.get("block_share", False)),
               "use_cayley_neumann": bool(cfg.get("use_cayley_neumann", True)),
-              "num_cayley_neumann_terms": int(cfg.get("num_cayley_neumann_terms", 5))}
+              "num_cayley_neumann_terms": int(cfg.get("num_cayley_neumann_terms", 5)),
+              "coft": bool(cfg.get("coft", False)), "eps": float(cfg.get("eps", 6e-5))}
     probe = OftConfig(**common)
     flat_base = P.flatten(ctx.params)
     flat: dict[str, Any] = {}
@@ -236,7 +262,7 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext
                for m, name in zip(modules, names)}
     fields = {"peft_type": "OFT", "r": config.r, "oft_block_size": config.block_size,
               "block_share": config.block_share, "use_cayley_neumann": config.use_cayley_neumann,
-              "num_cayley_neumann_terms": config.num_cayley_neumann_terms, "coft": False,
+              "num_cayley_neumann_terms": config.num_cayley_neumann_terms, "coft": config.coft, "eps": config.eps,
               "bias": "none", "init_weights": True, "fan_in_fan_out": False, "module_dropout": 0.0,
               "layers_pattern": None, **T._peft_targets_for(names, list(mods.by_name), list(mods.head))}
     return fields, tensors, ctx.params

@@ -1,5 +1,5 @@
 """OFT (jpeft.methods.oft): PEFT's Cayley rotations term for term, identity, W' = R W on every
-layer kind, merge/unmerge, stacks with ``layers=``, PEFT both ways, refusals."""
+layer kind, merge/unmerge, stacks with ``layers=``, COFT's projection, PEFT both ways, refusals."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 import jpeft
-from jpeft.methods.oft import OftConfig, blocks, oft, rotations
+from jpeft.methods.oft import OftConfig, blocks, constrain, oft, rotations
+from jpeft.train.optim import OptimConfig
+from jpeft.train.trainer import Trainer
 from tests import own_models as M
-from tests.helpers import minilm_trainable_counts, perturb, tiny_bert
+from tests.helpers import minilm_trainable_counts, perturb, tiny_batch, tiny_bert
 
 KEY = jax.random.key(0)
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -95,17 +97,21 @@ def test_layers_inside_a_stack_are_left_alone():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("kwargs", [dict(oft_block_size=4), dict(oft_block_size=0, r=2, block_share=True),
-                                    dict(oft_block_size=8, use_cayley_neumann=False)])
+                                    dict(oft_block_size=8, use_cayley_neumann=False),
+                                    dict(oft_block_size=4, coft=True, eps=8.0)])
 def test_peft_adapters_both_ways(tmp_path, kwargs):
     peft = pytest.importorskip("peft")
     pytest.importorskip("torch")
     from jpeft.checkpoint.hf_peft import load_peft_adapter, save_peft_adapter
     from tests.checkpoint.test_hf_peft import (
         _trained_head, base_logits, batch, compare, fresh_hf, hf_base, hf_logits, jpeft_pair, make_adapter,
-        our_logits)
+        our_logits, randomize_trainable)
 
     pm, model, base, folder = make_adapter(tmp_path, peft.OFTConfig(
         task_type="SEQ_CLS", target_modules=["query", "value", "intermediate.dense"], **kwargs))
+    if kwargs.get("coft"):  # blocks beyond COFT's radius: PEFT projects them when it runs
+        randomize_trainable(pm, seed=2, scale=3.0)
+        pm.save_pretrained(str(folder))
     data = batch()
     transform, delta, params = load_peft_adapter(folder, model, base)
     assert transform.name == "oft"
@@ -113,8 +119,9 @@ def test_peft_adapters_both_ways(tmp_path, kwargs):
             base_logits(model, base, data))
     hf, state = hf_base()
     model, base = jpeft_pair(hf, state)
-    method = oft(OftConfig(block_size=4, targets=r"(key|output/dense)$"))
-    delta = perturb(method.init(KEY, base, model.info()), scale=0.5)
+    method = oft(OftConfig(block_size=4, targets=r"(key|output/dense)$", coft=kwargs.get("coft", False),
+                           eps=kwargs.get("eps", 6e-5)))
+    delta = perturb(method.init(KEY, base, model.info()), scale=2.0 if kwargs.get("coft") else 0.5)
     params = _trained_head(base)
     out = save_peft_adapter(tmp_path / "ours", method, delta, params, base_model_name_or_path="tiny",
                             model=model)
@@ -122,6 +129,29 @@ def test_peft_adapters_both_ways(tmp_path, kwargs):
     loaded = peft.PeftModel.from_pretrained(fresh_hf("bert", 2, state), str(out)).eval()
     compare("oft/export", our_logits(model, method, params, delta, data), hf_logits(loaded, data),
             our_logits(model, method, params, jax.tree_util.tree_map(jnp.zeros_like, delta), data))
+
+
+def test_coft_projection_is_peft_s_and_training_stays_inside_the_ball():
+    torch = pytest.importorskip("torch")
+    layer_mod = pytest.importorskip("peft.tuners.oft.layer")
+    b, k, eps = 4, 3, 0.05
+    config = OftConfig(block_size=b, coft=True, eps=eps)
+    q = np.asarray(jax.random.normal(KEY, (k, b * (b - 1) // 2)), np.float32) * np.float32([[0.001], [0.1], [1.0]])
+    module = layer_mod.OFTRotationModule(k, q.shape[1], b, k * b, coft=True, eps=eps)
+    theirs = module._project_batch(torch.tensor(q), eps=eps).numpy()
+    ours = np.asarray(constrain(config, jnp.asarray(q)))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-8)
+    assert np.array_equal(ours[0], q[0]) and not np.allclose(ours[2], q[2])  # inside kept, outside scaled
+    model, base = tiny_bert()
+    trainer = Trainer(model, oft(config), base, total_steps=3, optim=OptimConfig(lr=0.5, warmup_ratio=0.0))
+    state = trainer.init_state(KEY)
+    for step in range(1, 4):
+        state, _ = trainer.train_step(state, trainer.frozen, tiny_batch())
+        state = trainer.between_steps(state, step)
+    norms = [np.sqrt(2) * np.linalg.norm(np.asarray(q), axis=-1) / (eps / np.sqrt(q.shape[-2]))
+             for q in jax.tree_util.tree_leaves(state.trainable["delta"])]
+    assert max(float(n.max()) for n in norms) <= 1 + 1e-5  # every block inside its ball ...
+    assert min(float(n.max()) for n in norms) > 1 - 1e-5   # ... and every module at its edge
 
 
 def test_refusals_name_the_problem(tmp_path):
@@ -132,6 +162,8 @@ def test_refusals_name_the_problem(tmp_path):
         jpeft.apply(model, oft(OftConfig(block_size=8)), base, other, ids, jnp.ones_like(ids))
     with pytest.raises(ValueError, match="oft.num_cayley_neumann_terms"):
         OftConfig(num_cayley_neumann_terms=0)
+    with pytest.raises(ValueError, match="oft.eps must be a number > 0"):
+        OftConfig(coft=True, eps=0.0)
 
 
 @pytest.mark.real
