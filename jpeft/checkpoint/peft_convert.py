@@ -96,6 +96,19 @@ def refuse_leftover(tensors: Mapping[str, np.ndarray], markers: Sequence[str], l
                          f"base: {sorted(extra)[:10]}; is the base the architecture it was trained on?")
 
 
+def bias_tensors(ctx: "PeftContext", modules: Sequence[str]) -> dict[str, np.ndarray]:
+    """PEFT's tensors of the biases a transform trains (``bias="all"`` / ``"<method>_only"``):
+    ``<module>.base_layer.bias`` for an adapted module, ``<module>.bias`` for another."""
+    assert ctx.mods is not None
+    flat, adapted = P.flatten(ctx.params), set(modules)
+    tensors = {}
+    for path in ctx.trained_base:
+        module = path.rpartition("/")[0]
+        inner = ".base_layer" if module in adapted else ""
+        tensors[f"{MODULE_KEY}{ctx.mods.name(module)}{inner}.bias"] = to_numpy(flat[path])
+    return tensors
+
+
 def to_numpy(x: Any) -> np.ndarray:
     """A float32 host copy of a delta leaf."""
     return np.asarray(jax.device_get(x), np.float32)

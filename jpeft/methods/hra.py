@@ -44,7 +44,7 @@ from jpeft.core.model import group_by_module
 from jpeft.core.registry import register
 from jpeft.core.transform import ModelInfo, Transform, resolve_info
 from jpeft.methods.kernel_delta import map_kernels
-from jpeft.methods.lora import config_for_peft_targets, target_specs
+from jpeft.methods.lora import check_bias, config_for_peft_targets, target_specs, trained_biases
 
 LEAF = "hra_u"
 
@@ -58,6 +58,8 @@ class HraConfig:
         default=(), metadata={"help": "only these layer indices (empty: all layers)"})
     apply_gs: bool = dataclasses.field(
         default=False, metadata={"help": "orthonormalise the vectors (Gram-Schmidt): H = I - 2UU^T"})
+    bias: str = dataclasses.field(
+        default="none", metadata={"help": "train biases too: 'none', 'all' or 'hra_only'"})
 
     def __post_init__(self) -> None:
         if not (isinstance(self.r, numbers.Integral) and not isinstance(self.r, bool) and self.r >= 2
@@ -65,6 +67,7 @@ class HraConfig:
             raise ValueError(f"hra.r must be an even integer >= 2 (pairs of equal reflections make the "
                              f"identity at init), got {self.r!r}")
         P.check_layer_indices("hra", self.layers)
+        check_bias("hra", self.bias)
 
 
 def reflections(config: HraConfig, u: jax.Array) -> jax.Array:
@@ -138,6 +141,7 @@ def hra(config: HraConfig = HraConfig(), *, name: str = "hra") -> Transform:
         name=name, config=config, init=init,
         adapt_params=lambda base, delta, ctx: merge(base, delta, ctx.info),
         delta_layout=lambda path, leaf: ("stack", "in", "rank"),
+        trainable_base=lambda base: trained_biases("hra", config, base),
         merge=merge, unmerge=unmerge,
     )
 
@@ -151,12 +155,10 @@ _HRA_HANDLED = {"r", "apply_GS", "target_modules", "exclude_modules", "layers_to
 
 def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext) -> tuple[Transform, Any]:
     F._check_fields(cfg, _HRA_HANDLED)
-    if cfg.get("bias", "none") != "none":
-        raise F._refuse("bias", cfg["bias"], "trained biases are not implemented for jpeft's HRA")
     label, mods = ctx.label, ctx.mods
     assert mods is not None
     modules = PC.linear_only(mods, T._resolve_targets(cfg, mods, "HRA"), label, "HRA")
-    common = {"r": int(cfg["r"]), "apply_gs": bool(cfg.get("apply_GS", False))}
+    common = {"r": int(cfg["r"]), "apply_gs": bool(cfg.get("apply_GS", False)), "bias": cfg.get("bias", "none")}
     flat_base = P.flatten(ctx.params)
     flat: dict[str, Any] = {}
     for path in modules:
@@ -181,7 +183,8 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext
     modules = PC.linear_only(mods, PC.delta_modules(delta, "HRA"), "save_peft_adapter", "HRA")
     names = [mods.name(m) for m in modules]
     tensors = {f"{PC.MODULE_KEY}{name}.{LEAF}": PC.to_numpy(leaves[m][LEAF]) for m, name in zip(modules, names)}
-    fields = {"peft_type": "HRA", "r": config.r, "apply_GS": config.apply_gs, "bias": "none",
+    tensors.update(PC.bias_tensors(ctx, modules))
+    fields = {"peft_type": "HRA", "r": config.r, "apply_GS": config.apply_gs, "bias": config.bias,
               "init_weights": True, "layers_pattern": None,
               **T._peft_targets_for(names, list(mods.by_name), list(mods.head))}
     return fields, tensors, ctx.params

@@ -95,8 +95,7 @@ class LoraConfig:
         check_rank_fields("lora", self)
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"lora.init must be 'kaiming' or 'gaussian', got {self.init!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"lora.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        check_bias("lora", self.bias)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not (isinstance(self.lr_ratio, (int, float)) and math.isfinite(self.lr_ratio)
@@ -144,6 +143,24 @@ def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
         if re.search(pattern, path):
             return value
     return default
+
+
+def check_bias(method: str, bias: str) -> None:
+    """PEFT's ``bias`` choices: ``'none'``, ``'all'`` (every bias outside the head) or
+    ``'<method>_only'`` (the adapted layers' biases)."""
+    if bias not in ("none", "all", f"{method}_only"):
+        raise ValueError(f"{method}.bias must be 'none', 'all' or '{method}_only', got {bias!r}")
+
+
+def trained_biases(method: str, config: Any, base: P.Params) -> list[str]:
+    """The base bias paths a config with PEFT's ``bias`` field (and ``targets``/``layers``) trains."""
+    if config.bias == "none":
+        return []
+    biases = [p for p in P.paths(base) if p.endswith("/bias") and not p.startswith("head/")]
+    if config.bias == f"{method}_only":
+        modules = set(target_modules(config, base))
+        biases = [p for p in biases if p[: -len("/bias")] in modules]
+    return biases
 
 
 def target_modules(config: LoraConfig, base: P.Params,
@@ -308,13 +325,7 @@ def lora(config: LoraConfig = LoraConfig(), *, name: str = "lora") -> Transform:
         return adapt
 
     def trainable_base(base: P.Params) -> list[str]:
-        if config.bias == "none":
-            return []
-        biases = [p for p in P.paths(base) if p.endswith("/bias") and not p.startswith("head/")]
-        if config.bias == "lora_only":
-            modules = set(target_modules(config, base))
-            biases = [p for p in biases if p[: -len("/bias")] in modules]
-        return biases
+        return trained_biases("lora", config, base)
 
     def _fold(params: P.Params, delta: Any, sign: float, info: ModelInfo | None) -> P.Params:
         flat = P.flatten(params)
@@ -449,11 +460,7 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext) -> tuple[dic
         tensors[f"{PC.MODULE_KEY}{name}.lora_B.weight"] = b.T
         if config.use_dora:
             tensors[f"{PC.MODULE_KEY}{name}.lora_magnitude_vector"] = PC.to_numpy(body[f"{path}/{dora.MAGNITUDE}"])
-    flat = P.flatten(ctx.params)
-    for path in ctx.trained_base:  # trained biases (bias="all" / "lora_only")
-        module = path.rpartition("/")[0]
-        inner = ".base_layer" if module in set(modules) else ""
-        tensors[f"{PC.MODULE_KEY}{mods.name(module)}{inner}.bias"] = PC.to_numpy(flat[path])
+    tensors.update(PC.bias_tensors(ctx, modules))  # trained biases (bias="all" / "lora_only")
     fields = {
         "peft_type": "LORA", "r": int(config.r), "lora_alpha": config.alpha, "lora_dropout": config.dropout,
         "use_rslora": bool(config.use_rslora), "bias": config.bias,

@@ -55,7 +55,7 @@ from jpeft.core.model import group_by_module
 from jpeft.core.registry import register
 from jpeft.core.transform import ModelInfo, Transform, resolve_info
 from jpeft.methods.kernel_delta import map_kernels
-from jpeft.methods.lora import config_for_peft_targets, target_specs
+from jpeft.methods.lora import check_bias, config_for_peft_targets, target_specs, trained_biases
 
 LEAF = "oft_q"
 
@@ -78,6 +78,8 @@ class OftConfig:
         default=False, metadata={"help": "constrained OFT: keep each block within a ball of radius eps"})
     eps: float = dataclasses.field(
         default=6e-5, metadata={"help": "COFT's radius (divided by the square root of the block count)"})
+    bias: str = dataclasses.field(
+        default="none", metadata={"help": "train biases too: 'none', 'all' or 'oft_only'"})
 
     def __post_init__(self) -> None:
         for field in ("block_size", "r"):
@@ -94,6 +96,7 @@ class OftConfig:
         if not (isinstance(self.eps, numbers.Real) and not isinstance(self.eps, bool) and self.eps > 0):
             raise ValueError(f"oft.eps must be a number > 0 (COFT's radius), got {self.eps!r}")
         P.check_layer_indices("oft", self.layers)
+        check_bias("oft", self.bias)
 
 
 def _nearest_divisor(d_in: int, value: int) -> int:
@@ -207,6 +210,7 @@ def oft(config: OftConfig = OftConfig(), *, name: str = "oft") -> Transform:
         adapt_params=lambda base, delta, ctx: merge(base, delta, ctx.info),
         delta_layout=lambda path, leaf: ("stack", "replicated", "replicated"),
         merge=merge, unmerge=unmerge,
+        trainable_base=lambda base: trained_biases("oft", config, base),
         capabilities=(TrainingHooks(between_steps=lambda delta, step, total: project(delta)),)
         if config.coft else (),
     )
@@ -223,8 +227,6 @@ _OFT_IGNORED = {"module_dropout"}  # PEFT's Linear forward does not apply it
 
 def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext) -> tuple[Transform, Any]:
     F._check_fields(cfg, _OFT_HANDLED, _OFT_IGNORED)
-    if cfg.get("bias", "none") != "none":
-        raise F._refuse("bias", cfg["bias"], "trained biases are not implemented for jpeft's OFT")
     label, mods = ctx.label, ctx.mods
     assert mods is not None
     modules = PC.linear_only(mods, T._resolve_targets(cfg, mods, "OFT"), label, "OFT")
@@ -232,7 +234,8 @@ def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.Peft
               "block_share": bool(cfg.get("block_share", False)),
               "use_cayley_neumann": bool(cfg.get("use_cayley_neumann", True)),
               "num_cayley_neumann_terms": int(cfg.get("num_cayley_neumann_terms", 5)),
-              "coft": bool(cfg.get("coft", False)), "eps": float(cfg.get("eps", 6e-5))}
+              "coft": bool(cfg.get("coft", False)), "eps": float(cfg.get("eps", 6e-5)),
+              "bias": cfg.get("bias", "none")}
     probe = OftConfig(**common)
     flat_base = P.flatten(ctx.params)
     flat: dict[str, Any] = {}
@@ -260,10 +263,11 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext
     names = [mods.name(m) for m in modules]
     tensors = {f"{PC.MODULE_KEY}{name}.oft_R.weight": PC.to_numpy(leaves[m][LEAF])
                for m, name in zip(modules, names)}
+    tensors.update(PC.bias_tensors(ctx, modules))
     fields = {"peft_type": "OFT", "r": config.r, "oft_block_size": config.block_size,
               "block_share": config.block_share, "use_cayley_neumann": config.use_cayley_neumann,
               "num_cayley_neumann_terms": config.num_cayley_neumann_terms, "coft": config.coft, "eps": config.eps,
-              "bias": "none", "init_weights": True, "fan_in_fan_out": False, "module_dropout": 0.0,
+              "bias": config.bias, "init_weights": True, "fan_in_fan_out": False, "module_dropout": 0.0,
               "layers_pattern": None, **T._peft_targets_for(names, list(mods.by_name), list(mods.head))}
     return fields, tensors, ctx.params
 

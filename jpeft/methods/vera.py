@@ -56,7 +56,7 @@ from jpeft.core.model import group_by_module
 from jpeft.core.registry import register
 from jpeft.core.transform import ApplyContext, ModelInfo, Transform, resolve_info
 from jpeft.methods.kernel_delta import add_to_kernels
-from jpeft.methods.lora import _stack_mask, config_for_peft_targets, target_specs
+from jpeft.methods.lora import _stack_mask, check_bias, config_for_peft_targets, target_specs, trained_biases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,8 @@ class VeraConfig:
     projection_shape: tuple[int, ...] = dataclasses.field(
         default=(), metadata={"help": "(max d_in, max d_out): PEFT's projections (PyTorch's generator, "
                                       "sliced per layer); empty: jpeft's draw"})
+    bias: str = dataclasses.field(
+        default="none", metadata={"help": "train biases too: 'none', 'all' or 'vera_only'"})
 
     def __post_init__(self) -> None:
         if not (isinstance(self.r, numbers.Integral) and not isinstance(self.r, bool) and self.r >= 1):
@@ -85,6 +87,7 @@ class VeraConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"vera.dropout must be in [0, 1), got {self.dropout}")
         P.check_layer_indices("vera", self.layers)
+        check_bias("vera", self.bias)
         shape = tuple(self.projection_shape)
         if shape and not (len(shape) == 2 and all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
                                                   and n >= 1 for n in shape)):
@@ -199,6 +202,7 @@ def vera(config: VeraConfig = VeraConfig(), *, name: str = "vera") -> Transform:
     return Transform(
         name=name, config=config, init=init, layer_hook=layer_hook,
         delta_layout=lambda path, leaf: ("stack", "rank") if leaf == "lambda_d" else ("stack", "out"),
+        trainable_base=lambda base: trained_biases("vera", config, base),
         merge=lambda params, delta, info=None: fold(params, delta, 1.0, info),
         unmerge=lambda params, delta, info=None: fold(params, delta, -1.0, info),
     )
@@ -248,8 +252,6 @@ def _peft_draw(tensors: dict[str, np.ndarray], seed: int, r: int, max_in: int, m
 def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.PeftContext) -> tuple[Transform, Any]:
     """A PEFT ``VERA`` adapter (projections drawn by PEFT or by jpeft) as ``(vera, delta)``."""
     F._check_fields(cfg, _VERA_HANDLED)
-    if cfg.get("bias", "none") != "none":
-        raise F._refuse("bias", cfg["bias"], "VeRA with trained biases is not implemented in jpeft")
     label, mods = ctx.label, ctx.mods
     assert mods is not None
     modules = T._resolve_targets(cfg, mods, "VeRA")
@@ -271,7 +273,7 @@ def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.Peft
     PC.refuse_leftover(tensors, (".vera_lambda_",), label)
     common = {"r": r, "projection_seed": seed, "d_initial": float(cfg.get("d_initial", 0.1)),
               "dropout": float(cfg.get("vera_dropout") or 0.0),
-              "projection_shape": (max_in, max_out) if peft_draw else ()}
+              "projection_shape": (max_in, max_out) if peft_draw else (), "bias": cfg.get("bias", "none")}
     config = config_for_peft_targets(cfg, modules, lambda **cand: VeraConfig(**common, **cand),
                                      ctx.params, "vera")
     return vera(config), P.unflatten(flat)
@@ -298,9 +300,10 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext
     for path, name in zip(modules, names):
         tensors[f"{PC.MODULE_KEY}{name}.vera_lambda_d"] = PC.to_numpy(leaves[path]["lambda_d"]) * scales[path]
         tensors[f"{PC.MODULE_KEY}{name}.vera_lambda_b"] = PC.to_numpy(leaves[path]["lambda_b"])
+    tensors.update(PC.bias_tensors(ctx, modules))
     fields = {"peft_type": "VERA", "r": int(config.r), "projection_prng_key": int(config.projection_seed),
               "save_projection": True, "vera_dropout": config.dropout, "d_initial": config.d_initial,
-              "fan_in_fan_out": False, "bias": "none",
+              "fan_in_fan_out": False, "bias": config.bias,
               "init_weights": True, "layers_pattern": None,
               **T._peft_targets_for(names, list(mods.by_name), list(mods.head))}
     return fields, tensors, ctx.params
