@@ -70,25 +70,36 @@ class HraConfig:
         check_bias("hra", self.bias)
 
 
+def _orthonormal(u: jax.Array) -> jax.Array:
+    """PEFT's column-by-column Gram–Schmidt of ``U (…, d, r)``."""
+    basis: list[jax.Array] = []
+    for i in range(u.shape[-1]):
+        v = u[..., i]
+        for w in basis:
+            v = v - jnp.sum(w * v, axis=-1, keepdims=True) * w
+        basis.append(v / jnp.linalg.norm(v, axis=-1, keepdims=True))
+    return jnp.stack(basis, axis=-1)
+
+
+def reflect(config: HraConfig, u: jax.Array, m: jax.Array, transpose: bool) -> jax.Array:
+    """``Hᵀ M`` (``transpose``) or ``H M`` for ``M (…, d, n)``, one reflection at a time
+    (``2·r·d·n`` multiply-adds, never forming the ``d × d`` matrix ``H``)."""
+    if config.apply_gs:  # H = I − 2 W Wᵀ is symmetric
+        w = _orthonormal(u)
+        return m - 2.0 * w @ (jnp.swapaxes(w, -1, -2) @ m)
+    unit = u / jnp.linalg.norm(u, axis=-2, keepdims=True)
+    order = range(u.shape[-1]) if transpose else reversed(range(u.shape[-1]))  # Hᵀ = H_r ⋯ H₁
+    for i in order:
+        col = unit[..., :, i:i + 1]
+        m = m - 2.0 * col @ (jnp.swapaxes(col, -1, -2) @ m)
+    return m
+
+
 def reflections(config: HraConfig, u: jax.Array) -> jax.Array:
     """``H (…, d, d)`` from ``U (…, d, r)`` (module docstring)."""
     d = u.shape[-2]
     eye = jnp.broadcast_to(jnp.eye(d, dtype=u.dtype), (*u.shape[:-2], d, d))
-    if config.apply_gs:  # PEFT's column-by-column Gram-Schmidt
-        basis: list[jax.Array] = []
-        for i in range(u.shape[-1]):
-            v = u[..., i]
-            for w in basis:
-                v = v - jnp.sum(w * v, axis=-1, keepdims=True) * w
-            basis.append(v / jnp.linalg.norm(v, axis=-1, keepdims=True))
-        w = jnp.stack(basis, axis=-1)
-        return eye - 2.0 * w @ jnp.swapaxes(w, -1, -2)
-    unit = u / jnp.linalg.norm(u, axis=-2, keepdims=True)
-    h = eye
-    for i in range(u.shape[-1]):
-        col = unit[..., :, i:i + 1]
-        h = h - 2.0 * (h @ col) @ jnp.swapaxes(col, -1, -2)
-    return h
+    return reflect(config, u, eye, transpose=False)
 
 
 def _check(name: str, path: str, config: HraConfig, spec: L.LayerSpec, leaves: Mapping[str, Any]
@@ -124,9 +135,7 @@ def hra(config: HraConfig = HraConfig(), *, name: str = "hra") -> Transform:
     def transformed(path: str, spec: L.LayerSpec, leaves: Mapping[str, Any], m: jax.Array,
                     inverse: bool) -> jax.Array:
         u, keep = _check(name, path, config, spec, leaves)
-        h = reflections(config, u)
-        h = h if inverse else jnp.swapaxes(h, -1, -2)  # merge: Hᵀ W; unmerge: H W' (H orthogonal)
-        out = h @ m
+        out = reflect(config, u, m, transpose=not inverse)  # merge: Hᵀ W; unmerge: H W' (H orthogonal)
         return out if keep is None else jnp.where(keep, out, m)
 
     def merge(params: P.Params, delta: Any, info: ModelInfo | None = None) -> P.Params:
