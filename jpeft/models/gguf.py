@@ -34,6 +34,7 @@ whether its model used one; Qwen2/2.5 releases do not).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any
@@ -173,7 +174,14 @@ def params_from_gguf(reader, config: LlamaConfig) -> dict[str, np.ndarray]:
 
 def matmul_tensor_types(path: str | os.PathLike[str]) -> dict[str, int]:
     """How many of a GGUF file's matmul weights (the ``blk.N.*`` matrices and ``output``) are
-    stored in each GGML type, e.g. ``{"Q4_1": 210}``: what precision the file's weights had."""
+    stored in each GGML type, e.g. ``{"Q4_1": 210}``: what precision the file's weights had.
+    Remembered per file version (path, size, modification time): parsing a header takes seconds."""
+    stat = os.stat(path)
+    return dict(_matmul_tensor_types(os.path.realpath(path), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _matmul_tensor_types(path: str, size: int, mtime_ns: int) -> dict[str, int]:
     counts: dict[str, int] = {}
     for tensor in _reader(path).tensors:
         m = _NAME.match(tensor.name)
