@@ -208,6 +208,8 @@ def _run(cfg: E2EConfig, out_dir: Path, t_start: float) -> dict[str, Any]:
 
     model, base, tokenizer = load_model(cfg)
     transform = build_method(cfg, tokenizer)
+    # a method that cannot adapt this model is refused now, before the data are encoded (shapes only)
+    jax.eval_shape(lambda: transform.init(jax.random.key(cfg.seed), base, model.info()))
     train = D.encode(train_ds, tokenizer, cfg.data.max_length)
     dev = D.encode(dev_ds, tokenizer, cfg.data.max_length)
     buckets = tuple(cfg.data.buckets) or e2e_buckets(cfg.data.max_length)
