@@ -221,9 +221,9 @@ _VERA_HANDLED = {"r", "target_modules", "exclude_modules", "layers_to_transform"
 _A, _B = "base_model.vera_A", "base_model.vera_B"
 
 
-def _shapes(mods: Any, params: P.Params, modules: list[str], where: str) -> dict[str, tuple[int, int]]:
-    """``{module: (d_in, d_out)}`` of PEFT's Linear targets (transformers' Conv1D refused)."""
-    PC.linear_only(mods, modules, where, "VeRA")
+def _shapes(params: P.Params, modules: list[str]) -> dict[str, tuple[int, int]]:
+    """``{module: (d_in, d_out)}`` of PEFT's targets (Linear, or transformers' Conv1D, whose
+    ``(in, out)`` weight is jpeft's kernel: VeRA's vectors do not depend on the layout)."""
     flat = P.flatten(params)
     return {m: tuple(np.shape(flat[f"{m}/kernel"])) for m in modules}
 
@@ -255,7 +255,7 @@ def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.Peft
     label, mods = ctx.label, ctx.mods
     assert mods is not None
     modules = T._resolve_targets(cfg, mods, "VeRA")
-    shapes = _shapes(mods, ctx.params, modules, label)
+    shapes = _shapes(ctx.params, modules)
     max_in, max_out = max(s[0] for s in shapes.values()), max(s[1] for s in shapes.values())
     r, seed = int(cfg["r"]), int(cfg.get("projection_prng_key", 0))
     peft_draw = _peft_draw(tensors, seed, r, max_in, max_out, label)
@@ -287,7 +287,7 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext
     assert mods is not None
     leaves = group_by_module(delta)
     modules = PC.delta_modules(delta, "VeRA")
-    shapes = _shapes(mods, ctx.params, modules, "save_peft_adapter")
+    shapes = _shapes(ctx.params, modules)
     max_in, max_out = max(s[0] for s in shapes.values()), max(s[1] for s in shapes.values())
     if config.projection_shape:
         a, b = layer_projections(config, max_in, max_out)  # PEFT's draw, sliced to PEFT's shapes
@@ -303,7 +303,7 @@ def _to_peft(transform: Transform, delta: Any, ctx: PC.PeftContext
     tensors.update(PC.bias_tensors(ctx, modules))
     fields = {"peft_type": "VERA", "r": int(config.r), "projection_prng_key": int(config.projection_seed),
               "save_projection": True, "vera_dropout": config.dropout, "d_initial": config.d_initial,
-              "fan_in_fan_out": False, "bias": config.bias,
+              "fan_in_fan_out": any(mods.is_conv1d(m) for m in modules), "bias": config.bias,
               "init_weights": True, "layers_pattern": None,
               **T._peft_targets_for(names, list(mods.by_name), list(mods.head))}
     return fields, tensors, ctx.params

@@ -134,6 +134,8 @@ CASES = {
                                                         fan_in_fan_out=True),
         "ia3": lambda: peft.IA3Config(task_type="CAUSAL_LM", target_modules=["c_attn", "mlp.c_proj"],
                                       feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True),
+        "vera": lambda: peft.VeraConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn", "mlp.c_proj"],
+                                        fan_in_fan_out=True),  # PEFT adapts Conv1D with VeRA
     },
 }
 
@@ -169,6 +171,7 @@ JPEFT_METHODS = {
     "gpt2": {
         "lora": lambda: jpeft.lora(jpeft.LoraConfig(r=2, alpha=4, targets=r"(c_attn|c_fc)$")),
         "ia3": lambda: jpeft.ia3(jpeft.IA3Config(targets=r"(c_attn|mlp/c_proj)$", feedforward=r"mlp/c_proj$")),
+        "vera": lambda: jpeft.vera(jpeft.VeraConfig(r=4, targets=r"(c_attn|c_fc)$")),
     },
 }
 
