@@ -16,8 +16,8 @@ Constrained OFT (``coft``, PEFT's COFT) keeps every block within a Frobenius bal
 ``ε' = eps/√k`` (``k`` the blocks of the module's ``oft_q``): ``Q ← ε'·Q/‖Q‖_F`` where
 ``‖Q‖_F > ε'``. As PEFT (which projects its stored weight before each use), jpeft projects the
 delta after every training step (a ``between_steps`` hook) and uses the projection in the forward
-pass with a straight-through gradient (a stored, unprojected delta, such as an imported one, acts
-as PEFT would make it act).
+pass with a straight-through gradient (any delta acts as PEFT makes it act); from a projected delta
+(a fresh or imported one: import projects) the steps are PEFT's.
 
 ``block_size`` (or ``r``, the number of blocks; exactly one of them non-zero) is adjusted per
 layer to a divisor of ``d_in`` as PEFT does (the nearest one, the lower on a tie). OFT is a
@@ -247,7 +247,8 @@ def _from_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray], ctx: PC.Peft
         if value.shape != want:
             raise ValueError(f"{label}: {name}.oft_R.weight has shape {value.shape}, expected {want} "
                              f"({n} blocks of {b}); is the base the architecture it was trained on?")
-        flat[f"{path}/{LEAF}"] = jnp.asarray(value)
+        q = jnp.asarray(value)
+        flat[f"{path}/{LEAF}"] = constrain(probe, q) if probe.coft else q  # PEFT projects it when used
     PC.refuse_leftover(tensors, (".oft_R.",), label)
     config = config_for_peft_targets(cfg, modules, lambda **cand: OftConfig(**common, **cand),
                                      ctx.params, "oft")

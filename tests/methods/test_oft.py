@@ -154,6 +154,35 @@ def test_coft_projection_is_peft_s_and_training_stays_inside_the_ball():
     assert min(float(n.max()) for n in norms) > 1 - 1e-5   # ... and every module at its edge
 
 
+def test_coft_steps_follow_peft_s_order_project_then_use():
+    """PEFT projects its stored weight before each use and the optimizer updates the projected
+    weight; jpeft projects after each update and passes the forward's projection straight
+    through. Written out with SGD, both give the same weights used at every step."""
+    model, base = tiny_bert()
+    data = tiny_batch()
+    coft = oft(OftConfig(block_size=4, coft=True, eps=0.5))
+    plain = oft(OftConfig(block_size=4))
+    project = lambda d: jax.tree_util.tree_map(lambda q: constrain(coft.config, q), d)
+    start = project(perturb(coft.init(KEY, base, model.info()), scale=1.0))  # stored deltas are projected
+
+    def loss(method, delta):
+        out = jpeft.apply(model, method, base, delta, data["input_ids"], data["attention_mask"],
+                          data["token_type_ids"])
+        return 1e4 * jnp.sum(out ** 2)  # tiny logits: a large scale makes the steps matter
+
+    step = lambda d, g: jax.tree_util.tree_map(lambda q, dq: q - 0.5 * dq, d, g)
+    theirs, ours = start, start
+    for _ in range(3):
+        theirs = project(theirs)  # PEFT: weight.copy_(project(weight)) in the forward, then the step
+        theirs = step(theirs, jax.grad(lambda d: loss(plain, d))(theirs))
+        ours = project(step(ours, jax.grad(lambda d: loss(coft, d))(ours)))  # jpeft: step, between_steps
+    for a, b in zip(jax.tree_util.tree_leaves(project(theirs)), jax.tree_util.tree_leaves(ours)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # q + (proj(q) − q) rounds
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(ours),
+                                                            jax.tree_util.tree_leaves(start)))
+    assert moved > 1e-3, moved
+
+
 def test_refusals_name_the_problem(tmp_path):
     model, base = tiny_bert()
     other = oft(OftConfig(block_size=4)).init(KEY, base, model.info())
