@@ -61,26 +61,32 @@ def _inputs(batch):
     return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
 
-def _alone(model, base, inner, delta, batch, b, train=False, rng=None):
-    """Example ``b`` run by itself with its own task's delta and base leaves (no bank)."""
+def _single(model, inner, train=False):
+    """The method alone (no bank), jitted: every example of a test reuses one compilation."""
+    return jax.jit(lambda params, d, ids, mask, types, rng: apply(
+        model, inner, params, d, ids, mask, types, ctx=ApplyContext(train=train, rng=rng)))
+
+
+def _alone(single, base, delta, batch, b, rng=None):
+    """Example ``b`` run by ``single`` with its own task's delta and base leaves."""
     d, own = B.task(delta, int(batch["adapter_index"][b]))
     params = P.unflatten({**P.flatten(base), **own})
-    ctx = ApplyContext(train=train, rng=rng)
-    return apply(model, inner, params, d, *(x[b:b + 1] for x in _inputs(batch)), ctx=ctx)[0]
+    return single(params, d, *(x[b:b + 1] for x in _inputs(batch)), rng)[0]
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_mixed_batch_equals_each_example_alone(spec):
     model, base, inner, method, delta = _trained_bank(spec)
     batch = _mixed()
-    mixed = jax.jit(lambda d, x: apply(model, method, base, d, *_inputs(x),
-                                       ctx=ApplyContext(adapter_index=x["adapter_index"])))(delta, batch)
-    alone = jnp.stack([_alone(model, base, inner, delta, batch, b) for b in range(6)])
+    run = jax.jit(lambda d, x: apply(model, method, base, d, *_inputs(x),
+                                     ctx=ApplyContext(adapter_index=x["adapter_index"])))
+    mixed = run(delta, batch)
+    single = _single(model, inner)
+    alone = jnp.stack([_alone(single, base, delta, batch, b) for b in range(6)])
     np.testing.assert_allclose(mixed, alone, rtol=0, atol=TOL)
     # the tasks really differ, so the check above can fail
     swapped = dict(batch, adapter_index=(batch["adapter_index"] + 1) % K)
-    other = apply(model, method, base, delta, *_inputs(swapped),
-                  ctx=ApplyContext(adapter_index=swapped["adapter_index"]))
+    other = run(delta, swapped)
     assert float(jnp.abs(other - mixed).max()) > 1e-3
 
 
