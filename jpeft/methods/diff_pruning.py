@@ -354,6 +354,10 @@ def diff_pruning(config: DiffPruningConfig = DiffPruningConfig(), *,
     def finalize(delta: Any) -> dict[str, Any]:
         if "logits" not in delta:
             return delta
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(delta)):
+            # traced for its structure only (jax.eval_shape, as the adapter checks do): sparsify
+            # runs on the host, and what it keeps is a dense float32 w of the same shapes
+            return {"w": jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), delta["w"])}
         return {"w": densify(sparsify(delta, config.target_sparsity, config))}
 
     def between_steps(delta: Any, step: int, total_steps: int) -> Any:

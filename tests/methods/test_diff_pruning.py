@@ -267,6 +267,23 @@ def test_finalize_gives_a_plain_additive_delta():
     np.testing.assert_array_equal(_adapted(model, t, params, final, batch, train), out)
 
 
+def test_a_finalized_adapter_is_written_and_read_back(tmp_path):
+    """save_adapter(finalize=True) and load_adapter check the delta against the method's
+    structures, the finalized one included (diff pruning's finalize runs on the host)."""
+    from jpeft.checkpoint.export import load_adapter, save_adapter
+
+    model, params = tiny_bert()
+    t = diff_pruning(DiffPruningConfig(target_sparsity=0.05))
+    delta = _perturbed(t, params, model.info(), w_scale=0.3)
+    folder = save_adapter(tmp_path / "a", t, delta, params, base_model="tiny", base_fingerprint="x",
+                          method_spec="diff_pruning", method_configs={"diff_pruning": t.config},
+                          model=model, finalize=True)
+    back, loaded, _ = load_adapter(folder, model, params, allow_base_mismatch=True)
+    assert set(loaded) == {"w"}
+    for path, v in P.flatten(t.finalize(delta)).items():
+        np.testing.assert_array_equal(P.flatten(loaded)[path], v)
+
+
 def test_labels():
     model, params = tiny_bert()
     t = diff_pruning()
