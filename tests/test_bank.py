@@ -61,17 +61,16 @@ def _inputs(batch):
     return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
 
-def _single(model, inner, train=False):
+def _single(model, inner):
     """The method alone (no bank), jitted: every example of a test reuses one compilation."""
-    return jax.jit(lambda params, d, ids, mask, types, rng: apply(
-        model, inner, params, d, ids, mask, types, ctx=ApplyContext(train=train, rng=rng)))
+    return jax.jit(lambda params, d, ids, mask, types: apply(model, inner, params, d, ids, mask, types))
 
 
-def _alone(single, base, delta, batch, b, rng=None):
+def _alone(single, base, delta, batch, b):
     """Example ``b`` run by ``single`` with its own task's delta and base leaves."""
     d, own = B.task(delta, int(batch["adapter_index"][b]))
     params = P.unflatten({**P.flatten(base), **own})
-    return single(params, d, *(x[b:b + 1] for x in _inputs(batch)), rng)[0]
+    return single(params, d, *(x[b:b + 1] for x in _inputs(batch)))[0]
 
 
 @pytest.mark.parametrize("spec", SPECS)
